@@ -1,0 +1,1 @@
+"""Method plugins. Each module registers one method (or a family of methods)."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-step set-up: a virtual environment in .venv with moebench and its dependencies.
+# A torch that the Python in use already has (a GPU build, say) is kept: the venv sees the
+# system site-packages and moebench asks only for torch>=2.4. Where there is no torch, the CPU
+# build torch==2.13.0 is installed (an unpinned torch pulls several GB of CUDA packages).
+# Set TORCH_SPEC to install another torch (e.g. TORCH_SPEC="torch==2.13.0+cu128").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install --disable-pip-version-check -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
+.venv/bin/python -c "import torch, transformers, lm_eval, moebench; print('moebench', moebench.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models of every family, saved with a locally built tokenizer."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import FAMILIES, VOCAB, tiny_model  # noqa: E402
+
+
+def build_tokenizer():
+    """A word-level tokenizer of VOCAB ids built in memory (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory):
+    """Factory: folder of a saved tiny model (with tokenizer) of a family, built once per session."""
+    cache = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            folder = tmp_path_factory.mktemp(model_type)
+            tiny_model(model_type).save_pretrained(folder)
+            build_tokenizer().save_pretrained(folder)
+            cache[model_type] = str(folder)
+        return cache[model_type]
+
+    return get
+
+
+def pytest_generate_tests(metafunc):
+    """Tests taking a `family` argument run once per supported family."""
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", FAMILIES)
