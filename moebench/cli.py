@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input: say what and why, no traceback
         print(f"moebench {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -141,7 +141,7 @@ class MoELayer:
         if self.family.correction_bias and _get(self.router, self.family.correction_bias) is not None:
             parts.append("score-correction bias")
         if self.groups:
-            parts.append(f"{self.groups[0]} groups, top-{self.groups[1]} groups")
+            parts.append(f"{self.groups[0]} groups, best {self.groups[1]} used")
         if self.scaling != 1.0:
             parts.append(f"scaled x{self.scaling:g}")
         if "bias" in self.router_tensors():

@@ -46,5 +46,6 @@ def saved_models(tmp_path_factory):
 
 def pytest_generate_tests(metafunc):
     """Tests taking a `family` argument run once per supported family."""
-    if "family" in metafunc.fixturenames:
+    already = any("family" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+    if "family" in metafunc.fixturenames and not already:
         metafunc.parametrize("family", FAMILIES)
