@@ -1,0 +1,1 @@
+"""Embedded offline testbed: tiny trained MoEs and synthetic multi-domain tasks."""
