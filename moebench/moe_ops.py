@@ -8,6 +8,7 @@ router from choosing them (weights untouched, reversible) and gives the same out
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,16 @@ def mask(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
             masks[index] = _RouterMask(layer, ids)
     model._moebench_masks = masks
     return keep
+
+
+@contextmanager
+def layer_mask(layer: MoELayer, ids: Iterable[int]):
+    """Within the block, ``layer``'s router chooses only among ``ids`` (for re-routing cached inputs)."""
+    router_mask = _RouterMask(layer, sorted(ids))
+    try:
+        yield layer
+    finally:
+        router_mask.remove()
 
 
 def unmask(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from moebench.moe import MoEError, MoEView
 from moebench.moe_ops import is_masked, mask, prune, unmask
-from tiny_models import FAMILIES, sample_ids, tiny_model
+from tiny_models import FAMILIES, observe_input, sample_ids, tiny_model
 
 KEEP6 = [0, 1, 3, 5, 6, 7]  # 3 of 4 in each of the 2 routing groups
 KEEP4 = [0, 3, 4, 7]  # 2 of 4 in each group
@@ -42,8 +42,8 @@ def test_route_returns_the_gate_values_the_block_uses(family):
     model = tiny_model(family)
     layer = MoEView(model).layers[0]
     seen = {}
-    hooks = [layer.block.register_forward_pre_hook(lambda m, a: seen.setdefault("hidden", a[0].detach())),
-             layer.experts.register_forward_pre_hook(lambda m, a: seen.setdefault("experts_args", a))]
+    hooks = [observe_input(layer.block, lambda a: seen.setdefault("hidden", a.detach())),
+             layer.experts.register_forward_pre_hook(lambda m, a: seen.setdefault("experts_args", a) and None)]
     logits(model)
     for hook in hooks:
         hook.remove()

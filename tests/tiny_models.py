@@ -66,3 +66,12 @@ def sample_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     """Random token ids ``[batch, length]`` avoiding the special ids."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def observe_input(module, fn):
+    """Forward pre-hook that calls ``fn(first input)`` and returns None (a returned value would replace the input)."""
+
+    def hook(_module, args):
+        fn(args[0])
+
+    return module.register_forward_pre_hook(hook)

@@ -1,0 +1,44 @@
+"""Classic expert-importance baselines: random, frequency, soft activation, EAN.
+
+Each is a score per expert of a layer; the registry keeps the highest-scoring experts.
+Statistics are those of `moebench.stats` (float64 sums over the calibration tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moebench.method import score_method
+
+
+@score_method("random", paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (random baseline)")
+def random_scores(ctx, layer, *, seed: int = 0):
+    """Uniformly random scores from a generator seeded by (seed, layer index): a seeded random kept set."""
+    g = torch.Generator().manual_seed(seed * 100_003 + layer.index)
+    return torch.rand(layer.num_experts, generator=g)
+
+
+@score_method("frequency", needs=("routing",),
+              paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (frequency baseline)")
+def frequency(ctx, layer):
+    """s_e = number of calibration tokens whose top-k contains expert e."""
+    return ctx.stats[layer.index]["counts"]
+
+
+@score_method("soft_activation", needs=("routing",),
+              paper="Muzio et al. 2024, 'SEER-MoE', soft counting")
+def soft_activation(ctx, layer):
+    """s_e = sum over all calibration tokens of softmax(router logits)_e (SEER-MoE soft counting).
+
+    The full softmax over all experts is used (not only the top-k gates), as SEER-MoE's soft
+    counting accumulates the router's probability mass per expert.
+    """
+    return ctx.stats[layer.index]["softmax_sum"]
+
+
+@score_method("ean", needs=("norms",),
+              paper="Jaiswal et al. 2025, 'Finding Fantastic Experts in MoEs' (expert activation norm), "
+                    "as the EAN baseline of Lasby et al., REAP, ICLR 2026")
+def ean(ctx, layer):
+    """s_e = sum over tokens routed to e of ||E_e(x)||_2 (expert activation norm, unnormalised)."""
+    return ctx.stats[layer.index]["norm_sum"]

@@ -1,0 +1,96 @@
+"""Every method on every family at ratios 0.25 and 0.5 gives a valid plan; method-specific checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench.method import get_method, load_methods, resolve_budget
+from moebench.moe import MoEError, MoEView
+from moebench.pipeline import plan_from_stats
+from moebench.stats import GROUPS, CollectSettings, collect
+from tiny_models import FAMILIES, sample_ids, tiny_model
+
+_STATS = {}
+
+
+def family_stats(family):
+    """Model, view and all statistic groups of a tiny model (collected once per family)."""
+    if family not in _STATS:
+        model = tiny_model(family)
+        stats = collect(model, sample_ids(4, 16), GROUPS, CollectSettings(subsample_tokens=64), progress=False)
+        _STATS[family] = (model, MoEView(model), stats)
+    return _STATS[family]
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_every_method_gives_valid_plans(family, ratio):
+    model, view, stats = family_stats(family)
+    budget = resolve_budget(view, ratio=ratio)
+    for name in sorted(load_methods()):
+        spec = get_method(name)
+        if spec.kind != "prune":
+            continue
+        plan = plan_from_stats(view, name, {}, budget, stats, ratio=ratio)
+        assert plan.experts_kept() == budget, name
+        assert set(plan.keep) == set(view.indices), name
+        for ids in plan.keep.values():
+            assert ids == sorted(set(ids)) and all(0 <= i < 8 for i in ids), name
+
+
+def test_scores_pick_the_best_experts():
+    model, view, stats = family_stats("mixtral")
+    budget = resolve_budget(view, keep=4)
+    plan = plan_from_stats(view, "frequency", {}, budget, stats)
+    for index, ids in plan.keep.items():
+        counts = stats[index]["counts"]
+        assert counts[ids].min() >= counts[[i for i in range(8) if i not in ids]].max()
+
+
+def test_random_is_seeded():
+    _, view, stats = family_stats("mixtral")
+    budget = resolve_budget(view, ratio=0.5)
+    a = plan_from_stats(view, "random", {"seed": 1}, budget, stats).keep
+    assert a == plan_from_stats(view, "random", {"seed": 1}, budget, stats).keep
+    assert any(a != plan_from_stats(view, "random", {"seed": s}, budget, stats).keep for s in range(2, 6))
+
+
+def test_unknown_method_and_parameter_suggest():
+    with pytest.raises(ValueError, match="did you mean 'frequency'"):
+        get_method("frequncy")
+    with pytest.raises(ValueError, match="has no parameter 'sed' \\(did you mean 'seed'\\?\\)"):
+        get_method("random").parse_params({"sed": 1})
+    with pytest.raises(ValueError, match="seed='x' is not a int"):
+        get_method("random").parse_params({"seed": "x"})
+
+
+def test_impossible_budget_names_the_numbers():
+    _, view, _ = family_stats("mixtral")
+    with pytest.raises(MoEError, match=r"ratio=0.9 leaves 1 experts but the router selects top_k=2; use ratio <= 0.750"):
+        resolve_budget(view, ratio=0.9)
+    with pytest.raises(ValueError, match=r"ratio=1.2 must be in \[0, 1\)"):
+        resolve_budget(view, ratio=1.2)
+
+
+def test_group_budget_keeps_equal_numbers_per_group():
+    _, view, stats = family_stats("deepseek_v3")
+    budget = resolve_budget(view, ratio=0.25)
+    assert set(budget.values()) == {6}
+    plan = plan_from_stats(view, "reap", {}, budget, stats)
+    for ids in plan.keep.values():
+        assert sum(i < 4 for i in ids) == sum(i >= 4 for i in ids) == 3
+
+
+def test_every_method_file_registers_something():
+    import pkgutil
+
+    import moebench.methods as pkg
+
+    modules = {spec.module for spec in load_methods().values()}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        assert f"moebench.methods.{info.name}" in modules, f"methods/{info.name}.py registers no method"
+
+
+def test_every_method_cites_its_paper_and_formula():
+    for spec in load_methods().values():
+        assert spec.paper and len(spec.doc) > 40, spec.name

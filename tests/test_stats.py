@@ -1,0 +1,126 @@
+"""Statistics against an independent computation; NAEE recombination against naive enumeration."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moebench.method import resolve_budget
+from moebench.moe import MoEView
+from moebench.moe_ops import mask, unmask
+from moebench.pipeline import plan_from_stats
+from moebench.stats import GROUPS, CollectSettings, collect
+from tiny_models import observe_input, sample_ids, tiny_model
+
+IDS = sample_ids(3, 10)
+
+
+def block_inputs(model):
+    """Each MoE block's input [T, H] in a plain forward with the model's default kernel."""
+    view, seen = MoEView(model), {}
+    hooks = [observe_input(layer.block, lambda a, i=layer.index: seen.setdefault(i, a.reshape(-1, a.shape[-1])))
+             for layer in view.layers]
+    with torch.no_grad():
+        model(IDS)
+    for h in hooks:
+        h.remove()
+    return view, seen
+
+
+def mixtral_expert(experts, e, x):
+    """A Mixtral expert written out: down(silu(x W1^T) * (x W3^T))."""
+    w1, w3 = experts.gate_up_proj[e].chunk(2, dim=0)
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), experts.down_proj[e])
+
+
+def test_statistics_match_an_independent_computation():
+    model = tiny_model("mixtral")
+    view, inputs = block_inputs(model)
+    stats = collect(model, IDS, GROUPS, CollectSettings(batch_size=2, subsample_tokens=1000), progress=False)
+    for layer in view.layers:
+        x, s = inputs[layer.index], stats[layer.index]
+        with torch.no_grad():
+            logits = F.linear(x, layer.router.weight)
+            probs = logits.softmax(-1)
+            top_w, top_i = probs.topk(2, dim=-1)
+            top_w = top_w / top_w.sum(-1, keepdim=True)  # Mixtral renormalises
+            counts = torch.zeros(8, dtype=torch.float64)
+            gate_sum, norm_sum, gate_norm = (torch.zeros(8, dtype=torch.float64) for _ in range(3))
+            for t in range(x.shape[0]):
+                for j in range(2):
+                    e = top_i[t, j].item()
+                    norm = mixtral_expert(layer.experts, e, x[t:t + 1]).norm().item()
+                    counts[e] += 1
+                    gate_sum[e] += top_w[t, j].item()
+                    norm_sum[e] += norm
+                    gate_norm[e] += top_w[t, j].item() * norm
+        assert s["tokens"].item() == 30
+        assert torch.equal(s["counts"], counts)
+        assert torch.allclose(s["gate_sum"], gate_sum, atol=1e-5)
+        assert torch.allclose(s["softmax_sum"], probs.sum(0).double(), atol=1e-5)
+        assert torch.allclose(s["norm_sum"], norm_sum, rtol=1e-5)
+        assert torch.allclose(s["gate_norm_sum"], gate_norm, rtol=1e-5)
+        assert torch.equal(s["coact"].diagonal(), counts)
+        ratios = top_w[:, 1] / top_w[:, 0]
+        assert torch.allclose(s["ratio_samples"], ratios, atol=1e-6)
+        # 1000 >= 30 tokens: the subsample is every token, with every expert's output
+        all_out = torch.stack([mixtral_expert(layer.experts, e, x) for e in range(8)], dim=1)
+        assert torch.allclose(s["all_outputs"], all_out, rtol=1e-5, atol=1e-4)
+        assert s["topk_ids"][:, :2].sort(-1).values.tolist() == top_i.sort(-1).values.tolist()
+
+
+def test_observing_does_not_change_the_model_output():
+    model = tiny_model("qwen2_moe")
+    with torch.no_grad():
+        before = model(IDS).logits
+    collect(model, IDS, GROUPS, progress=False)
+    with torch.no_grad():
+        after = model(IDS).logits
+    assert torch.equal(before, after)
+    assert model.config._experts_implementation != "moebench"
+
+
+def naive_losses(model, layer, x, r):
+    """L(C) for every r-subset by re-running the real block with a routing mask (no caches)."""
+    losses = {}
+
+    def run():
+        out = layer.block(x.unsqueeze(0))
+        return out[0] if isinstance(out, tuple) else out  # GPT-OSS also returns its router scores
+
+    with torch.no_grad():
+        reference = run()
+        for subset in itertools.combinations(range(8), r):
+            mask(model, {layer.index: subset})
+            diff = reference - run()
+            unmask(model)
+            per_seq = diff.reshape(3, 10, -1).pow(2).sum((1, 2)).sqrt()
+            losses[subset] = per_seq.sum().item()
+    return losses
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_naee_recombination_equals_naive_enumeration(family):
+    model = tiny_model(family)
+    view, inputs = block_inputs(model)
+    stats = collect(model, IDS, ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
+    budget = resolve_budget(view, keep=5)
+    plan = plan_from_stats(view, "naee", {"search": "exhaustive"}, budget, stats)
+    for layer in view.layers:
+        losses = naive_losses(model, layer, inputs[layer.index], 5)
+        best = min(losses, key=lambda c: (losses[c], c))
+        assert plan.keep[layer.index] == list(best)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "olmoe"])
+def test_naee_beam_search_equals_exhaustive(family):
+    model = tiny_model(family)
+    view = MoEView(model)
+    stats = collect(model, IDS, ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
+    for ratio in (0.25, 0.5):
+        budget = resolve_budget(view, ratio=ratio)
+        exact = plan_from_stats(view, "naee", {"search": "exhaustive"}, budget, stats).keep
+        assert plan_from_stats(view, "naee", {"search": "beam", "beam_width": 4}, budget, stats).keep == exact
