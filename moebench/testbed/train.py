@@ -9,6 +9,7 @@ and the tokenizer.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def train(name: str, out: str | Path, steps: int | None = None, threads: int = 2
                "seconds": round(time.time() - start, 1), "final_loss": round(float(loss_avg or 0), 4),
                "threads": threads}
     save_checkpoint(model, tok, out)
+    (Path(out) / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
