@@ -122,3 +122,17 @@ def _config_dtype(config) -> torch.dtype:
     text = getattr(config, "text_config", None) or config
     dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_with_tokenizer(name_or_path: str, dtype="auto", device: str | None = None, **kwargs):
+    """``(model on device, tokenizer)`` for a hub id, folder or testbed name."""
+    from transformers import AutoTokenizer
+
+    model = load_model(name_or_path, dtype=dtype, **kwargs).to(device or default_device())
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=kwargs.get("revision"))
+    return model, tokenizer

@@ -13,6 +13,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("moebench.inspect", "show the MoE structure of a model (hub id, local folder or testbed name)"),
     "zoo": ("moebench.testbed.cli", "the embedded testbed models: list, train"),
+    "methods": ("moebench.methods_cmd", "list the registered pruning methods with their parameters and papers"),
+    "calibrate": ("moebench.calibrate_cmd", "collect and cache calibration statistics for a model"),
+    "prune": ("moebench.prune_cmd", "prune a model with a method and save a checkpoint plus plan.json"),
 }
 
 

@@ -66,6 +66,7 @@ class MethodSpec:
     scoring: bool
     module: str
     doc: str = ""
+    global_budget: bool = False  # per-layer counts may differ; only the total follows the budget
 
     def parse_params(self, given: dict | None) -> dict:
         """All parameters with defaults filled in; unknown names raise with a suggestion."""
@@ -99,7 +100,7 @@ def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
     return params
 
 
-def _register(name, kind, needs, paper, bounds, scoring):
+def _register(name, kind, needs, paper, bounds, scoring, global_budget=False):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     bad = set(needs) - set(STAT_GROUPS)
@@ -110,7 +111,7 @@ def _register(name, kind, needs, paper, bounds, scoring):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, tuple(needs), paper, fn, _params_of(fn, bounds or {}),
-                                     scoring, fn.__module__, inspect.getdoc(fn) or "")
+                                     scoring, fn.__module__, inspect.getdoc(fn) or "", global_budget)
         return fn
 
     return decorate
@@ -121,9 +122,13 @@ def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None)
     return _register(name, "prune", needs, paper, bounds, scoring=True)
 
 
-def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None):
-    """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery."""
-    return _register(name, kind, needs, paper, bounds, scoring=False)
+def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
+            global_budget: bool = False):
+    """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
+
+    ``global_budget``: the method redistributes the total budget across layers.
+    """
+    return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget)
 
 
 def load_methods() -> dict[str, MethodSpec]:

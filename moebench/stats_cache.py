@@ -19,6 +19,9 @@ import torch
 
 from moebench.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
 
+# Collected whenever a pass runs: they cost little beside the forward pass itself.
+CHEAP_GROUPS = ("routing", "norms", "logits")
+
 
 def default_stats_dir() -> str:
     """``$MOEBENCH_CACHE/stats``, default ``~/.cache/moebench/stats``."""
@@ -64,14 +67,13 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
     """
     settings = settings or CollectSettings()
     stats: dict[int, dict[str, torch.Tensor]] = {}
-    missing = []
-    for group in sorted(set(groups)):
-        path = os.path.join(folder, f"{group}.pt")
-        if os.path.exists(path):
-            _merge(stats, torch.load(path, weights_only=True))
-        else:
-            missing.append(group)
+    cached = {g for g in GROUP_STATS if os.path.exists(os.path.join(folder, f"{g}.pt"))}
+    for group in sorted(set(groups) & cached):
+        _merge(stats, torch.load(os.path.join(folder, f"{group}.pt"), weights_only=True))
+    missing = sorted(set(groups) - cached)
     if missing:
+        # A pass is the expensive part: take the cheap groups along so the next method finds them.
+        missing = sorted((set(missing) | set(CHEAP_GROUPS)) - cached)
         fresh = collect(model, tokens(), missing, settings, progress=progress)
         os.makedirs(folder, exist_ok=True)
         for group in missing:

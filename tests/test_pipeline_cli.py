@@ -1,0 +1,105 @@
+"""Statistics cache behaviour, make_plan end to end, and `moebench prune` on every family."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moebench.stats_cache as stats_cache
+from moebench.cli import main
+from moebench.moe import MoEView
+from moebench.pipeline import PlanRequest, make_plan
+from tiny_models import VOCAB, tiny_model
+
+from conftest import build_tokenizer
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A calibration text file of the test tokenizer's words."""
+    rng = random.Random(0)
+    docs = [" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)]
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(docs))
+    return str(path)
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Records the statistic groups of every real collection pass."""
+    calls = []
+    real = stats_cache.collect
+
+    def counting(model, tokens, groups, *args, **kwargs):
+        calls.append(sorted(groups))
+        return real(model, tokens, groups, *args, **kwargs)
+
+    monkeypatch.setattr(stats_cache, "collect", counting)
+    return calls
+
+
+def request(corpus, tmp_path, **kw):
+    base = dict(calib=f"file:{corpus}", calib_samples=4, calib_seq_len=16, stats_dir=str(tmp_path / "stats"),
+                model_id="tiny")
+    return PlanRequest(**{**base, **kw})
+
+
+def test_two_methods_three_ratios_cost_one_pass(corpus, tmp_path, passes):
+    model, tok = tiny_model("mixtral"), build_tokenizer()
+    plans = [make_plan(model, tok, request(corpus, tmp_path, method=m, ratio=r), progress=False)
+             for m in ("reap", "frequency") for r in (0.25, 0.5, 0.75)]
+    assert len(passes) == 1
+    assert [sum(p.experts_kept().values()) for p in plans] == [12, 8, 4] * 2
+    assert plans[0].calib.startswith("file-calib")
+
+
+def test_cache_hit_runs_no_forward_and_missing_group_is_added(corpus, tmp_path, passes):
+    model, tok = tiny_model("qwen3_moe"), build_tokenizer()
+    make_plan(model, tok, request(corpus, tmp_path, method="frequency", ratio=0.5), progress=False)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: forwards.append(1), with_kwargs=True)
+    make_plan(model, tok, request(corpus, tmp_path, method="soft_activation", ratio=0.5), progress=False)
+    assert forwards == [] and len(passes) == 1
+    make_plan(model, tok, request(corpus, tmp_path, method="naee", ratio=0.5), progress=False)
+    hook.remove()
+    assert passes == [["logits", "norms", "routing"], ["outputs"]]
+
+
+def test_changed_model_does_not_read_another_models_statistics(corpus, tmp_path, passes):
+    tok = build_tokenizer()
+    make_plan(tiny_model("mixtral", seed=0), tok, request(corpus, tmp_path, method="reap", ratio=0.5), progress=False)
+    make_plan(tiny_model("mixtral", seed=1), tok, request(corpus, tmp_path, method="reap", ratio=0.5), progress=False)
+    assert len(passes) == 2
+
+
+def test_method_needing_statistics_without_calibration_is_an_error():
+    with pytest.raises(ValueError, match="needs calibration statistics .* give a calibration source"):
+        make_plan(tiny_model("mixtral"), build_tokenizer(), PlanRequest(method="reap", ratio=0.5), progress=False)
+
+
+def test_prune_cli_writes_a_plain_checkpoint_and_plan(family, saved_models, corpus, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", saved_models(family), "--method", "reap", "--ratio", "0.25", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--out", str(out)])
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "reap" and plan["ratio"] == 0.25 and plan["calib"].startswith("file-calib")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    view = MoEView(model)
+    assert {str(i): n for i, n in view.experts_per_layer.items()} == {k: len(v) for k, v in plan["keep"].items()}
+    assert set(view.experts_per_layer.values()) == {6}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+    assert "expert bytes" in capsys.readouterr().out
+
+
+def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, capsys):
+    args = ["prune", saved_models("mixtral"), "--calib", f"file:{corpus}", "--out", str(tmp_path / "o")]
+    assert main(args + ["--method", "reapp", "--ratio", "0.5"]) == 2
+    assert "did you mean 'reap'" in capsys.readouterr().err
+    assert main(args + ["--method", "reap", "--ratio", "0.9"]) == 2
+    assert "leaves 1 experts but the router selects top_k=2" in capsys.readouterr().err
