@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("moebench.methods_cmd", "list the registered pruning methods with their parameters and papers"),
     "calibrate": ("moebench.calibrate_cmd", "collect and cache calibration statistics for a model"),
     "prune": ("moebench.prune_cmd", "prune a model with a method and save a checkpoint plus plan.json"),
+    "bench": ("moebench.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
     "bench-naee": ("moebench.naee_bench", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
 }
 

@@ -18,6 +18,7 @@ from torch import nn
 
 KERNEL_NAME = "moebench"
 _OBSERVER_ATTR = "_moebench_observer"
+SKIP_ATTR = "_moebench_skip"
 
 
 class Observer(Protocol):
@@ -52,14 +53,25 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
 
 def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Loop kernel over the hit experts; reports per-expert outputs to an attached observer."""
+    """Loop kernel over the hit experts; reports per-expert outputs to an attached observer.
+
+    With a skip rule attached (`moebench.skipping`), the (token, expert) pairs it drops are
+    never computed: their slots are removed before the loop and their weight is redistributed.
+    """
     out = torch.zeros_like(hidden)
     observer = getattr(self, _OBSERVER_ATTR, None)
+    skip = getattr(self, SKIP_ATTR, None)
+    active = None
+    if skip is not None:
+        top_k_weights, active = skip(top_k_weights)
     outputs = {}
     for e in torch.unique(top_k_index).tolist():
         if not 0 <= e < self.num_experts:
             continue
-        token, slot = torch.where(top_k_index == e)
+        hit = top_k_index == e
+        token, slot = torch.where(hit if active is None else hit & active)
+        if token.numel() == 0:
+            continue
         y = expert_forward(self, e, hidden[token])
         gate = top_k_weights[token, slot]
         out.index_add_(0, token, (y * gate.unsqueeze(-1)).to(out.dtype))

@@ -1,0 +1,130 @@
+"""Speed and memory measurements: warm up, synchronise, then time; report median and p90.
+
+Used by `moebench bench` and by the grid. Inputs are random token ids (the speed of a forward pass
+does not depend on which tokens), seeded so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moebench.moe import MoEView
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ids(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(next(model.parameters()).device)
+
+
+def _timed(fn, device, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float], tokens: int) -> dict:
+    """Tokens/s at the median and at the p90 (slow end) of the measured times."""
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"tokens_per_s": tokens / statistics.median(times), "tokens_per_s_p90": tokens / p90,
+            "median_s": statistics.median(times), "reps": len(times)}
+
+
+@torch.no_grad()
+def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int = 5, warmup: int = 2) -> dict:
+    """Prefill throughput: one forward over ``batch x length`` tokens, no KV cache."""
+    ids = _ids(model, batch, length)
+    device = ids.device
+    times = _timed(lambda: model(input_ids=ids, use_cache=False), device, reps, warmup)
+    return summary(times, batch * length)
+
+
+@torch.no_grad()
+def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens: int = 32, reps: int = 5,
+                 warmup: int = 1) -> dict:
+    """Decode throughput: greedy generation of exactly ``new_tokens`` after a ``prompt``, per token."""
+    ids = _ids(model, batch, prompt, seed=1)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=model.config.get_text_config().pad_token_id or 0)
+    prefill = _timed(lambda: model(input_ids=ids, use_cache=True), ids.device, reps, warmup)
+    total = _timed(lambda: model.generate(ids, **kwargs), ids.device, reps, warmup)
+    decode_times = [max(t - statistics.median(prefill), 1e-9) for t in total]
+    return summary(decode_times, batch * new_tokens)
+
+
+@contextmanager
+def expert_timer(model: nn.Module):
+    """Accumulates wall time spent inside the routed experts modules (synchronised); yields a dict."""
+    view, spent, starts = MoEView(model), {"experts_s": 0.0}, {}
+    device = next(model.parameters()).device
+
+    def before(module, args):
+        _sync(device)
+        starts[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        _sync(device)
+        spent["experts_s"] += time.perf_counter() - starts.pop(id(module))
+
+    hooks = [h for layer in view.layers for h in (layer.experts.register_forward_pre_hook(before),
+                                                  layer.experts.register_forward_hook(after))]
+    try:
+        yield spent
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def expert_share(model: nn.Module, batch: int = 1, length: int = 128, reps: int = 3) -> float:
+    """Fraction of a prefill forward's wall time spent in the routed experts."""
+    ids = _ids(model, batch, length)
+    model(input_ids=ids, use_cache=False)
+    with expert_timer(model) as spent:
+        times = _timed(lambda: model(input_ids=ids, use_cache=False), ids.device, reps, 0)
+    return spent["experts_s"] / sum(times)
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Resident weight bytes: routed experts and everything else."""
+    view = MoEView(model)
+    experts, total = view.expert_bytes(), view.total_bytes()
+    return {"expert_bytes": experts, "other_bytes": total - experts, "total_bytes": total,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def peak_memory(device: torch.device | str) -> dict:
+    """Peak memory so far: CUDA allocated / reserved on a GPU, the process's peak RSS on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory window (CUDA only; process RSS peaks cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
