@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("moebench.methods_cmd", "list the registered pruning methods with their parameters and papers"),
     "calibrate": ("moebench.calibrate_cmd", "collect and cache calibration statistics for a model"),
     "prune": ("moebench.prune_cmd", "prune a model with a method and save a checkpoint plus plan.json"),
+    "lm-eval": ("moebench.lm_eval_cmd", "lm-eval's command line with --model pruned_moe registered"),
+    "grid": ("moebench.grid_cmd", "run a study (models x methods x ratios x calibration sets): run, status"),
+    "collect": ("moebench.collect_cmd", "derive the tidy runs/scores tables from a results folder"),
     "bench": ("moebench.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
     "bench-naee": ("moebench.naee_bench", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
 }

@@ -1,0 +1,97 @@
+"""Validation of a study spec before any work: every problem found, listed at once."""
+
+from __future__ import annotations
+
+import difflib
+
+from moebench.grid_spec import REQUIRED, SPEC_KEYS, _as_list, _method_entries
+
+
+def _suggest(name, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(spec: dict) -> list[str]:
+    """Problems with a spec: unknown keys, methods, parameters, tasks, model families, impossible budgets."""
+    if not isinstance(spec, dict):
+        return ["the spec must be a YAML mapping with keys name, models, methods, ratios, tasks"]
+    problems = [f"unknown key {k!r}{_suggest(k, SPEC_KEYS)}" for k in spec if k not in SPEC_KEYS]
+    problems += [f"missing key {k!r}" for k in REQUIRED if not spec.get(k)]
+    if problems and any(p.startswith("missing") for p in problems):
+        return problems
+    problems += _check_methods(spec)
+    problems += _check_ratios(spec)
+    problems += _check_tasks(spec)
+    problems += _check_models(spec)
+    if spec.get("apply", "physical") not in ("physical", "mask"):
+        problems.append(f"apply={spec['apply']!r} must be physical or mask")
+    return problems
+
+
+def _check_methods(spec) -> list[str]:
+    from moebench.method import get_method, load_methods
+
+    problems, methods = [], load_methods()
+    for entry in _method_entries(spec["methods"]):
+        name = entry["name"]
+        if name not in methods:
+            problems.append(f"method {name!r} is unknown{_suggest(name, methods)}")
+            continue
+        try:
+            get_method(name).parse_params(entry["params"])
+        except ValueError as err:
+            problems.append(str(err))
+        if entry["skip"] not in ("none", "naee"):
+            problems.append(f"method {name}: skip={entry['skip']!r} must be none or naee")
+        if (methods[name].needs or entry["skip"] != "none") and not spec.get("calibration"):
+            problems.append(f"method {name} needs calibration statistics: add a 'calibration' list (e.g. testbed:mix)")
+    for source in _as_list(spec.get("calibration") or []):
+        try:
+            from moebench.calibration import parse_calibration
+
+            parse_calibration(source)
+        except (ValueError, OSError) as err:
+            problems.append(f"calibration {source!r}: {err}")
+    return problems
+
+
+def _check_ratios(spec) -> list[str]:
+    return [f"ratio {r!r} must be a number in [0, 1)" for r in _as_list(spec["ratios"])
+            if not isinstance(r, (int, float)) or not 0 <= r < 1]
+
+
+def _check_tasks(spec) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    from moebench.tasks import task_dir
+
+    tasks = _as_list(spec["tasks"])
+    paths = [task_dir(), *_as_list(spec.get("include_path") or [])]
+    known = set(TaskManager(include_path=paths, include_defaults=False).all_tasks)
+    if not set(tasks) <= known:  # indexing lm-eval's own tasks takes seconds: only when needed
+        known = set(TaskManager(include_path=paths).all_tasks)
+    return [f"task {t!r} is unknown to lm-eval{_suggest(t, known)}" for t in tasks if t not in known]
+
+
+def _check_models(spec) -> list[str]:
+    from moebench.checkpoint import load_structure
+    from moebench.method import resolve_budget
+    from moebench.moe import MoEError, MoEView
+
+    problems = []
+    for model in _as_list(spec["models"]):
+        try:
+            view = MoEView(load_structure(model))
+            view.layers
+        except (MoEError, OSError, ValueError) as err:
+            problems.append(f"model {model!r}: {str(err).splitlines()[0]}")
+            continue
+        for ratio in _as_list(spec["ratios"]):
+            if isinstance(ratio, (int, float)) and 0 <= ratio < 1:
+                try:
+                    resolve_budget(view, ratio=float(ratio))
+                except (MoEError, ValueError) as err:
+                    lines = str(err).splitlines()
+                    problems.append(f"model {model!r}, ratio {ratio}: {lines[min(1, len(lines) - 1)].strip()}")
+    return problems

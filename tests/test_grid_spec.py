@@ -1,0 +1,53 @@
+"""Study specs: every problem reported at once; expansion into cells."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from moebench.grid_spec import SpecError, cell_id, load_study, parse_study
+
+
+def write(tmp_path, spec) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_validation_lists_every_problem_at_once(tmp_path, saved_models):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(dense)
+    spec = {"name": "bad", "models": [saved_models("mixtral"), str(dense)],
+            "methods": ["reapp", {"name": "random", "params": {"sed": 1}}, {"name": "frequency", "skip": "fast"}],
+            "ratios": [0.5, 0.9, 1.5], "calibration": ["c5"], "tasks": ["testbed_arithmetc"], "executer": {}}
+    with pytest.raises(SpecError) as err:
+        load_study(write(tmp_path, spec))
+    text = str(err.value)
+    for expected in ["unknown key 'executer' (did you mean 'executor'?)",
+                     "method 'reapp' is unknown (did you mean 'reap'?)",
+                     "method random has no parameter 'sed' (did you mean 'seed'?)",
+                     "method frequency: skip='fast' must be none or naee",
+                     "ratio 1.5 must be a number in [0, 1)",
+                     "calibration 'c5'",
+                     "task 'testbed_arithmetc' is unknown to lm-eval (did you mean 'testbed_arithmetic'?)",
+                     "'llama' is not a supported MoE family",
+                     "ratio 0.9: layer 0: ratio=0.9 leaves 1 experts but the router selects top_k=2"]:
+        assert expected in text, expected
+    assert text.startswith("study spec has 9 problem(s)")
+
+
+def test_expansion_dedupes_data_free_methods_and_expands_parameter_lists(saved_models):
+    spec = {"name": "ok", "models": [saved_models("mixtral")],
+            "methods": ["frequency", {"name": "random", "params": {"seed": [0, 1, 2]}}],
+            "ratios": [0.25, 0.5], "calibration": ["testbed:mix", "testbed:arithmetic"], "tasks": ["testbed_logic"]}
+    study = parse_study(spec)
+    methods = [(c["method"], c["params"].get("seed"), c["ratio"], c["calib"]) for c in study.cells]
+    assert methods[0] == ("none", None, 0.0, None)  # the unpruned baseline
+    assert sum(m[0] == "frequency" for m in methods) == 4  # 2 ratios x 2 calibration sets
+    assert sum(m[0] == "random" for m in methods) == 6  # 3 seeds x 2 ratios, no calibration
+    assert len({cell_id(c) for c in study.cells}) == len(study.cells) == 11
+    assert study.calibrations() == [(saved_models("mixtral"), "testbed:arithmetic"),
+                                    (saved_models("mixtral"), "testbed:mix")]
