@@ -1,0 +1,240 @@
+"""Loading a study's tidy tables and deriving the numbers every report shows.
+
+Inputs (written by `moebench collect`): ``<study>/tables/runs.{csv,parquet}`` (columns
+`moebench.results.RUN_COLUMNS`), ``scores`` (cell, task, metric, filter, value, stderr, n) and,
+when the grid measured it, ``latency`` (see `LATENCY_COLUMNS`); kept-expert maps read
+``<study>/cells/<id>/plan.json``.
+
+Definitions:
+
+* **leaf task**: a task whose score rows carry a sample count ``n``. lm-eval reports sample counts
+  for evaluated tasks only, so rows without ``n`` are group aggregates and never enter an average.
+* **average accuracy** of a cell: the mean over the averaged tasks of each task's metric
+  (`MetricSpec`: ``acc`` with filter ``none`` unless configured; per-task overrides such as
+  ``acc_norm`` for ARC). The averaged tasks are the leaf tasks that report their metric, or the
+  tasks asked for. A cell missing any of them has no average.
+* **recovery**: a cell's average accuracy / that of the unpruned cell (method ``none``, ratio 0)
+  of the same model, x 100.
+* **decode speedup**: a cell's ``decode_tokens_per_s`` / the unpruned cell's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
+NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "peak_memory_bytes", "decode_tokens_per_s",
+                       "prefill_tokens_per_s", "parameters", "limit"]
+FALLBACK_METRICS = ("acc", "exact_match")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Which score is a task's accuracy: ``metric`` and ``filter``, per-task overrides, task subset."""
+
+    metric: str = "acc"
+    filter: str = "none"
+    task_metrics: dict = field(default_factory=dict)
+    tasks: tuple = ()
+
+    def metric_for(self, task: str) -> str:
+        """The metric that scores ``task``."""
+        return self.task_metrics.get(task, self.metric)
+
+    def describe(self) -> str:
+        """One sentence for reports."""
+        text = f"metric `{self.metric}` (filter `{self.filter}`)"
+        if self.task_metrics:
+            text += ", with " + ", ".join(f"`{m}` for {t}" for t, m in sorted(self.task_metrics.items()))
+        return text
+
+
+@dataclass
+class StudyData:
+    """One study's tables: runs, scores, optional latency, and plan.json contents by cell id."""
+
+    name: str
+    runs: pd.DataFrame
+    scores: pd.DataFrame
+    latency: pd.DataFrame | None = None
+    plans: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _read(folder: str, name: str) -> pd.DataFrame | None:
+    csv, parquet = os.path.join(folder, f"{name}.csv"), os.path.join(folder, f"{name}.parquet")
+    if os.path.exists(csv):
+        return pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    return pd.read_parquet(parquet) if os.path.exists(parquet) else None
+
+
+def _normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = runs.copy()
+    for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", "")):
+        runs[col] = runs[col].astype(object).where(runs[col].notna(), default).astype(str)
+    runs["limited"] = runs["limited"].map(lambda v: str(v).strip().lower() in ("true", "1"))
+    for col in NUMERIC_RUN_COLUMNS:
+        if col in runs:
+            runs[col] = pd.to_numeric(runs[col], errors="coerce")
+    runs["cell"] = runs["cell"].astype(str)
+    return runs
+
+
+def _normalise_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    scores = scores.copy()
+    scores["filter"] = scores["filter"].astype(object).where(scores["filter"].notna(), "none").astype(str)
+    for col in ("value", "stderr", "n"):
+        scores[col] = pd.to_numeric(scores[col], errors="coerce")
+    scores["cell"] = scores["cell"].astype(str)
+    return scores
+
+
+def _plans(roots: list[str], cells) -> dict:
+    plans = {}
+    for cell in sorted(cells):
+        for root in roots:
+            path = os.path.join(root, "cells", cell, "plan.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    plans[cell] = json.load(f)
+                break
+    return plans
+
+
+def _from_tables(folder: str) -> list[StudyData]:
+    tables = os.path.join(folder, "tables")
+    runs, scores = _read(tables, "runs"), _read(tables, "scores")
+    if runs is None or scores is None:
+        return []
+    runs, scores, latency = _normalise_runs(runs), _normalise_scores(scores), _read(tables, "latency")
+    out = []
+    for name in sorted(runs["study"].unique()) or [os.path.basename(os.path.abspath(folder))]:
+        part = runs[runs["study"] == name].reset_index(drop=True)
+        cells = set(part["cell"])
+        study = name or os.path.basename(os.path.abspath(folder))
+        lat = None if latency is None else latency[latency["cell"].astype(str).isin(cells)].reset_index(drop=True)
+        out.append(StudyData(study, part, scores[scores["cell"].isin(cells)].reset_index(drop=True), lat,
+                             _plans([folder, os.path.join(folder, study)], cells), source=tables))
+    return out
+
+
+def load_studies(results_dir: str) -> list[StudyData]:
+    """Studies under ``results_dir``: a study folder (``tables/`` inside) or a folder of them."""
+    if not os.path.isdir(results_dir):
+        raise ValueError(f"{results_dir}: no such results folder")
+    found = _from_tables(results_dir)
+    if not found:
+        for name in sorted(os.listdir(results_dir)):
+            sub = os.path.join(results_dir, name)
+            if os.path.isdir(os.path.join(sub, "tables")):
+                found += _from_tables(sub)
+    if not found:
+        raise ValueError(f"{results_dir}: no tidy tables (tables/runs.csv): run `moebench collect {results_dir}` first")
+    names = [s.name for s in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{results_dir}: study names occur in more than one tables folder: {sorted(names)}")
+    return sorted(found, key=lambda s: s.name)
+
+
+def method_label(method: str, params: str = "{}", skip: str = "none") -> str:
+    """Readable method name: ``unpruned``, ``reap``, ``random(seed=1)``, ``naee+skip:naee``."""
+    if method == "none":
+        return "unpruned"
+    values = json.loads(params) if params else {}
+    label = method + ("(" + ",".join(f"{k}={values[k]}" for k in sorted(values)) + ")" if values else "")
+    return label + (f"+skip:{skip}" if skip and skip != "none" else "")
+
+
+def leaf_tasks(scores: pd.DataFrame) -> list[str]:
+    """Tasks with sample counts (lm-eval gives none to group aggregates); all tasks if none have any."""
+    leaves = scores.loc[scores["n"].notna(), "task"].unique()
+    return sorted(leaves if len(leaves) else scores["task"].unique())
+
+
+def task_metric(scores: pd.DataFrame, task: str, spec: MetricSpec) -> tuple[str, str] | None:
+    """(metric, filter) that scores ``task``: the configured one if reported, else ``acc``/``exact_match``."""
+    rows = scores[scores["task"] == task]
+    metrics = sorted(rows["metric"].unique())
+    wanted = [spec.metric_for(task)] + [m for m in FALLBACK_METRICS if task not in spec.task_metrics]
+    metric = next((m for m in wanted if m in metrics), None)
+    if metric is None:
+        return None
+    filters = sorted(rows.loc[rows["metric"] == metric, "filter"].unique())
+    return metric, spec.filter if spec.filter in filters else filters[0]
+
+
+def task_values(scores: pd.DataFrame, task: str, metric: str, filt: str) -> pd.Series:
+    """cell -> value of one task's metric."""
+    rows = scores[(scores["task"] == task) & (scores["metric"] == metric) & (scores["filter"] == filt)]
+    return rows.groupby("cell")["value"].first()
+
+
+def averaged_tasks(scores: pd.DataFrame, spec: MetricSpec) -> list[str]:
+    """The tasks in the average: the configured subset, else leaf tasks reporting their metric."""
+    if spec.tasks:
+        missing = sorted(set(spec.tasks) - set(scores["task"]))
+        if missing:
+            raise ValueError(f"tasks {missing} are not in the scores table")
+        return sorted(spec.tasks)
+    have = set(zip(scores["task"], scores["metric"]))
+    return [t for t in leaf_tasks(scores) if (t, spec.metric_for(t)) in have]
+
+
+def average_accuracy(scores: pd.DataFrame, spec: MetricSpec, tasks: list[str] | None = None) -> pd.Series:
+    """cell -> mean over ``tasks`` of the configured metric; NaN where a task is missing."""
+    tasks = averaged_tasks(scores, spec) if tasks is None else tasks
+    cells = sorted(scores["cell"].unique())
+    if not tasks:
+        return pd.Series(float("nan"), index=cells, dtype=float)
+    columns = {t: task_values(scores, t, spec.metric_for(t), spec.filter) for t in tasks}
+    frame = pd.DataFrame(columns).reindex(cells)
+    return frame.mean(axis=1, skipna=False)
+
+
+def baselines(runs: pd.DataFrame) -> dict[str, str]:
+    """model -> cell id of its unpruned cell (method ``none``, ratio 0, no skipping)."""
+    base = runs[(runs["method"] == "none") & (runs["ratio"] == 0) & (runs["skip"] == "none")]
+    base = base.sort_values(["limited", "cell"])
+    return {m: group["cell"].iloc[0] for m, group in base.groupby("model", sort=True)}
+
+
+def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
+    """The main table: one row per cell with accuracy, recovery, weights, memory and speedup."""
+    runs = study.runs
+    acc = average_accuracy(study.scores, spec)
+    base = baselines(runs)
+    rows = []
+    for run in runs.itertuples(index=False):
+        ref = base.get(run.model)
+        ref_run = runs[runs["cell"] == ref].iloc[0] if ref else None
+        accuracy = acc.get(run.cell, float("nan"))
+        ref_acc = acc.get(ref, float("nan")) if ref else float("nan")
+        speed = run.decode_tokens_per_s / ref_run["decode_tokens_per_s"] if ref else float("nan")
+        rows.append({"model": run.model, "method": method_label(run.method, run.params, run.skip),
+                     "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
+                     "recovery": 100.0 * accuracy / ref_acc if ref_acc else float("nan"),
+                     "weight_bytes": run.expert_bytes + run.other_bytes,
+                     "peak_memory_bytes": run.peak_memory_bytes, "decode_speedup": speed,
+                     "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
+                     "params": run.params, "skip": run.skip, "baseline": run.cell == ref})
+    frame = pd.DataFrame(rows, columns=["model", "method", "calib", "ratio", "accuracy", "recovery", "weight_bytes",
+                                        "peak_memory_bytes", "decode_speedup", "limited", "cell", "method_id",
+                                        "params", "skip", "baseline"])
+    frame["order"] = (~frame["baseline"]).astype(int)
+    frame = frame.sort_values(["model", "order", "method", "calib", "ratio", "cell"]).drop(columns="order")
+    return frame.reset_index(drop=True)
+
+
+def per_task(study: StudyData, spec: MetricSpec) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:
+    """cell x leaf-task table of each task's metric, and task -> (metric, filter) used."""
+    used = {}
+    for task in leaf_tasks(study.scores):
+        choice = task_metric(study.scores, task, spec)
+        if choice:
+            used[task] = choice
+    frame = pd.DataFrame({t: task_values(study.scores, t, *mf) for t, mf in used.items()})
+    return frame.reindex(sorted(study.runs["cell"])), used
