@@ -1,7 +1,8 @@
 """Build steps (setuptools commands) that install moebench's lm-eval registration file.
 
 The file ``moebench_lm_eval.pth`` must sit at the root of site-packages, where Python reads
-``.pth`` files at start-up; its one line installs `moebench.lm_eval_plugin.install_import_hook`.
+``.pth`` files at start-up; its one line imports the top-level module ``moebench_lm_eval_hook``
+(a ``py-modules`` entry of pyproject.toml) and installs its import hook.
 Files at the root of a wheel land there, so:
 
 - `BuildPy` writes the file at the root of the build folder, which becomes the wheel
@@ -27,10 +28,10 @@ from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 PTH_NAME = "moebench_lm_eval.pth"
-# One line: Python runs .pth lines that start with "import". It stays silent where moebench
-# cannot be imported (e.g. an editable checkout that was moved away).
-PTH_TEXT = ("import importlib.util as _u; _u.find_spec('moebench') and "
-            "__import__('moebench.lm_eval_plugin').lm_eval_plugin.install_import_hook()\n")
+HOOK_MODULE = "moebench_lm_eval_hook"
+# One line: Python runs .pth lines that start with "import". It stays silent where the hook
+# module cannot be found (e.g. an editable checkout that was moved away).
+PTH_TEXT = f"import importlib.util as _u; _u.find_spec('{HOOK_MODULE}') and __import__('{HOOK_MODULE}').install()\n"
 
 
 class BuildPy(build_py):

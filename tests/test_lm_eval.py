@@ -296,8 +296,8 @@ def test_moebench_lm_eval_shim(env):
 
 def test_registration_in_a_fresh_process_is_lazy_and_keeps_builtin_models(tmp_path):
     code = ("import sys\n"
-            "heavy = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]\n"
-            "hooked = 'moebench.lm_eval_plugin' in sys.modules\n"
+            "heavy = [m for m in ('moebench', 'torch', 'transformers', 'lm_eval') if m in sys.modules]\n"
+            "hooked = 'moebench_lm_eval_hook' in sys.modules\n"
             "from importlib.metadata import entry_points\n"
             "from lm_eval.api.registry import get_model\n"
             "(ep,) = entry_points(group='lm_eval.models', name='pruned_moe')\n"
@@ -319,6 +319,9 @@ def _wheel_has_pth(wheel: Path) -> None:
         digest = base64.urlsafe_b64encode(hashlib.sha256(PTH_TEXT.encode()).digest()).rstrip(b"=").decode()
         assert f"{PTH_NAME},sha256={digest},{len(PTH_TEXT)}" in z.read(record).decode().splitlines()
         assert "pruned_moe = moebench.lm_eval_model:PrunedMoELM" in z.read(entry_points).decode()
+        # The hook module itself: a file in the wheel, or mapped by the editable wheel's finder.
+        assert any(n == "moebench_lm_eval_hook.py" or "'moebench_lm_eval_hook'" in z.read(n).decode()
+                   for n in z.namelist() if n.endswith(".py"))
 
 
 def test_wheel_and_editable_wheel_ship_the_registration_pth(tmp_path):
@@ -340,13 +343,13 @@ def test_wheel_and_editable_wheel_ship_the_registration_pth(tmp_path):
         _wheel_has_pth(Path(wheel))
 
 
-def test_pth_line_names_the_hook():
-    from moebench import lm_eval_plugin
-    from moebench._packaging import PTH_NAME, PTH_TEXT
+def test_pth_line_installs_the_top_level_hook():
+    import moebench_lm_eval_hook
+    from moebench._packaging import HOOK_MODULE, PTH_NAME, PTH_TEXT
 
     assert PTH_NAME[0].islower() and PTH_TEXT.startswith("import ") and PTH_TEXT.count("\n") == 1
-    assert "lm_eval_plugin').lm_eval_plugin.install_import_hook()" in PTH_TEXT
-    assert callable(lm_eval_plugin.install_import_hook)
+    assert f"__import__('{HOOK_MODULE}').install()" in PTH_TEXT and HOOK_MODULE == moebench_lm_eval_hook.__name__
+    assert "." not in HOOK_MODULE and callable(moebench_lm_eval_hook.install)
 
 
 def test_testbed_smoke(tmp_path):
