@@ -95,7 +95,7 @@ def report_markdown(study, table, tasks, spec, tasks_frame, used, effect, compar
            f"Made by `moebench report` from the study's tidy tables ({sources}){plans}. "
            "Regenerating from the same tables gives identical files.", "", "## Settings", ""]
     out += [f"- {line}" for line in settings(study, table, tasks, spec)] + ["", "## Main table", ""]
-    out += [markdown_table(*main_rows(table), numeric_from=4), "", LIMITED_NOTE, "", "## Measured beside published", ""]
+    out += [markdown_table(*main_rows(table), numeric_from=3), "", LIMITED_NOTE, "", "## Measured beside published", ""]
     out += ([markdown_table(*comparison_rows(comparison), numeric_from=7), "",
              "Published numbers are the papers' (see Appendix B for sources); measured numbers are computed the "
              "paper's way (its metric and tasks) from this study's cells.", ""] if not comparison.empty else
