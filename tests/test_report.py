@@ -132,6 +132,9 @@ def test_no_type3_fonts_in_any_pdf(built):
         assert not _type3_fonts(path), path
         with open(path, "rb") as f:
             assert b"/FontFile2" in f.read(), path  # embedded TrueType
+    with open(os.path.join(built["report"], "report.pdf"), "rb") as f:
+        pages = len(re.findall(rb"/Type\s*/Page\b", f.read()))
+    assert pages >= 8 + 3  # settings, main table, per-task text pages, then one page per figure
     if shutil.which("pdffonts"):
         listing = subprocess.run(["pdffonts", os.path.join(built["report"], "report.pdf")], capture_output=True,
                                  text=True, check=True).stdout
@@ -242,6 +245,27 @@ def test_measured_beside_published_and_figures_skipped_without_data(tmp_path):
     assert "no latency table" in text and "no plan.json in the cell folders" in text
     assert "Skipped: no method and ratio has cells with both a generic" in text
     assert not os.path.exists(tmp_path / "reports" / "diep-mini" / "figures" / "latency_vs_input.png")
+
+
+def test_helpers_pareto_domains_latex_and_input_aware_maps():
+    from moebench.report.domains import domain_tasks
+    from moebench.report.figures import pareto_front
+    from moebench.report.latex import escape
+    from moebench.report.maps import _is_mapped, keep_matrix
+
+    assert pareto_front([4.0, 5.0, 4.0, 6.0, 5.0], [70.0, 76.0, 65.0, 80.0, 74.0]) == [0, 1, 3]
+    tasks = ["testbed_arithmetic", "testbed_arithmetic_gen", "testbed_facts", "hendrycks_math", "minerva_math500",
+             "gsm8k", "humaneval"]
+    assert domain_tasks("testbed:arithmetic", tasks) == ["testbed_arithmetic", "testbed_arithmetic_gen"]
+    assert domain_tasks("math", tasks) == ["hendrycks_math", "minerva_math500"]
+    assert domain_tasks("code", tasks, {"code": ["humaneval", "mbpp"]}) == ["humaneval"]
+    assert escape("reap [c4] 50% a_b & $x") == r"reap [c4] 50\% a\_b \& \$x"
+    plan = {"kind": "select", "keep": {"0": [0, 1], "1": [1, 2]},
+            "extra": {"keep_frequency": {"0": [1.0, 0.5, 0.0, 0.25], "1": [0.0, 1.0, 1.0, 0.0]}}}
+    layers, grid, freq = keep_matrix(plan, 4)
+    assert _is_mapped(plan) and freq and layers == [0, 1] and grid[0].tolist() == [1.0, 0.5, 0.0, 0.25]
+    uniform = {"kind": "prune", "keep": {"0": [0, 3], "1": [1, 2]}}
+    assert not _is_mapped(uniform) and keep_matrix(uniform, 4)[1].tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
 
 
 STUDIES = sorted(glob.glob(os.path.join(REPO, "studies", "*.yaml")))
