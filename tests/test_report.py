@@ -201,7 +201,8 @@ def test_published_numbers_load_and_match_a_real_setup():
 
     entries = load_published()
     papers = {e.short for e in entries}
-    assert {"Lu et al. 2024", "Lasby et al. 2026 (REAP)", "Bai et al. 2025 (DiEP)", "Pei et al. 2026 (PreMoE v3)"} <= papers
+    assert {"Lu et al. 2024", "Lasby et al. 2026 (REAP)", "Bai et al. 2025 (DiEP)",
+            "Pei et al. 2026 (PreMoE v3)"} <= papers
     lu = [e for e in entries if e.short == "Lu et al. 2024" and e.method == "naee" and e.skip == "none"
           and e.quantity == "average" and e.tasks != ("gsm8k",)]
     assert sorted((e.model.split("/")[1], e.experts_kept, e.value) for e in lu) == [

@@ -158,7 +158,8 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
     column = "peak_memory_bytes" if table["peak_memory_bytes"].notna().any() else "weight_bytes"
     data = table[table[column].notna() & table["accuracy"].notna()]
     if data.empty:
-        return Skipped("memory_pareto", "Memory vs accuracy", "no memory measurements or weight sizes in the runs table")
+        return Skipped("memory_pareto", "Memory vs accuracy",
+                       "no memory measurements or weight sizes in the runs table")
     div, unit = byte_unit(data[column])
     series, models = Series(table), sorted(data["model"].unique())
     fig, axes = panels(len(models))
