@@ -19,6 +19,8 @@ import pandas as pd
 from moebench.report import style
 from moebench.report.textfmt import byte_unit
 
+MAX_LINE_CALIBS = 2
+
 
 @dataclass
 class Figure:
@@ -41,13 +43,33 @@ class Skipped:
 
 
 class Series:
-    """Stable colour per method and line style per calibration source within one report."""
+    """Stable colour per method and line style per calibration source within one report.
+
+    Line figures draw every calibration source when a study has at most `MAX_LINE_CALIBS`; beyond
+    that, each method's primary source only (generic ``testbed:mix`` / ``c4`` when it has one, else
+    its first), so panels stay readable; tables and the calibration-effect figure cover the rest.
+    """
 
     def __init__(self, table: pd.DataFrame):
         pruned = table[~table["baseline"]]
         self.methods = sorted(pruned["method"].unique())
         self.calibs = sorted(c for c in pruned["calib"].unique() if c)
         self.many_calibs = len(self.calibs) > 1
+        self.primary = {}
+        for method, group in pruned.groupby("method", sort=True):
+            calibs = sorted(set(group["calib"]))
+            generic = [c for c in ("testbed:mix", "c4") if c in calibs]
+            self.primary[method] = (generic or calibs)[0]
+        self.all_calibs = len(self.calibs) <= MAX_LINE_CALIBS
+
+    def shown(self, method: str, calib: str) -> bool:
+        """Whether line figures draw the series (see the class docstring)."""
+        return self.all_calibs or calib == self.primary.get(method)
+
+    def note(self) -> str:
+        """Caption sentence saying which calibrations the lines show."""
+        return "" if self.all_calibs else (" Lines show each method's primary calibration (testbed:mix or c4 where "
+                                           "used); the tables and the calibration-effect figure cover the others.")
 
     def label(self, method: str, calib: str) -> str:
         """Legend text of a series."""
@@ -102,6 +124,8 @@ def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, re
             ax.axhline(reference if reference is not None else base_value, color=style.REFERENCE_COLOUR,
                        linestyle="--", linewidth=0.8, label="unpruned")
         for (method, calib), group in part[~part["baseline"]].groupby(["method", "calib"], sort=True):
+            if not series.shown(method, calib):
+                continue
             group = group.sort_values("ratio")
             x, y = list(group["ratio"]), list(group[column] * scale)
             if base_value is not None and 0.0 not in x:
@@ -115,21 +139,22 @@ def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, re
         ax.set_xlabel("ratio of routed experts removed")
         ax.set_ylabel(ylabel)
     shared_legend(fig, axes)
-    return fig
+    return fig, series.note()
 
 
 def accuracy_vs_ratio(table: pd.DataFrame, metric_text: str) -> Figure:
     """Average accuracy vs pruning ratio, a line per method, a panel per model."""
-    fig = _ratio_lines(table, "accuracy", 100.0, "average accuracy (%)", None)
+    fig, note = _ratio_lines(table, "accuracy", 100.0, "average accuracy (%)", None)
     return Figure("accuracy_vs_ratio", "Average accuracy vs pruning ratio",
-                  f"Average accuracy ({metric_text}) vs the ratio of routed experts removed; dashed: unpruned.", fig)
+                  f"Average accuracy ({metric_text}) vs the ratio of routed experts removed; dashed: unpruned."
+                  + note, fig)
 
 
 def recovery_vs_ratio(table: pd.DataFrame) -> Figure:
     """Recovery (% of the unpruned model's accuracy) vs pruning ratio."""
-    fig = _ratio_lines(table, "recovery", 1.0, "recovery (% of unpruned)", 100.0)
+    fig, note = _ratio_lines(table, "recovery", 1.0, "recovery (% of unpruned)", 100.0)
     return Figure("recovery_vs_ratio", "Recovery vs pruning ratio",
-                  "Average accuracy as a percentage of the unpruned model's, vs pruning ratio.", fig)
+                  "Average accuracy as a percentage of the unpruned model's, vs pruning ratio." + note, fig)
 
 
 def speedup_vs_ratio(table: pd.DataFrame) -> Figure | Skipped:
@@ -137,9 +162,9 @@ def speedup_vs_ratio(table: pd.DataFrame) -> Figure | Skipped:
     if table["decode_speedup"].notna().sum() == 0:
         return Skipped("speedup_vs_ratio", "Decode speedup vs ratio",
                        "no decode speed in the runs table (decode_tokens_per_s): the study ran without `measure`")
-    fig = _ratio_lines(table, "decode_speedup", 1.0, "decode speedup (x unpruned)", 1.0)
+    fig, note = _ratio_lines(table, "decode_speedup", 1.0, "decode speedup (x unpruned)", 1.0)
     return Figure("speedup_vs_ratio", "Decode speedup vs pruning ratio",
-                  "Decode tokens/s relative to the unpruned model (median of timed repetitions).", fig)
+                  "Decode tokens/s relative to the unpruned model (median of timed repetitions)." + note, fig)
 
 
 def pareto_front(memory: list[float], accuracy: list[float]) -> list[int]:

@@ -26,6 +26,7 @@ from moebench.report import style
 from moebench.report.figures import Figure, Series, Skipped, shared_legend, panels
 from moebench.report.tables import LATENCY_COLUMNS
 
+MAX_MAP_CALIBS = 4  # rows of panels per kept-expert map
 LATENCY_NOTE = ("no latency table: the grid writes tables/latency.csv (cell, prompt_len, batch, ms_per_token) "
                 "when it measures decode latency at several prompt lengths")
 
@@ -42,8 +43,8 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
         table[["cell", "model", "method", "calib", "ratio", "baseline"]], on="cell")
     lat = lat[lat["batch"] == lat.groupby("model")["batch"].transform("min")]
     series = Series(table)
-    keys = sorted(set(zip(lat.loc[~lat["baseline"], "model"], lat.loc[~lat["baseline"], "method"],
-                          lat.loc[~lat["baseline"], "calib"])))
+    pruned = lat[~lat["baseline"]]
+    keys = sorted(k for k in set(zip(pruned["model"], pruned["method"], pruned["calib"])) if series.shown(*k[1:]))
     keys = keys or sorted({(m, "unpruned", "") for m in lat["model"]})
     ratios = sorted(r for r in lat["ratio"].unique() if r > 0)
     fig, axes = panels(len(keys))
@@ -66,7 +67,7 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
     shared_legend(fig, axes)
     batch = int(lat["batch"].min())
     return Figure("latency_vs_input", title, f"Median decode latency per generated token vs prompt length at "
-                  f"batch {batch}, one line per pruning ratio; black: unpruned.", fig)
+                  f"batch {batch}, one line per pruning ratio; black: unpruned." + series.note(), fig)
 
 
 def slug(text: str) -> str:
@@ -116,11 +117,15 @@ def kept_expert_maps(plans: dict, table: pd.DataFrame) -> list[Figure] | Skipped
     rows = table[~table["baseline"] & table["cell"].isin(plans)]
     out = []
     for (model, method), group in rows.groupby(["model", "method"], sort=True):
-        cells = list(group.sort_values(["calib", "ratio"])["cell"])
-        if not any(_is_mapped(plans[c]) for c in cells):
+        if not any(_is_mapped(plans[c]) for c in group["cell"]):
             continue
+        calibs = sorted(set(group["calib"]), key=lambda c: (c not in ("testbed:mix", "c4"), c))
+        shown = calibs[:MAX_MAP_CALIBS]
+        group = group[group["calib"].isin(shown)]
+        cells = list(group.sort_values(["calib", "ratio"])["cell"])
+        ratios = group["ratio"].nunique()
         n_experts = _expert_count([plans[c] for c in table.loc[table["model"] == model, "cell"] if c in plans])
-        fig, axes = panels(len(cells), ncols=4, width=2.4, height=2.6)
+        fig, axes = panels(len(cells), ncols=ratios if ratios > 1 else min(4, len(cells)), width=2.4, height=2.6)
         for ax, cell in zip(axes, cells):
             row = group[group["cell"] == cell].iloc[0]
             layers, grid, freq = keep_matrix(plans[cell], n_experts)
@@ -138,7 +143,9 @@ def kept_expert_maps(plans: dict, table: pd.DataFrame) -> list[Figure] | Skipped
         fig.tight_layout()
         out.append(Figure(f"kept_experts_{slug(model)}_{slug(method)}", f"Kept experts: {method} on {model}",
                           "Kept (blue) and removed (white) experts per MoE layer; shaded by the fraction of "
-                          "inputs keeping each expert for input-aware methods.", fig))
+                          "inputs keeping each expert for input-aware methods."
+                          + (f" Calibrations shown: {', '.join(shown)} of {len(calibs)}." if len(calibs) > len(shown)
+                             else ""), fig))
     if not out:
         return Skipped("kept_experts", title, "every plan keeps the same number of experts in each layer and none "
                        "is input-aware (maps are drawn for non-uniform and input-aware methods only)")
