@@ -14,4 +14,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --disable-pip-version-check -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
+if [ "$(id -u)" = 0 ] && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then scripts/slurm/install.sh || echo "warning: could not install Slurm (slurm-wlm, munge); the Slurm executor tests will be skipped" >&2; fi
 .venv/bin/python -c "import torch, transformers, lm_eval, moebench; print('moebench', moebench.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
