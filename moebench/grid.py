@@ -57,12 +57,14 @@ def cell_state(folder: str) -> str:
     return "failed" if os.path.exists(os.path.join(folder, "failure.json")) else "pending"
 
 
-def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> list[tuple[str, str]]:
+def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> dict[str, float]:
     """Collect, for each (model, calibration) the pending cells use, the union of their statistic groups.
 
     Runs in this process before any cell starts, so concurrent cells only read the cache.
-    Returns the pairs calibrated (cache hits included).
+    Returns seconds spent per ``"<model>|<calibration>"`` (a cache hit costs almost nothing).
     """
+    import time
+
     from moebench.checkpoint import load_with_tokenizer
     from moebench.method import get_method
     from moebench.pipeline import PlanRequest, statistics
@@ -73,7 +75,9 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> li
             groups = set(get_method(cell["method"]).needs) if cell["method"] != "none" else set()
             groups |= {"routing"} if cell["skip"] != "none" else set()
             needs.setdefault((cell["model"], cell["calib"]), set()).update(groups or {"routing"})
+    seconds = {}
     for (model_name, calib), groups in sorted(needs.items()):
+        start = time.perf_counter()
         model, tokenizer = load_with_tokenizer(model_name, dtype=study.spec.get("dtype", "auto"),
                                                device=study.spec.get("device"))
         first = next(c for c in cells if c["model"] == model_name and c["calib"] == calib)
@@ -82,7 +86,8 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> li
                               stats_dir=study.spec.get("stats_dir"), model_id=model_name)
         statistics(model, tokenizer, request, sorted(groups), progress=progress)
         del model
-    return sorted(needs)
+        seconds[f"{model_name}|{calib}"] = round(time.perf_counter() - start, 3)
+    return seconds
 
 
 def _seq_len(model, cell: dict) -> int:
@@ -106,7 +111,8 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
     pending = [f for f in folders if not is_done(f)]
     skipped = len(folders) - len(pending)
     by_folder = dict(zip(folders, study.cells))
-    calibrate_once(study, [by_folder[f] for f in pending], progress)
+    seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
+    _record_calibration(root, seconds)
     if executor is None:
         options = dict(study.spec.get("executor") or {})
         executor = make_executor(options.pop("kind", "local"), **options)
@@ -115,6 +121,13 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
     failed = sorted(result.failed) if result else []
     tables = write_tables(root) if any(is_done(f) for f in folders) else {}
     return {"cells": len(folders), "done": done, "skipped": skipped, "failed": failed, "tables": tables}
+
+
+def _record_calibration(root: str, seconds: dict[str, float]) -> None:
+    """Keep the first measured calibration time per (model, calibration) in ``calibration.json``."""
+    path = os.path.join(root, "calibration.json")
+    known = json.load(open(path)) if os.path.exists(path) else {}
+    _write_json(path, {**seconds, **known})
 
 
 def status(study: Study, root: str) -> dict[str, list[str]]:

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
         from moebench.executors import make_executor
 
         options = dict(study.spec.get("executor") or {})
-        kind = args.executor or options.pop("kind", "local")
-        options.pop("kind", None)
+        spec_kind = options.pop("kind", "local")
+        kind = args.executor or spec_kind
+        if kind != spec_kind:  # the spec's options belong to its own executor
+            options = {}
         if args.parallel:
             options["parallel"] = args.parallel
         executor = make_executor(kind, **options)

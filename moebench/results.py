@@ -48,6 +48,9 @@ def run_row(folder: str) -> dict:
     }
     row.update({k: metrics.get(k) for k in RUN_COLUMNS if k in metrics})
     row.update({k: env.get(k) for k in RUN_COLUMNS if k in env})
+    calibration = os.path.join(os.path.dirname(os.path.dirname(folder)), "calibration.json")
+    if spec["calib"] and os.path.exists(calibration):
+        row["calibration_s"] = _read(os.path.dirname(calibration), "calibration.json").get(f"{spec['model']}|{spec['calib']}")
     return {k: row.get(k) for k in RUN_COLUMNS}
 
 

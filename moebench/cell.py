@@ -1,0 +1,128 @@
+"""One grid cell in its own process: ``python -m moebench.cell CELL_DIR``.
+
+Reads ``spec.json``, evaluates the variant through the ``pruned_moe`` lm-eval model, measures it,
+and writes ``results.json`` (raw lm-eval results), ``plan.json``, ``cell.json`` (spec, metrics,
+environment), each atomically, then ``DONE`` last. A failure writes ``failure.json`` with the
+traceback and exits 1; the next grid run retries the cell from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+
+def _write(folder: str, name: str, data) -> None:
+    path = os.path.join(folder, name)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def environment(model) -> dict:
+    """Versions, git sha, device, dtype and expert kernel of this run."""
+    import lm_eval
+    import torch
+    import transformers
+
+    import moebench
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(moebench.__file__),
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        sha = None
+    param = next(model.parameters())
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "lm_eval_version": lm_eval.__version__, "moebench_version": moebench.__version__, "git_sha": sha,
+            "device": str(param.device), "dtype": str(param.dtype).replace("torch.", ""),
+            "expert_kernel": getattr(model.config, "_experts_implementation", None), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
+
+
+def model_args(cell: dict, meta: dict) -> dict:
+    """The ``pruned_moe`` arguments of a cell."""
+    args = {"pretrained": cell["model"], "method": cell["method"], "dtype": cell["dtype"],
+            "batch_size": cell["lm_eval"]["batch_size"], "apply": cell["apply"], "skip": cell["skip"],
+            "seed": cell["seed"], **cell["params"]}
+    if cell["method"] != "none":
+        args.update(ratio=cell["ratio"], calib=cell["calib"], calib_samples=cell["calib_samples"],
+                    calib_seq_len=cell["calib_seq_len"], stats_dir=meta.get("stats_dir"))
+    from moebench.checkpoint import default_device
+
+    args["device"] = meta.get("device") or default_device()
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def evaluate(folder: str) -> None:
+    """Run the cell in ``folder`` and write its result files (DONE last)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moebench.lm_eval_model import PrunedMoELM
+    from moebench.plan import Plan
+    from moebench.measure import decode_speed, peak_memory, prefill_speed, reset_peak_memory, weight_bytes
+    from moebench.tasks import task_dir
+
+    with open(os.path.join(folder, "spec.json")) as f:
+        meta = json.load(f)
+    cell = meta["spec"]
+    lm = PrunedMoELM(**model_args(cell, meta))
+    reset_peak_memory(lm.device)
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=cell["tasks"], num_fewshot=cell["lm_eval"]["num_fewshot"], limit=cell["lm_eval"]["limit"],
+        task_manager=TaskManager(include_path=[task_dir(), *cell["include_path"]]), random_seed=cell["seed"],
+        numpy_random_seed=cell["seed"], torch_random_seed=cell["seed"], fewshot_random_seed=cell["seed"])
+    record = dict(lm.record or {})
+    metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}
+    memory = peak_memory(lm.device)
+    metrics["peak_memory_bytes"] = memory.get("peak_allocated_bytes", memory.get("peak_rss_bytes"))
+    metrics["planning_s"] = record.get("seconds")
+    metrics["skip_rate"] = (record.get("skipping") or {}).get("skip_rate")
+    metrics["experts_kept"] = json.dumps(record.get("experts_per_layer"), sort_keys=True)
+    if cell["measure"]:
+        m = cell["measure"]
+        pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"])
+        dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"])
+        metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
+                       decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
+    results.pop("samples", None)
+    _write(folder, "results.json", results)
+    if record.get("kept_experts"):
+        Plan(method=cell["method"], kind=record.get("kind", "prune"), params=record["params"], ratio=cell["ratio"],
+             calib=record["calib"], keep=record["kept_experts"],
+             extra={k: record[k] for k in ("n_experts", "keep_frequency", "skipping") if k in record}
+             ).save(os.path.join(folder, "plan.json"))
+    _write(folder, "cell.json", {"id": meta["id"], "study": meta["study"], "spec": cell, "metrics": metrics,
+                                 "env": environment(lm.model), "moebench": record})
+    with open(os.path.join(folder, "DONE.tmp"), "w") as f:
+        f.write(meta["id"] + "\n")
+    os.replace(os.path.join(folder, "DONE.tmp"), os.path.join(folder, "DONE"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written)."""
+    from moebench.grid import clean_partial, is_done
+
+    folder = (argv or sys.argv[1:])[0]
+    if is_done(folder):
+        return 0
+    clean_partial(folder)
+    try:
+        evaluate(folder)
+        return 0
+    except Exception:  # recorded for the user and retried by the next run, never swallowed
+        _write(folder, "failure.json", {"traceback": traceback.format_exc(), "time": time.time()})
+        print(traceback.format_exc(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

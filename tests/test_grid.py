@@ -1,0 +1,127 @@
+"""The grid end to end: cells through pruned_moe, one calibration, resume after kill -9, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+import moebench.stats_cache as stats_cache
+from moebench.grid import run_grid, status
+from moebench.grid_spec import load_study
+from moebench.results import build_tables
+from tiny_models import VOCAB
+
+TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
+          "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha"]
+
+
+@pytest.fixture
+def study_file(tmp_path, saved_models):
+    """A 2 methods x 3 ratios study on a tiny Mixtral, one local task, a file corpus."""
+    return make_study(tmp_path, saved_models("mixtral"))
+
+
+def make_study(tmp_path, model, **overrides) -> str:
+    """Write a study spec (defaults: frequency and reap at 3 ratios, no baseline) and return its path."""
+    rng = random.Random(0)
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text("\n\n".join(" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)))
+    spec = {"name": "tiny", "models": [model], "methods": ["frequency", "reap"], "baseline": False,
+            "ratios": [0.25, 0.5, 0.75], "calibration": [f"file:{corpus}"], "tasks": ["testbed_logic"],
+            "lm_eval": {"limit": 8, "batch_size": 8}, "calib_samples": 4, "calib_seq_len": 16, "measure": False,
+            "stats_dir": str(tmp_path / "stats"), "executor": {"kind": "local", "parallel": 1}, **overrides}
+    path = tmp_path / f"study-{len(list(tmp_path.glob('study-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def tables_without_timing(root):
+    runs, scores = build_tables(root)
+    return runs.drop(columns=TIMING), scores
+
+
+def test_grid_runs_every_cell_with_one_calibration(study_file, tmp_path, monkeypatch):
+    passes = []
+    real = stats_cache.collect
+    monkeypatch.setattr(stats_cache, "collect", lambda *a, **k: passes.append(1) or real(*a, **k))
+    study = load_study(study_file)
+    root = str(tmp_path / "results" / "tiny")
+    summary = run_grid(study, root, progress=False)
+    assert summary["cells"] == 6 and summary["done"] == 6 and not summary["failed"]
+    assert len(passes) == 1  # one calibration for the whole grid (cells read the cache)
+    runs, scores = build_tables(root)
+    assert len(runs) == 6 and runs["limited"].all()
+    pruned = runs[runs["method"] == "reap"].sort_values("ratio")
+    assert pruned["expert_bytes"].is_monotonic_decreasing
+    assert set(scores["task"]) == {"testbed_logic"} and len(scores) == 6
+    folder = os.path.join(root, "cells", runs["cell"][0])
+    cell = json.loads(open(os.path.join(folder, "cell.json")).read())
+    assert {"torch_version", "lm_eval_version", "device", "dtype", "expert_kernel"} <= set(cell["env"])
+    plan = json.loads(open(os.path.join(folder, "plan.json")).read())
+    assert plan["method"] == cell["spec"]["method"] and plan["keep"]
+    again = run_grid(study, root, progress=False)  # all done: nothing re-runs
+    assert again["done"] == 0 and again["skipped"] == 6
+
+
+def test_same_cell_twice_gives_identical_scores(tmp_path, saved_models):
+    study = load_study(make_study(tmp_path, saved_models("mixtral"), methods=["reap"], ratios=[0.5]))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_grid(study, a, progress=False)
+    run_grid(study, b, progress=False)
+    pd.testing.assert_frame_equal(tables_without_timing(a)[1], tables_without_timing(b)[1])
+
+
+def test_kill_9_mid_grid_then_resume(tmp_path, saved_models):
+    study_file = make_study(tmp_path, saved_models("mixtral"), methods=["frequency"], baseline=True)
+    reference = str(tmp_path / "ref")
+    run_grid(load_study(study_file), reference, progress=False)
+    results = str(tmp_path / "results")
+    root = os.path.join(results, "tiny")
+    cmd = [sys.executable, "-m", "moebench.cli", "grid", "run", study_file, "--results", results]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(status(load_study(study_file), root)["done"]) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the grid and the cell it was running, mid-flight
+    proc.wait()
+    states = status(load_study(study_file), root)
+    assert 1 <= len(states["done"]) < 4
+    done_before = {d: os.path.getmtime(os.path.join(d, "DONE")) for d in states["done"]}
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    states = status(load_study(study_file), root)
+    assert len(states["done"]) == 4 and not states["failed"] and not states["pending"]
+    for folder, mtime in done_before.items():  # finished cells were not run again
+        assert os.path.getmtime(os.path.join(folder, "DONE")) == mtime
+    for got, want in zip(tables_without_timing(root), tables_without_timing(reference)):
+        pd.testing.assert_frame_equal(got.drop(columns=["study"], errors="ignore"),
+                                      want.drop(columns=["study"], errors="ignore"))
+
+
+def test_failed_cell_writes_failure_and_is_retried(study_file, tmp_path):
+    spec = yaml.safe_load(open(study_file))
+    model = tmp_path / "model"
+    shutil.copytree(spec["models"][0], model)  # a private copy we can take away
+    spec.update(models=[str(model)], methods=["random"], ratios=[0.5], baseline=True)
+    path = tmp_path / "retry.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    study = load_study(str(path))  # validated while the model is there
+    os.rename(model, tmp_path / "away")
+    root = str(tmp_path / "retry")
+    summary = run_grid(study, root, progress=False)
+    assert len(summary["failed"]) == 2
+    failure = json.loads(open(os.path.join(summary["failed"][0], "failure.json")).read())
+    assert "Traceback" in failure["traceback"]
+    os.rename(tmp_path / "away", model)
+    summary = run_grid(study, root, progress=False)
+    assert summary["done"] == 2 and not summary["failed"]
+    assert all(not os.path.exists(os.path.join(d, "failure.json")) for d in status(study, root)["done"])
