@@ -90,6 +90,7 @@ tokenizer are deterministic; bit-exact equality also needs the same thread count
 - Batches: {recipe.batch_size} rows x {recipe.seq_len} tokens of whole training-split instances.
 - Run: {training.get('steps', recipe.steps)} steps, {training.get('tokens', 0):,} tokens, \
 {training.get('seconds', 0) / 60:.1f} min on {training.get('threads', '?')} CPU thread(s), final loss {training.get('final_loss', float('nan'))}.
+  {training.get('note', '')}
 
 ## Data
 
