@@ -39,3 +39,13 @@ def test_checkpoint_reproduces_its_subset_scores(name):
     for task, metrics in expected["scores"].items():
         for metric, value in metrics.items():
             assert math.isclose(got[task][metric], value, rel_tol=2e-3, abs_tol=1e-3), (task, metric)
+
+
+def test_committed_tokenizer_is_the_trained_one():
+    from transformers import AutoTokenizer
+
+    from moebench.testbed.tokenizer import train_tokenizer
+
+    fresh = train_tokenizer().backend_tokenizer.to_str()
+    for name in NAMES:
+        assert AutoTokenizer.from_pretrained(zoo.resolve_model(name)).backend_tokenizer.to_str() == fresh

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from moebench.testbed.data import SEPARATOR, mixed_stream
+from moebench.testbed.domains import DOMAINS
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 800
@@ -18,7 +19,7 @@ VOCAB_SIZE = 800
 
 def train_tokenizer(n_items: int = 40_000, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> PreTrainedTokenizerFast:
     """Train the BPE tokenizer on `n_items` training-split instances of all domains."""
-    source = mixed_stream("train", seed, weights={d: 1.0 for d in _domains()})
+    source = mixed_stream("train", seed, weights={d: 1.0 for d in DOMAINS})
     texts = [next(source).text + SEPARATOR for _ in range(n_items)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -37,8 +38,3 @@ def train_tokenizer(n_items: int = 40_000, vocab_size: int = VOCAB_SIZE, seed: i
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=256,
     )
 
-
-def _domains() -> tuple[str, ...]:
-    from moebench.testbed.domains import DOMAINS
-
-    return DOMAINS
