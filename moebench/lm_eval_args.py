@@ -10,14 +10,15 @@ from __future__ import annotations
 import difflib
 import inspect
 
-from moebench.calibration import parse_calibration
+from moebench.calibration import calibration_sources, parse_calibration
 from moebench.method import get_method
 
 # pruned_moe's own model_args and their defaults.
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
-            "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none"}
+            "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
+            "skip_beta": None}
 APPLY_MODES = ("physical", "mask")
-SKIP_RULES = ("none",)  # dynamic expert skipping plugs in here (see PrunedMoELM._apply_skip)
+SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (see PrunedMoELM._apply_skip)
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
 FORWARDED_LOAD_ARGS = frozenset({
@@ -99,14 +100,19 @@ def check_own_args(own: dict) -> dict:
     apply = str(args["apply"]).strip().lower()
     skip = "none" if args["skip"] is None else str(args["skip"]).strip().lower()
     if skip not in SKIP_RULES:
-        raise ValueError(f"skip={skip} is not available yet; only skip=none works for now")
+        raise ValueError(f"skip={skip}: choose skip=none or skip=naee (Lu et al. 2024 dynamic skipping)")
+    skip_beta = _optional(args["skip_beta"], float)
+    if skip_beta is not None and (skip == "none" or not 0.0 <= skip_beta <= 1.0):
+        raise ValueError(f"skip_beta={skip_beta}: give it with skip=naee, in [0, 1] (0 skips nothing)")
+    if skip != "none" and skip_beta is None and _optional(args["calib"], str) is None:
+        raise ValueError(f"skip={skip} estimates its thresholds on calibration data: give calib=..., e.g. calib=c4")
     if apply not in APPLY_MODES:
         raise ValueError(f"apply={apply}: choose apply=physical (remove the experts) or apply=mask (route around them)")
     if method == "none" and (ratio is not None or keep is not None):
         raise ValueError("ratio/keep need a method, e.g. method=reap,ratio=0.5 (moebench methods lists them)")
     if method != "none":
         _check_method(method, ratio, keep, args)
-    return {"method": method, "ratio": ratio, "keep": keep, "apply": apply, "skip": skip,
+    return {"method": method, "ratio": ratio, "keep": keep, "apply": apply, "skip": skip, "skip_beta": skip_beta,
             "calib": _optional(args["calib"], str), "calib_samples": int(args["calib_samples"]),
             "calib_seq_len": _optional(args["calib_seq_len"], int), "seed": int(args["seed"]),
             "stats_dir": _optional(args["stats_dir"], str)}
@@ -115,8 +121,8 @@ def check_own_args(own: dict) -> dict:
 def _check_method(method: str, ratio: float | None, keep: int | None, args: dict) -> None:
     """The method's kind, the budget and (for methods that need statistics) the calibration source."""
     spec = get_method(method)
-    if spec.kind != "prune":
-        raise ValueError(f"method {method} is a {spec.kind} method; pruned_moe applies prune methods for now")
+    if spec.kind not in ("prune", "select"):
+        raise ValueError(f"method {method} is a {spec.kind} method; pruned_moe applies prune and select methods")
     if (ratio is None) == (keep is None):
         raise ValueError(f"method={method} needs exactly one budget: ratio (fraction of routed experts "
                          "removed, e.g. ratio=0.5) or keep (experts kept per MoE layer)")
@@ -128,5 +134,7 @@ def _check_method(method: str, ratio: float | None, keep: int | None, args: dict
         raise ValueError(f"method {method} needs calibration statistics ({', '.join(spec.needs)}); "
                          "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
     # An unknown source fails now, before the model is loaded.
-    parse_calibration(str(args["calib"]), int(args["calib_samples"]), _optional(args["calib_seq_len"], int) or 1,
-                      int(args["seed"]))
+    sources = calibration_sources(str(args["calib"])) if spec.kind == "select" else [str(args["calib"])]
+    for source in sources:
+        parse_calibration(source, int(args["calib_samples"]), _optional(args["calib_seq_len"], int) or 1,
+                          int(args["seed"]))

@@ -34,7 +34,9 @@ from moebench.lm_eval_args import EXECUTION_ARGS, check_own_args, split_model_ar
 from moebench.method import get_method, resolve_budget
 from moebench.moe import MoEView
 from moebench.moe_ops import mask, prune
-from moebench.pipeline import PlanRequest, calibration_for, make_plan
+from moebench.lm_eval_select import SelectMixin
+from moebench.pipeline import PlanRequest, calib_key, make_plan, statistics
+from moebench.skipping import enable_skipping, naee_betas, skip_report
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def pruned_sizes(view: MoEView, keep: dict[int, list[int]]) -> tuple[int, int]:
     return params, expert_bytes
 
 
-class PrunedMoELM(HFLM):
+class PrunedMoELM(SelectMixin, HFLM):
     """lm-eval's ``hf`` model whose routed experts a moebench method prunes (or masks) at the first request.
 
     Attributes:
@@ -79,8 +81,10 @@ class PrunedMoELM(HFLM):
         super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
         self.pretrained_id = self._pretrained_id(pretrained)
         self.request = self._plan_request(hf.get("revision"))
-        calib = calibration_for(self.request) if method != "none" and get_method(method).needs else None
-        self.calib_key = calib.key if calib else None
+        uses_data = (method != "none" and get_method(method).needs) or (
+            self.settings["skip"] != "none" and self.settings["skip_beta"] is None)
+        self.calib_key = calib_key(self.request, get_method(method).kind if method != "none" else "prune") \
+            if uses_data else None
         self.variant_id, self.variant_name = self._identity(pretrained, hf)
         self.record: dict | None = None
         self._relabelled = None
@@ -98,9 +102,10 @@ class PrunedMoELM(HFLM):
         """The plan request; the budget is checked against the model now (no statistics needed)."""
         s = self.settings
         seq_len = s["calib_seq_len"]
-        if s["method"] != "none":
+        if s["method"] != "none" or s["skip"] != "none":
             view = MoEView(self.model)
-            resolve_budget(view, ratio=s["ratio"], keep=s["keep"])
+            if s["method"] != "none":
+                resolve_budget(view, ratio=s["ratio"], keep=s["keep"])
             seq_len = seq_len or min(2048, getattr(view.config, "max_position_embeddings", 2048) or 2048)
         return PlanRequest(method=s["method"], ratio=s["ratio"], keep=s["keep"], calib=s["calib"],
                            calib_samples=s["calib_samples"], calib_seq_len=seq_len or 2048, seed=s["seed"],
@@ -112,7 +117,8 @@ class PrunedMoELM(HFLM):
         s = self.settings
         identity = {"model": self.pretrained_id, **{k: hf[k] for k in sorted(hf) if k not in EXECUTION_ARGS},
                     "method": s["method"], "params": self.method_params, "ratio": s["ratio"], "keep": s["keep"],
-                    "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"]}
+                    "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"],
+                    "skip_beta": s["skip_beta"]}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         budget = f"-r{s['ratio']:g}" if s["ratio"] is not None else f"-k{s['keep']}" if s["keep"] is not None else ""
         tag = f"{s['method']}{budget}{'-mask' if s['apply'] == 'mask' else ''}-{digest[:8]}"
@@ -165,6 +171,8 @@ class PrunedMoELM(HFLM):
     def get_model_info(self) -> dict:
         """HFLM's model information plus ``moebench``: the variant and what it changed."""
         self._prepare()
+        if self.record is not None and self.settings["skip"] != "none":
+            self.record["skipping"] = skip_report(self.model)  # realised skip rate so far
         return {**super().get_model_info(), "moebench": self.record}
 
     # ----- lazy application --------------------------------------------------------------------
@@ -195,12 +203,18 @@ class PrunedMoELM(HFLM):
                   "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"]}
         if s["method"] == "none":
             experts = MoEView(model).experts_per_layer if before[1] else {}
+            self._apply_skip()
             return {**record, **self._sizes_record(before, before, before), "experts_per_layer": _str_keys(experts)}
         start = time.perf_counter()
         plan = make_plan(model, self.tokenizer, self.request, progress=self.rank == 0)
+        if plan.kind == "select":  # nothing removed: per-request selections (moebench.lm_eval_select)
+            return self._start_select(plan, {**record, **self._sizes_record(before, before, before),
+                                             "experts_per_layer": _str_keys(plan.experts_kept()),
+                                             "kept_experts": _str_keys(plan.keep),
+                                             "seconds": round(time.perf_counter() - start, 3)})
         if_pruned = pruned_sizes(MoEView(model), plan.keep)
         (prune if s["apply"] == "physical" else mask)(model, plan.keep)
-        self._apply_skip(plan)
+        self._apply_skip()
         after = model_sizes(model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -212,8 +226,20 @@ class PrunedMoELM(HFLM):
                 "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
                 "seconds": round(time.perf_counter() - start, 3)}
 
-    def _apply_skip(self, plan) -> None:
-        """Dynamic expert skipping (``skip=...``) goes here once available; only ``skip=none`` exists now."""
+    def _apply_skip(self) -> None:
+        """``skip=naee``: per-layer thresholds from the (pruned) model's own routing on the calibration set.
+
+        Thresholds are estimated after pruning, on the model that will run, as the paper pairs r=6
+        pruning with skipping; its routing statistics are cached like any other.
+        """
+        if self.settings["skip"] == "none":
+            return
+        beta = self.settings["skip_beta"]
+        if beta is not None:  # a fixed threshold for every layer (0 skips nothing)
+            enable_skipping(self.model, {index: beta for index in MoEView(self.model).indices})
+            return
+        stats = statistics(self.model, self.tokenizer, self.request, ["routing"], progress=self.rank == 0)
+        enable_skipping(self.model, naee_betas(stats))
 
     @staticmethod
     def _sizes_record(before, after, if_pruned) -> dict:

@@ -256,7 +256,8 @@ def test_nothing_is_calibrated_or_changed_until_the_first_request(env, tmp_path,
     ("method=reapp,ratio=0.5", r"unknown method 'reapp' \(did you mean 'reap'\?\)"),
     ("method=naee,ratio=0.5,beam_widht=4", r"'beam_widht' \(did you mean 'beam_width'\?\)"),
     ("method=reap,ratio=0.5,dtpye=float32", r"'dtpye' \(did you mean 'dtype'\?\)"),
-    ("method=naee,ratio=0.5,skip=naee", r"skip=naee is not available yet"),
+    ("method=naee,ratio=0.5,skip=fast", r"skip=fast: choose skip=none or skip=naee"),
+    ("skip_beta=0.5", r"skip_beta=0.5: give it with skip=naee"),
     ("method=reap,ratio=1.5", r"ratio=1.5 must be in \[0, 1\)"),
     ("method=reap,ratio=0.9", r"leaves 1 experts but the router selects top_k=2"),
     ("method=reap", r"needs exactly one budget"),
@@ -369,3 +370,18 @@ def test_testbed_smoke(tmp_path):
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False), device="cpu",
         bootstrap_iters=0)
     assert 0.0 <= result["results"]["testbed_facts"]["acc,none"] <= 1.0
+
+
+def test_skip_beta_zero_equals_no_skipping_and_median_skips_half(env):
+    """skip=naee: beta 0 gives the unskipped responses; the median beta skips about half the second slots."""
+    plain = evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},method=reap,ratio=0.25")
+    zero = evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},method=reap,ratio=0.25,"
+                                       "skip=naee,skip_beta=0")
+    for task, resps in responses(plain).items():
+        for got, want in zip(responses(zero)[task], resps):
+            assert [float(r[0][0]) for r in got] == pytest.approx([float(r[0][0]) for r in want], abs=1e-4)
+    assert zero["config"]["moebench"]["skipping"]["skipped"] == 0
+    median = evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},method=reap,ratio=0.25,skip=naee")
+    skipping = median["config"]["moebench"]["skipping"]
+    assert 0.25 <= skipping["slot_skip_rate"] <= 0.75, skipping  # median of calibration ratios, eval text differs
+    assert skipping["pairs"] > 0 and median["config"]["moebench"]["skip"] == "naee"
