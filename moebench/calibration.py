@@ -73,6 +73,7 @@ KNOWN_SOURCES: dict[str, str] = {
     "or the field or {template} after #)",
     "testbed:mix": "all domains of the embedded offline testbed (the C4 analogue)",
     "testbed:<domain>": "one domain of the embedded testbed (the MATH / code analogue)",
+    "testbed:domains, SRC+SRC+...": "several sources, one statistics set each (select methods: one pattern per task)",
 }
 
 
@@ -131,6 +132,23 @@ class Calibration:
             raise ValueError(f"calibration source {self.source!r} holds {len(ids)} tokens; "
                              f"{self.samples} x {self.seq_len} = {need} are needed")
         return torch.tensor(ids[:need], dtype=torch.long).view(self.samples, self.seq_len)
+
+
+def calibration_sources(spec: str) -> list[str]:
+    """The single sources a (possibly multi-source) spec names, for methods with one pattern per task.
+
+    ``testbed:domains`` expands to every testbed domain; ``a+b+c`` names several sources. A single
+    source is a list of one. Each source is checked (unknown names raise with suggestions).
+    """
+    spec = spec.strip()
+    if spec.lower() == "testbed:domains":
+        return [f"testbed:{d}" for d in _testbed_domains() if d != "mix"]
+    try:
+        return [_normalise(spec)]
+    except ValueError:
+        if "+" not in spec:
+            raise
+    return [_normalise(part) for part in spec.split("+") if part.strip()]
 
 
 def parse_calibration(spec: str, samples: int = 128, seq_len: int = 2048, seed: int = 0) -> Calibration:

@@ -136,7 +136,12 @@ def _set_config_counts(view: MoEView, counts: dict[int, int]) -> None:
 
 
 class _LogitMask(TorchFunctionMode):
-    """Sets the router logits of dropped experts to -inf on the first ``[.., E]`` linear output."""
+    """Sets the router logits of dropped experts to -inf on the first ``[.., E]`` linear output.
+
+    ``allowed`` is ``[E]`` (one selection for every token) or ``[B, E]`` (one per sample of a batch:
+    the router sees the ``[B, L, H]`` hidden states flattened to ``[B*L, H]``, so row b's mask covers
+    tokens ``b*L .. (b+1)*L - 1``; decode steps are ``L = 1``).
+    """
 
     def __init__(self, allowed: torch.Tensor):
         super().__init__()
@@ -145,19 +150,25 @@ class _LogitMask(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is F.linear and not self.done and out.shape[-1] == self.allowed.numel():
+        if func is F.linear and not self.done and out.shape[-1] == self.allowed.shape[-1]:
             self.done = True
-            out = out.masked_fill(~self.allowed.to(out.device), float("-inf"))
+            allowed = self.allowed.to(out.device)
+            if allowed.dim() == 1:
+                return out.masked_fill(~allowed, float("-inf"))
+            rows = out.reshape(allowed.shape[0], -1, out.shape[-1])
+            out = rows.masked_fill(~allowed[:, None, :], float("-inf")).reshape(out.shape)
         return out
 
 
 class _RouterMask:
     """Hooks on one router: run it with dropped experts' logits (and correction bias) at -inf."""
 
-    def __init__(self, layer: MoELayer, ids: list[int]):
+    def __init__(self, layer: MoELayer, ids: list[int] | None, allowed: torch.Tensor | None = None):
         self.layer = layer
-        self.allowed = torch.zeros(layer.num_experts, dtype=torch.bool)
-        self.allowed[ids] = True
+        if allowed is None:
+            allowed = torch.zeros(layer.num_experts, dtype=torch.bool)
+            allowed[ids] = True
+        self.allowed = allowed  # [E], or [B, E] per sample (see `sample_mask`)
         self.mode: _LogitMask | None = None
         self.saved_bias = None
         self.handles = [layer.router.register_forward_pre_hook(self._enter),
@@ -168,7 +179,7 @@ class _RouterMask:
         self.mode.__enter__()
         name = self.layer.family.correction_bias
         bias = _get(module, name) if name else None
-        if isinstance(bias, torch.Tensor):
+        if isinstance(bias, torch.Tensor) and self.allowed.dim() == 1:
             self.saved_bias = bias.data
             dim = dict(self.layer.family.router_tensors)[name]
             shape = [1] * bias.dim()
@@ -215,6 +226,39 @@ def layer_mask(layer: MoELayer, ids: Iterable[int]):
         yield layer
     finally:
         router_mask.remove()
+
+
+@contextmanager
+def sample_mask(model: nn.Module, keeps: list[Keep]):
+    """Within the block, sample b of the batch routes only among ``keeps[b]`` (per-sample masks).
+
+    ``keeps``: one selection per batch row (validated like `mask`); inputs must be ``[len(keeps), L]``.
+    Layers where every row keeps every expert get no hook, so full selections are the unpruned model.
+    Routers with a score-correction bias need one selection for the whole batch (the bias is one vector).
+    """
+    view = MoEView(model)
+    keeps = [validate_keep(view, keep) for keep in keeps]
+    masks = []
+    try:
+        for layer in view.layers:
+            allowed = torch.ones(len(keeps), layer.num_experts, dtype=torch.bool)
+            for row, keep in enumerate(keeps):
+                if layer.index in keep:
+                    allowed[row] = False
+                    allowed[row, keep[layer.index]] = True
+            if allowed.all():
+                continue
+            if (allowed == allowed[0]).all():
+                masks.append(_RouterMask(layer, None, allowed[0]))
+                continue
+            if layer.family.correction_bias and _get(layer.router, layer.family.correction_bias) is not None:
+                raise MoEError(f"layer {layer.index}: per-sample selections differ within the batch, but this "
+                               "router's score-correction bias is one vector; use batch_size=1")
+            masks.append(_RouterMask(layer, None, allowed))
+        yield keeps
+    finally:
+        for router_mask in masks:
+            router_mask.remove()
 
 
 def unmask(model: nn.Module) -> None:

@@ -42,6 +42,24 @@ def calibration_for(request: PlanRequest):
                              seed=request.seed)
 
 
+def single_requests(request: PlanRequest) -> list[PlanRequest]:
+    """One request per calibration source of a multi-source spec (``testbed:domains``, ``a+b``)."""
+    from dataclasses import replace
+
+    from moebench.calibration import calibration_sources
+
+    return [replace(request, calib=source) for source in calibration_sources(request.calib)]
+
+
+def calib_key(request: PlanRequest, kind: str = "prune") -> str | None:
+    """The calibration key of a request: ``a-...+b-...`` for the several sources of a select method."""
+    if request.calib is None:
+        return None
+    if kind != "select":
+        return calibration_for(request).key
+    return "+".join(calibration_for(r).key for r in single_requests(request))
+
+
 def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = True):
     """Cached statistics of ``groups`` for the request's model and calibration set."""
     calib = calibration_for(request)
@@ -61,19 +79,27 @@ def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> 
     params = spec.parse_params(request.params)
     view = MoEView(model)
     budget = resolve_budget(view, ratio=request.ratio, keep=request.keep)
-    stats = statistics(model, tokenizer, request, spec.needs, progress) if spec.needs else {}
-    plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio)
-    calib = calibration_for(request) if spec.needs else None
-    plan.calib = calib.key if calib else None
+    extra = {}
+    if spec.kind == "select" and spec.needs:  # one statistics set per task / domain, each cached alone
+        domains = {r.calib: statistics(model, tokenizer, r, spec.needs, progress) for r in single_requests(request)}
+        stats, extra["domain_stats"] = next(iter(domains.values())), domains
+    else:
+        stats = statistics(model, tokenizer, request, spec.needs, progress) if spec.needs else {}
+    plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
+                           extra=extra)
+    plan.calib = calib_key(request, spec.kind) if spec.needs else None
     return plan
 
 
 def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, int], stats: dict,
-                    seed: int = 0, ratio: float | None = None) -> Plan:
-    """Run a method on ready statistics; the kept sets are validated against the model."""
+                    seed: int = 0, ratio: float | None = None, extra: dict | None = None) -> Plan:
+    """Run a method on ready statistics; the kept sets are validated against the model.
+
+    ``extra`` reaches the method as ``ctx.extra`` (select methods: ``domain_stats``, source -> stats).
+    """
     spec = get_method(method)
     params = spec.parse_params(params)
-    ctx = PlanContext(view, stats, budget, seed=seed, ratio=ratio)
+    ctx = PlanContext(view, stats, budget, seed=seed, ratio=ratio, extra=dict(extra or {}))
     if spec.scoring:
         result = {layer.index: ctx.keep_best(layer, spec.fn(ctx, layer, **params)) for layer in view.layers}
     else:

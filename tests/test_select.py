@@ -1,0 +1,166 @@
+"""Input-aware selection (PreMoE TAER, PREP): per-sample masks, context-only selection, lm-eval, retrieval."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from test_lm_eval import loglikelihoods, write_tasks
+from tiny_models import sample_ids, tiny_model
+
+METHODS = ("premoe_taer", "prep")
+
+
+def evaluate(env, model: str, model_args, tasks=("tiny_mc",), limit=8, batch_size=4) -> dict:
+    """`lm_eval.simple_evaluate` on the local tasks, samples logged, no bootstrap."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
+                                   task_manager=TaskManager(include_path=env.tasks, include_defaults=False),
+                                   device="cpu", batch_size=batch_size, bootstrap_iters=0, log_samples=True)
+
+
+@pytest.fixture(scope="module")
+def senv(tmp_path_factory, saved_models):
+    """Tiny Mixtral, local tasks, and three calibration 'tasks' (files over disjoint word ranges)."""
+    root = tmp_path_factory.mktemp("select")
+    write_tasks(root / "tasks")
+    sources = []
+    for n, (lo, hi) in enumerate(((0, 30), (30, 60), (60, 92))):
+        rng = random.Random(n)
+        path = root / f"task{n}.txt"
+        path.write_text("\n\n".join(" ".join(f"w{rng.randrange(lo, hi)}" for _ in range(40)) for _ in range(12)))
+        sources.append(f"file:{path}")
+    calib = f"calib={'+'.join(sources)},calib_samples=4,calib_seq_len=32,stats_dir={root / 'stats'}"
+    return SimpleNamespace(root=root, tasks=str(root / "tasks"), model=saved_models("mixtral"), calib=calib)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_sample_mask_rows_equal_single_masks(model_type):
+    from moebench.moe import MoEView
+    from moebench.moe_ops import mask, sample_mask, unmask
+
+    model = tiny_model(model_type)
+    view = MoEView(model)
+    keeps = [{i: [0, 1, 2, 3] for i in view.indices}, {i: [2, 3, 5, 7] for i in view.indices},
+             {i: list(range(8)) for i in view.indices}]
+    ids = sample_ids(batch=3, length=10)
+    with torch.no_grad(), sample_mask(model, keeps):
+        batched = model(input_ids=ids).logits
+    for row, keep in enumerate(keeps):
+        mask(model, keep)
+        with torch.no_grad():
+            alone = model(input_ids=ids[row:row + 1]).logits[0]
+        unmask(model)
+        torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits[0], batched[0])  # the masks did act
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_zero_equals_unpruned(senv, method):
+    base = evaluate(senv, "hf", f"pretrained={senv.model}", tasks=("tiny_mc", "tiny_gen"))
+    sel = evaluate(senv, "pruned_moe", f"pretrained={senv.model},method={method},ratio=0,{senv.calib}",
+                   tasks=("tiny_mc", "tiny_gen"))
+    assert loglikelihoods(sel) == loglikelihoods(base)
+    assert [s["resps"] for s in sel["samples"]["tiny_gen"]] == [s["resps"] for s in base["samples"]["tiny_gen"]]
+    record = sel["config"]["moebench"]
+    assert record["kind"] == "select" and record["selection"]["requests"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_size_1_and_8_give_identical_scores(senv, method):
+    args = f"pretrained={senv.model},method={method},ratio=0.5,{senv.calib}"
+    one = evaluate(senv, "pruned_moe", args, tasks=("tiny_mc", "tiny_ppl"), batch_size=1)
+    eight = evaluate(senv, "pruned_moe", args, tasks=("tiny_mc", "tiny_ppl"), batch_size=8)
+    full = evaluate(senv, "hf", f"pretrained={senv.model}", tasks=("tiny_mc",))
+    assert one["config"]["moebench"]["keep_frequency"] == eight["config"]["moebench"]["keep_frequency"]
+    torch.testing.assert_close(torch.tensor(loglikelihoods(one)), torch.tensor(loglikelihoods(eight)),
+                               rtol=1e-5, atol=1e-5)
+    assert loglikelihoods(one) != loglikelihoods(full)  # selection really changed the model
+    freq = one["config"]["moebench"]["keep_frequency"]
+    assert all(len(f) == 8 and abs(sum(f) - 4) < 1e-3 for f in freq.values()) or method == "prep"
+
+
+def _lm(senv, method):
+    from moebench.lm_eval_model import PrunedMoELM
+
+    lm = PrunedMoELM(pretrained=senv.model, method=method, ratio=0.5, device="cpu", batch_size=4,
+                     **dict(kv.split("=", 1) for kv in senv.calib.split(",")))
+    lm._prepare()
+    return lm
+
+
+def test_selection_never_reads_the_continuation(senv, monkeypatch):
+    """Same context + different continuations: one selection, from the context tokens only.
+
+    The scores equal a forward masked with the context's selection, and differ from one masked with
+    the selection the context + continuation would get (so reading the continuation would fail this).
+    """
+    import moebench.lm_eval_select as ls
+    from moebench.moe_ops import sample_mask
+    from moebench.select import context_signature
+
+    lm = _lm(senv, "premoe_taer")
+    seen = []
+    monkeypatch.setattr(ls, "context_signature", lambda model, toks: seen.append(list(toks)) or
+                        context_signature(model, toks))
+    context = [5 + (i % 25) for i in range(12)]  # words of the first calibration task
+    conts = {}
+    for first in range(60, 92):  # find a continuation that would move the selection to another task
+        cont = [first] + [60 + (i * 7) % 32 for i in range(30)]
+        full = lm._selector.select(context_signature(lm.model, context + cont))
+        if full != lm._selector.select(context_signature(lm.model, context)):
+            conts["far"], conts["far_keep"] = cont, full
+            break
+    assert "far" in conts, "no continuation changes the selection: the test could not detect a leak"
+    conts["near"] = [6, 7, 8]
+    reqs = [(("c", "x"), context, conts["far"]), (("c", "y"), context, conts["near"])]
+    scores = lm._loglikelihood_tokens(reqs)
+    assert seen == [context]  # only the context, once for both continuations
+
+    def score(keep, cont):
+        inp = torch.tensor([context + cont[:-1]])
+        with torch.no_grad(), sample_mask(lm.model, [keep]):
+            logp = torch.log_softmax(lm.model(input_ids=inp).logits[0, -len(cont):], -1)
+        return float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+
+    keep_ctx = lm._selections[tuple(context)]
+    assert scores[0][0] == pytest.approx(score(keep_ctx, conts["far"]), abs=1e-4)
+    assert scores[0][0] != pytest.approx(score(conts["far_keep"], conts["far"]), abs=1e-4)
+
+
+def test_allocate_keeps_top_k_and_meets_the_budget():
+    from moebench.select import allocate
+
+    scores = torch.tensor([[5.0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [9, 0, 0, 0, 0, 0]])
+    counts = allocate(scores, [2, 2, 2], [3, 3, 3], [None, None, None])
+    assert sum(counts) == 9 and min(counts) >= 2 and counts[1] > 2
+
+
+def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
+    """premoe_taer: the nearest stored pattern is the query's own calibration domain (testbed-8e)."""
+    from transformers import AutoTokenizer
+
+    from moebench.checkpoint import load_model
+    from moebench.pipeline import PlanRequest, make_plan
+    from moebench.select import context_signature, selector_from_plan
+    from moebench.testbed.data import items
+    from moebench.testbed.domains import DOMAINS
+    from moebench.testbed.zoo import resolve_model
+
+    model, tok = load_model("testbed-8e"), AutoTokenizer.from_pretrained(resolve_model("testbed-8e"))
+    request = PlanRequest(method="premoe_taer", ratio=0.5, calib="testbed:domains", calib_samples=16,
+                          calib_seq_len=128, stats_dir=str(tmp_path))
+    plan = make_plan(model, tok, request, progress=False)
+    selector = selector_from_plan(plan)
+    tasks = [p["task"] for p in plan.extra["patterns"]]
+    assert tasks == [f"testbed:{d}" for d in DOMAINS]
+    for domain in DOMAINS:
+        queries = [tok(it.prompt, add_special_tokens=False)["input_ids"] for it in items(domain, "eval", 10, seed=1)]
+        hits = [tasks[selector.nearest(context_signature(model, q))] == f"testbed:{domain}" for q in queries]
+        assert sum(hits) >= 9, f"{domain}: {sum(hits)}/10 queries retrieved their own domain's pattern"
