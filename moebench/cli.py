@@ -11,6 +11,7 @@ import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `moebench --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("moebench.demo", "the whole pipeline on the embedded testbed: grid, tables, report, findings"),
     "inspect": ("moebench.inspect", "show the MoE structure of a model (hub id, local folder or testbed name)"),
     "zoo": ("moebench.testbed.cli", "the embedded testbed models: list, train"),
     "methods": ("moebench.methods_cmd", "list the registered pruning methods with their parameters and papers"),

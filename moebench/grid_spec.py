@@ -13,7 +13,8 @@ Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit), ``calib_samples``, 
 ``seed``, ``apply`` (physical | mask), ``baseline`` (an unpruned cell per model, default true),
 ``measure`` (false, or settings of `moebench.measure`), ``executor`` (kind and options),
 ``include_path`` (extra lm-eval task folders), ``dtype``, ``device``.
-A method's parameter given as a list expands into one method entry per value.
+A method's parameter given as a list expands into one method entry per value; a method entry may
+name its own ``calibration`` list instead of the study's.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def _method_entries(raw) -> list[dict]:
     """Methods as dicts {name, params, skip}; list-valued parameters expand to one entry per value."""
     out = []
     for item in _as_list(raw):
-        entry = {"name": item, "params": {}, "skip": "none"} if isinstance(item, str) else {
-            "name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none")}
+        entry = {"name": item, "params": {}, "skip": "none", "calibration": None} if isinstance(item, str) else {
+            "name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
+            "calibration": _as_list(item["calibration"]) if item.get("calibration") else None}
         keys = sorted(entry["params"])
         values = [_as_list(entry["params"][k]) for k in keys]
         for combo in itertools.product(*values):
@@ -109,13 +111,13 @@ def expand(spec: dict) -> list[dict]:
         if spec.get("baseline", True):
             cells.append({**copy.deepcopy(common), "model": model, "method": "none", "params": {}, "skip": "none",
                           "ratio": 0.0, "calib": None})
-        for entry, ratio, calib in itertools.product(_method_entries(spec["methods"]), _as_list(spec["ratios"]),
-                                                     _as_list(spec.get("calibration") or [None])):
-            needs_data = bool(get_method(entry["name"]).needs) or entry["skip"] != "none"
-            cell = {**copy.deepcopy(common), "model": model, "method": entry["name"], "params": entry["params"],
-                    "skip": entry["skip"], "ratio": float(ratio), "calib": calib if needs_data else None}
-            key = cell_id(cell)
-            if key not in seen:
-                seen.add(key)
-                cells.append(cell)
+        for entry, ratio in itertools.product(_method_entries(spec["methods"]), _as_list(spec["ratios"])):
+            for calib in entry["calibration"] or _as_list(spec.get("calibration") or [None]):
+                needs_data = bool(get_method(entry["name"]).needs) or entry["skip"] != "none"
+                cell = {**copy.deepcopy(common), "model": model, "method": entry["name"],
+                        "params": entry["params"], "skip": entry["skip"], "ratio": float(ratio),
+                        "calib": calib if needs_data else None}
+                if cell_id(cell) not in seen:
+                    seen.add(cell_id(cell))
+                    cells.append(cell)
     return cells

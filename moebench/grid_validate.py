@@ -44,9 +44,11 @@ def _check_methods(spec) -> list[str]:
             problems.append(str(err))
         if entry["skip"] not in ("none", "naee"):
             problems.append(f"method {name}: skip={entry['skip']!r} must be none or naee")
-        if (methods[name].needs or entry["skip"] != "none") and not spec.get("calibration"):
+        if (methods[name].needs or entry["skip"] != "none") and not (spec.get("calibration") or entry["calibration"]):
             problems.append(f"method {name} needs calibration statistics: add a 'calibration' list (e.g. testbed:mix)")
-    for source in _as_list(spec.get("calibration") or []):
+    sources = set(_as_list(spec.get("calibration") or []))
+    sources |= {c for e in _method_entries(spec["methods"]) for c in (e["calibration"] or [])}
+    for source in sorted(sources):
         try:
             from moebench.calibration import parse_calibration
 
