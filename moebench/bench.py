@@ -1,5 +1,8 @@
 """`moebench bench MODEL`: prefill and decode speed of a model unpruned, pruned, and with skipping.
 
+A select method (``--method premoe_taer|prep``) adds per-request selection, selection with expert
+offloading and static pruning at the same ratio (`moebench.select_bench`).
+
 All variants run in one process on the same inputs (warm-up, then repetitions; median and p90).
 With ``--skip naee`` it also prints the ideal skipping speedup implied by the measured skip rate s
 and the experts' measured share f of forward time, 1 / (1 - f * s), beside the measured one.
@@ -13,6 +16,7 @@ from tabulate import tabulate
 
 from moebench.cli_common import add_calibration_arguments, load, parse_params, request_from
 from moebench.kernels import KERNEL_NAME, register
+from moebench.method import get_method
 from moebench.measure import decode_speed, expert_share, prefill_speed, weight_bytes
 from moebench.moe_ops import prune
 from moebench.pipeline import make_plan, statistics
@@ -96,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     bench = _Bench(model, tokenizer, args)
     bench.measure("unpruned")
     lines = [bench.skip_pair("unpruned")] if args.skip == "naee" else []
-    if args.method:
+    if args.method and get_method(args.method).kind == "select":  # select / offload variants
+        from moebench.select_bench import measure_select
+
+        lines += measure_select(bench, request_from(args, model, method=args.method, ratio=args.ratio,
+                                                    keep=args.keep, params=parse_params(args.param)))
+    elif args.method:
         model.set_experts_implementation(default_kernel)
         request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep,
                                params=parse_params(args.param))

@@ -19,6 +19,7 @@ from torch import nn
 KERNEL_NAME = "moebench"
 _OBSERVER_ATTR = "_moebench_observer"
 SKIP_ATTR = "_moebench_skip"
+PROVIDER_ATTR = "_moebench_provider"  # offloading: object with forward(experts, e, x [n, H]) -> [n, H]
 
 
 class Observer(Protocol):
@@ -29,26 +30,30 @@ class Observer(Protocol):
         """``outputs[e] = (token ids [n], gate values [n], expert outputs [n, H])`` for each hit expert."""
 
 
-def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+def expert_forward(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
     """Output ``[n, H]`` of expert ``e`` of a fused experts module on inputs ``x [n, H]`` (no gate).
 
     Reads the layout from the module (``is_transposed``, ``has_bias``, ``_apply_gate``) as the
     transformers kernels do; modules without those flags (Llama4) are transposed, bias-free and gated.
+    ``weights``: expert e's tensors by name (from an offloading provider) instead of the module's.
     """
     transposed = getattr(experts, "is_transposed", not hasattr(experts, "has_gate"))
     bias = getattr(experts, "has_bias", False)
+
+    def w(name):
+        return weights[name] if weights is not None else getattr(experts, name)[e]
 
     def linear(inp, weight, b):
         out = inp @ weight if transposed else F.linear(inp, weight)
         return out + b if b is not None else out
 
-    h = linear(x, experts.gate_up_proj[e], experts.gate_up_proj_bias[e] if bias else None)
+    h = linear(x, w("gate_up_proj"), w("gate_up_proj_bias") if bias else None)
     if hasattr(experts, "_apply_gate"):
         h = experts._apply_gate(h)
     else:
         gate, up = h.chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
-    return linear(h, experts.down_proj[e], experts.down_proj_bias[e] if bias else None)
+    return linear(h, w("down_proj"), w("down_proj_bias") if bias else None)
 
 
 def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -61,6 +66,7 @@ def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index:
     out = torch.zeros_like(hidden)
     observer = getattr(self, _OBSERVER_ATTR, None)
     skip = getattr(self, SKIP_ATTR, None)
+    provider = getattr(self, PROVIDER_ATTR, None)
     active = None
     if skip is not None:
         top_k_weights, active = skip(top_k_weights)
@@ -72,7 +78,7 @@ def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index:
         token, slot = torch.where(hit if active is None else hit & active)
         if token.numel() == 0:
             continue
-        y = expert_forward(self, e, hidden[token])
+        y = provider.forward(self, e, hidden[token]) if provider is not None else expert_forward(self, e, hidden[token])
         gate = top_k_weights[token, slot]
         out.index_add_(0, token, (y * gate.unsqueeze(-1)).to(out.dtype))
         if observer is not None:

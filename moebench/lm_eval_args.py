@@ -16,7 +16,7 @@ from moebench.method import get_method
 # pruned_moe's own model_args and their defaults.
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
-            "skip_beta": None}
+            "skip_beta": None, "offload": False}
 APPLY_MODES = ("physical", "mask")
 SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (see PrunedMoELM._apply_skip)
 
@@ -115,7 +115,16 @@ def check_own_args(own: dict) -> dict:
     return {"method": method, "ratio": ratio, "keep": keep, "apply": apply, "skip": skip, "skip_beta": skip_beta,
             "calib": _optional(args["calib"], str), "calib_samples": int(args["calib_samples"]),
             "calib_seq_len": _optional(args["calib_seq_len"], int), "seed": int(args["seed"]),
-            "stats_dir": _optional(args["stats_dir"], str)}
+            "stats_dir": _optional(args["stats_dir"], str), "offload": _offload(args["offload"], method)}
+
+
+def _offload(value, method: str) -> bool:
+    """``offload=true``: experts in CPU memory, streamed per request (select methods only)."""
+    on = str(value).strip().lower() in ("1", "true", "yes")
+    if on and (method == "none" or get_method(method).kind != "select"):
+        raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
+                         f"(premoe_taer, prep), not {method}")
+    return on
 
 
 def _check_method(method: str, ratio: float | None, keep: int | None, args: dict) -> None:

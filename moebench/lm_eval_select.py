@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics as pystats
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -45,6 +46,11 @@ class SelectMixin:
         view = MoEView(self.model)
         self._kept_counts = {layer.index: torch.zeros(layer.num_experts) for layer in view.layers}
         record.update(kind="select", selection={"requests": 0}, keep_frequency={})
+        if self.settings.get("offload"):
+            from moebench.offload import ExpertOffloader
+
+            self._offload = ExpertOffloader(self.model)
+            record["offload"] = self._offload.counters  # updated in place as requests run
         return record
 
     def _select_for(self, context: tuple) -> dict[int, list[int]]:
@@ -53,7 +59,8 @@ class SelectMixin:
             if not context:
                 raise MoEError("a request has an empty context: there is nothing to select experts from")
             start = time.perf_counter()
-            keep = self._selector.select(context_signature(self.model, list(context)))
+            with self._offloading(None):
+                keep = self._selector.select(context_signature(self.model, list(context)))
             self._select_seconds.append(time.perf_counter() - start)
             self._selections[context] = keep
             for index, ids in keep.items():
@@ -105,10 +112,11 @@ class SelectMixin:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _offloading(self, keeps):
-        """The offload working-set context for one batch (a no-op without ``offload=true``)."""
+        """The offload working-set context for one batch (a no-op without ``offload=true``).
+
+        ``keeps=None``: the signature pass; experts outside the working sets then run on the CPU.
+        """
         offload = getattr(self, "_offload", None)
         if offload is None:
-            from contextlib import nullcontext
-
             return nullcontext()
-        return offload.batch(keeps)
+        return offload.cpu_side_pass() if keeps is None else offload.batch(keeps)

@@ -164,3 +164,56 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
         queries = [tok(it.prompt, add_special_tokens=False)["input_ids"] for it in items(domain, "eval", 10, seed=1)]
         hits = [tasks[selector.nearest(context_signature(model, q))] == f"testbed:{domain}" for q in queries]
         assert sum(hits) >= 9, f"{domain}: {sum(hits)}/10 queries retrieved their own domain's pattern"
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_offload_output_equals_on_device_output(model_type):
+    from moebench.kernels import KERNEL_NAME, register
+    from moebench.moe import MoEView
+    from moebench.moe_ops import sample_mask
+    from moebench.offload import ExpertOffloader
+
+    model = tiny_model(model_type)
+    view = MoEView(model)
+    ids = sample_ids(batch=2, length=10)
+    keeps = [{i: [0, 1, 2, 3] for i in view.indices}, {i: [0, 2, 4, 6] for i in view.indices}]
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        register()
+        model.set_experts_implementation(KERNEL_NAME)  # the same kernel on device: bit-exact comparison
+        plain = model(input_ids=ids).logits
+        torch.testing.assert_close(plain, eager, rtol=1e-5, atol=1e-5)
+        with sample_mask(model, keeps):
+            masked = model(input_ids=ids).logits
+    unpruned = view.expert_bytes()
+    off = ExpertOffloader(model)
+    assert view.expert_bytes() == 0  # nothing resident outside the working sets
+    n_layers, per_expert = len(view.layers), unpruned // len(view.layers) // 8
+    with torch.no_grad():
+        for _ in range(2):  # union of the rows' selections: 6 experts per layer; the 2nd batch hits them all
+            with off.batch(keeps), sample_mask(model, keeps):
+                torch.testing.assert_close(model(input_ids=ids).logits, masked, rtol=0, atol=0)
+        c = dict(off.counters)
+        assert c["resident_bytes_peak"] == c["resident_bytes"] == 6 * per_expert * n_layers < unpruned
+        assert c["bytes_moved"] == c["resident_bytes"] and c["hits"] == 6 * n_layers and c["hit_rate"] == 0.5
+        assert c["prefetched"] == 6 * (n_layers - 1) and c["at_entry"] == 6 and c["on_demand"] == 0
+        with off.batch(None):  # no selection known: routed experts outside the working set come on demand
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+        assert off.counters["on_demand"] > 0
+    off.close()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+
+
+def test_offload_through_pruned_moe(senv):
+    """offload=true: the same scores as on device; resident expert bytes and traffic in the record."""
+    args = f"pretrained={senv.model},method=premoe_taer,ratio=0.5,{senv.calib}"
+    on_device = evaluate(senv, "pruned_moe", args, tasks=("tiny_mc", "tiny_gen"))
+    offloaded = evaluate(senv, "pruned_moe", args + ",offload=true", tasks=("tiny_mc", "tiny_gen"))
+    torch.testing.assert_close(torch.tensor(loglikelihoods(offloaded)), torch.tensor(loglikelihoods(on_device)),
+                               rtol=1e-5, atol=1e-5)
+    assert [s["resps"] for s in offloaded["samples"]["tiny_gen"]] == \
+        [s["resps"] for s in on_device["samples"]["tiny_gen"]]
+    c = offloaded["config"]["moebench"]["offload"]
+    assert 0 < c["resident_bytes_peak"] < c["unpruned_expert_bytes"] and c["bytes_moved"] > 0
+    assert 0 <= c["hit_rate"] <= 1 and c["on_demand"] == 0
