@@ -67,7 +67,7 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> di
 
     from moebench.checkpoint import load_with_tokenizer
     from moebench.method import get_method
-    from moebench.pipeline import PlanRequest, statistics
+    from moebench.pipeline import PlanRequest, single_requests, statistics
 
     needs: dict[tuple[str, str], set[str]] = {}
     for cell in cells:
@@ -84,7 +84,8 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> di
         request = PlanRequest(method="none", calib=calib, calib_samples=first["calib_samples"],
                               calib_seq_len=_seq_len(model, first), seed=first["seed"],
                               stats_dir=study.spec.get("stats_dir"), model_id=model_name)
-        statistics(model, tokenizer, request, sorted(groups), progress=progress)
+        for single in single_requests(request):  # several sources for select methods, cached apart
+            statistics(model, tokenizer, single, sorted(groups), progress=progress)
         del model
         seconds[f"{model_name}|{calib}"] = round(time.perf_counter() - start, 3)
     return seconds

@@ -50,9 +50,10 @@ def _check_methods(spec) -> list[str]:
     sources |= {c for e in _method_entries(spec["methods"]) for c in (e["calibration"] or [])}
     for source in sorted(sources):
         try:
-            from moebench.calibration import parse_calibration
+            from moebench.calibration import calibration_sources, parse_calibration
 
-            parse_calibration(source)
+            for single in calibration_sources(source):  # testbed:domains, a+b: one pattern per task
+                parse_calibration(single)
         except (ValueError, OSError) as err:
             problems.append(f"calibration {source!r}: {err}")
     return problems
