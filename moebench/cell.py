@@ -25,6 +25,28 @@ def _write(folder: str, name: str, data) -> None:
     os.replace(tmp, path)
 
 
+def portable(data, prefixes: list[tuple[str, str]] | None = None):
+    """``data`` with the paths of this installation (moebench's tasks and package folders) written as
+    ``<moebench.tasks>`` and ``<moebench>``, so results do not depend on where moebench is installed."""
+    if prefixes is None:
+        import moebench
+        from moebench.tasks import task_dir
+
+        prefixes = [(os.path.realpath(task_dir()), "<moebench.tasks>"),
+                    (os.path.realpath(os.path.dirname(moebench.__file__)), "<moebench>")]
+        prefixes += [(os.path.abspath(task_dir()), "<moebench.tasks>"),
+                     (os.path.abspath(os.path.dirname(moebench.__file__)), "<moebench>")]
+    if isinstance(data, dict):
+        return {k: portable(v, prefixes) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [portable(v, prefixes) for v in data]
+    if isinstance(data, str):
+        for prefix, name in prefixes:
+            if data == prefix or data.startswith(prefix + os.sep):
+                return name + data[len(prefix):]
+    return data
+
+
 def environment(model) -> dict:
     """Versions, git sha, device, dtype and expert kernel of this run."""
     import lm_eval
@@ -67,7 +89,8 @@ def evaluate(folder: str) -> None:
 
     from moebench.lm_eval_model import PrunedMoELM
     from moebench.plan import Plan
-    from moebench.measure import decode_speed, peak_memory, prefill_speed, reset_peak_memory, weight_bytes
+    from moebench.measure import (decode_latency, decode_speed, max_positions, peak_memory, prefill_speed,
+                                  reset_peak_memory, weight_bytes)
     from moebench.tasks import task_dir
 
     with open(os.path.join(folder, "spec.json")) as f:
@@ -93,15 +116,22 @@ def evaluate(folder: str) -> None:
         dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"])
         metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
                        decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
+        if m.get("latency_lengths"):
+            latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
+                                              m["reps"], m["warmup"])
+            metrics["latency"] = latency
+            if dropped:
+                metrics["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "
+                                              f"max_position_embeddings={max_positions(lm.model)}"}
     results.pop("samples", None)
-    _write(folder, "results.json", results)
+    _write(folder, "results.json", portable(results))
     if record.get("kept_experts"):
         Plan(method=cell["method"], kind=record.get("kind", "prune"), params=record["params"], ratio=cell["ratio"],
              calib=record["calib"], keep=record["kept_experts"],
              extra={k: record[k] for k in ("n_experts", "keep_frequency", "skipping") if k in record}
              ).save(os.path.join(folder, "plan.json"))
-    _write(folder, "cell.json", {"id": meta["id"], "study": meta["study"], "spec": cell, "metrics": metrics,
-                                 "env": environment(lm.model), "moebench": record})
+    _write(folder, "cell.json", portable({"id": meta["id"], "study": meta["study"], "spec": cell, "metrics": metrics,
+                                          "env": environment(lm.model), "moebench": record}))
     with open(os.path.join(folder, "DONE.tmp"), "w") as f:
         f.write(meta["id"] + "\n")
     os.replace(os.path.join(folder, "DONE.tmp"), os.path.join(folder, "DONE"))

@@ -25,11 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default="results", help="results folder (default ./results)")
     parser.add_argument("--reports", default="reports", help="reports folder (default ./reports)")
     parser.add_argument("--parallel", type=int, default=None, help="cells at once (default: the spec's, 2)")
+    parser.add_argument("--spec", default=None,
+                        help="run this study YAML instead of the packaged demo study (e.g. a smaller one)")
 
 
-def demo_spec() -> dict:
-    """The packaged demo study spec."""
-    return yaml.safe_load(files("moebench").joinpath(SPEC).read_text())
+def demo_spec(path: str | None = None) -> dict:
+    """The packaged demo study spec, or the study YAML at ``path``."""
+    if path is None:
+        return yaml.safe_load(files("moebench").joinpath(SPEC).read_text())
+    if not os.path.isfile(path):
+        raise SystemExit(f"moebench demo: --spec {path!r} is not a file; give a study YAML (see `moebench grid`)")
+    with open(path) as f:
+        return yaml.safe_load(f)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from moebench.report.tables import load_studies
 
     start = time.perf_counter()
-    spec = demo_spec()
+    spec = demo_spec(args.spec)
     if args.parallel:
         spec["executor"] = {**spec.get("executor", {}), "parallel": args.parallel}
     if spec.get("executor", {}).get("parallel", 1) > 1:

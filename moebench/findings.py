@@ -89,8 +89,10 @@ def f5(table: pd.DataFrame) -> str:
         ["frequency", "reap", "naee", "ean", "soft_activation", "premoe", "grape"]) & (table["skip"] == "none")]
     best = static.sort_values("accuracy", ascending=False).head(1)
     best_text = f"best static {best['method'].iloc[0]} {best['accuracy'].iloc[0]:.3f}" if len(best) else "no static cell"
-    parts = [f"{m} {_fmt(_acc(table, m, 0.75))}" for m in ("premoe_taer", "prep")]
-    top = max((v for v in (_acc(table, m, 0.75) for m in ("premoe_taer", "prep")) if v is not None), default=None)
+    # input-aware methods calibrate on one source per task (testbed:domains, a+b), never a generic one
+    aware = {m: _acc(table, m, 0.75, calib_generic=False) for m in ("premoe_taer", "prep")}
+    parts = [f"{m} {_fmt(v)}" for m, v in aware.items()]
+    top = max((v for v in aware.values() if v is not None), default=None)
     verdict = _verdict(top, float(best["accuracy"].iloc[0]) if len(best) else None)
     return f"F5 (input-aware vs static at 75%): {', '.join(parts)}; {best_text} -> {verdict}"
 

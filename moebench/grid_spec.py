@@ -32,7 +32,8 @@ SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_
              "calib_seq_len", "seed", "apply", "baseline", "measure", "executor", "include_path", "dtype",
              "device", "description", "stats_dir"}
 REQUIRED = ("name", "models", "methods", "ratios", "tasks")
-DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2}
+DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
+                   "latency_lengths": [16, 64, 256, 1024, 4096]}
 
 
 class SpecError(ValueError):

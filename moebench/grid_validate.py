@@ -24,6 +24,7 @@ def validate(spec: dict) -> list[str]:
     problems += _check_ratios(spec)
     problems += _check_tasks(spec)
     problems += _check_models(spec)
+    problems += _check_measure(spec)
     if spec.get("apply", "physical") not in ("physical", "mask"):
         problems.append(f"apply={spec['apply']!r} must be physical or mask")
     return problems
@@ -56,6 +57,30 @@ def _check_methods(spec) -> list[str]:
                 parse_calibration(single)
         except (ValueError, OSError) as err:
             problems.append(f"calibration {source!r}: {err}")
+    return problems
+
+
+def _check_measure(spec) -> list[str]:
+    from moebench.grid_spec import DEFAULT_MEASURE
+
+    measure = spec.get("measure", DEFAULT_MEASURE)
+    if measure is False or measure is None:
+        return []
+    if not isinstance(measure, dict):
+        return [f"measure={measure!r} must be false or a mapping of {sorted(DEFAULT_MEASURE)}"]
+    problems = [f"measure: unknown key {k!r}{_suggest(k, DEFAULT_MEASURE)}" for k in measure if k not in DEFAULT_MEASURE]
+    for key in ("batch", "prompt_len", "new_tokens", "reps"):
+        value = measure.get(key, DEFAULT_MEASURE[key])
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"measure: {key}={value!r} must be a whole number >= 1")
+    warmup = measure.get("warmup", DEFAULT_MEASURE["warmup"])
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        problems.append(f"measure: warmup={warmup!r} must be a whole number >= 0")
+    lengths = measure.get("latency_lengths", DEFAULT_MEASURE["latency_lengths"])
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                for n in lengths):
+        problems.append(f"measure: latency_lengths={lengths!r} must be a list of prompt lengths >= 1 "
+                        "(an empty list measures no latency)")
     return problems
 
 

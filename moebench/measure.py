@@ -68,7 +68,35 @@ def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens:
     prefill = _timed(lambda: model(input_ids=ids, use_cache=True), ids.device, reps, warmup)
     total = _timed(lambda: model.generate(ids, **kwargs), ids.device, reps, warmup)
     decode_times = [max(t - statistics.median(prefill), 1e-9) for t in total]
-    return summary(decode_times, batch * new_tokens)
+    return {**summary(decode_times, batch * new_tokens), "prefill_s": statistics.median(prefill)}
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position encoding allows (None when the config sets no limit)."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tokens: int = 32, reps: int = 5,
+                   warmup: int = 1) -> tuple[list[dict], list[int]]:
+    """Per-token decode latency after prompts of each length in ``lengths``.
+
+    Returns ``(rows, dropped)``: one row per measured length (``prompt_len``, ``batch``, ``new_tokens``,
+    ``ms_per_token`` and ``ms_per_token_p90``: milliseconds per decode step, i.e. per generated token
+    of each sequence, at the median and p90 of the repetitions; ``prefill_ms``: the prompt's forward),
+    and the lengths left out because prompt + new tokens exceed the model's ``max_position_embeddings``.
+    """
+    limit = max_positions(model)
+    rows, dropped = [], []
+    for length in sorted(set(lengths)):
+        if limit is not None and length + new_tokens > limit:
+            dropped.append(length)
+            continue
+        speed = decode_speed(model, batch, length, new_tokens, reps, warmup)
+        per_step = 1000.0 * batch / speed["tokens_per_s"]
+        rows.append({"prompt_len": length, "batch": batch, "new_tokens": new_tokens, "ms_per_token": per_step,
+                     "ms_per_token_p90": 1000.0 * batch / speed["tokens_per_s_p90"],
+                     "prefill_ms": 1000.0 * speed["prefill_s"]})
+    return rows, dropped
 
 
 @contextmanager

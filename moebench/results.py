@@ -2,7 +2,9 @@
 
 ``runs``: one row per finished cell (spec, measurements, environment).
 ``scores``: one row per cell x task x metric x filter (value, stderr, n).
-Both are written as CSV and Parquet under ``<results dir>/tables/``. Cells run with an lm-eval
+``latency``: one row per cell x prompt length x batch (per-token decode latency, see
+`moebench.measure.decode_latency`), for cells that measured it.
+All are written as CSV and Parquet under ``<results dir>/tables/``. Cells run with an lm-eval
 ``limit`` are flagged (``limited``) and kept out of leaderboards; tables mixing lm-eval or task
 versions are refused unless asked for, then flagged.
 """
@@ -71,6 +73,23 @@ def score_rows(folder: str) -> list[dict]:
     return rows
 
 
+LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "new_tokens", "ms_per_token", "ms_per_token_p90", "prefill_ms"]
+
+
+def latency_rows(folder: str) -> list[dict]:
+    """The ``latency`` rows of one finished cell (none when the cell did not measure latency)."""
+    cell = _read(folder, "cell.json")
+    return [{"cell": cell["id"], **{k: row.get(k) for k in LATENCY_COLUMNS[1:]}}
+            for row in cell.get("metrics", {}).get("latency") or []]
+
+
+def build_latency(results_dir: str) -> pd.DataFrame:
+    """The ``latency`` table of the finished cells under ``results_dir``."""
+    rows = [r for f in finished_cells(results_dir) for r in latency_rows(f)]
+    frame = pd.DataFrame(rows, columns=LATENCY_COLUMNS)
+    return frame.sort_values(["cell", "batch", "prompt_len"]).reset_index(drop=True)
+
+
 def build_tables(results_dir: str, allow_mixed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(runs, scores)`` from the finished cells under ``results_dir``."""
     folders = finished_cells(results_dir)
@@ -88,12 +107,21 @@ def build_tables(results_dir: str, allow_mixed: bool = False) -> tuple[pd.DataFr
 
 
 def write_tables(results_dir: str, allow_mixed: bool = False) -> dict[str, str]:
-    """Write runs and scores as CSV and Parquet under ``<results_dir>/tables``; returns the paths."""
+    """Write runs, scores and (when measured) latency as CSV and Parquet under ``<results_dir>/tables``;
+    returns the paths."""
     runs, scores = build_tables(results_dir, allow_mixed)
+    latency = build_latency(results_dir)
     out = os.path.join(results_dir, "tables")
     os.makedirs(out, exist_ok=True)
     paths = {}
-    for name, frame in (("runs", runs), ("scores", scores)):
+    frames = [("runs", runs), ("scores", scores)]
+    if latency.empty:  # a table from an earlier collect would describe cells no longer measured
+        for ext in ("csv", "parquet"):
+            if os.path.exists(os.path.join(out, f"latency.{ext}")):
+                os.remove(os.path.join(out, f"latency.{ext}"))
+    else:
+        frames.append(("latency", latency))
+    for name, frame in frames:
         for ext in ("csv", "parquet"):
             path = os.path.join(out, f"{name}.{ext}")
             tmp = f"{path}.tmp{os.getpid()}"

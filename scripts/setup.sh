@@ -15,4 +15,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
 if [ "$(id -u)" = 0 ] && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then scripts/slurm/install.sh || echo "warning: could not install Slurm (slurm-wlm, munge); the Slurm executor tests will be skipped" >&2; fi
+# pdffonts (poppler-utils) lets the report tests check that no figure font is Type 3
+if [ "$(id -u)" = 0 ] && ! command -v pdffonts >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends poppler-utils >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+           --no-install-recommends poppler-utils >/dev/null; }; } \
+      || echo "warning: could not install poppler-utils; the pdffonts check of the report tests will be skipped" >&2
+fi
 .venv/bin/python -c "import torch, transformers, lm_eval, moebench; print('moebench', moebench.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

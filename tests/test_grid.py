@@ -125,3 +125,28 @@ def test_failed_cell_writes_failure_and_is_retried(study_file, tmp_path):
     summary = run_grid(study, root, progress=False)
     assert summary["done"] == 2 and not summary["failed"]
     assert all(not os.path.exists(os.path.join(d, "failure.json")) for d in status(study, root)["done"])
+
+
+def test_grid_measures_latency_per_prompt_length_into_a_table_and_figure(tmp_path, saved_models):
+    from moebench.report.figures import Figure
+    from moebench.report.maps import latency_vs_input
+    from moebench.report.tables import MetricSpec, load_studies, summary
+
+    measure = {"batch": 1, "prompt_len": 8, "new_tokens": 4, "reps": 2, "warmup": 0,
+               "latency_lengths": [4, 16, 200]}  # 200 + 4 tokens exceed the tiny model's 128 positions
+    study = load_study(make_study(tmp_path, saved_models("mixtral"), methods=["reap"], ratios=[0.5],
+                                  baseline=True, measure=measure))
+    root = str(tmp_path / "results" / "tiny")
+    assert run_grid(study, root, progress=False)["done"] == 2
+    latency = pd.read_csv(os.path.join(root, "tables", "latency.csv"))
+    runs = pd.read_csv(os.path.join(root, "tables", "runs.csv"))
+    assert sorted(latency["cell"].unique()) == sorted(runs["cell"])
+    assert sorted(latency["prompt_len"].unique()) == [4, 16]
+    assert (latency["ms_per_token"] > 0).all() and (latency["ms_per_token_p90"] >= latency["ms_per_token"]).all()
+    assert (latency["new_tokens"] == 4).all() and (latency["prefill_ms"] > 0).all()
+    cell = json.loads(open(os.path.join(root, "cells", runs["cell"][0], "cell.json")).read())
+    assert cell["metrics"]["latency_dropped"]["prompt_len"] == [200]
+    assert "max_position_embeddings=128" in cell["metrics"]["latency_dropped"]["why"]
+    (data,) = load_studies(root)
+    figure = latency_vs_input(data.latency, summary(data, MetricSpec()))
+    assert isinstance(figure, Figure), figure

@@ -22,7 +22,8 @@ def test_validation_lists_every_problem_at_once(tmp_path, saved_models):
                                  num_attention_heads=2)).save_pretrained(dense)
     spec = {"name": "bad", "models": [saved_models("mixtral"), str(dense)],
             "methods": ["reapp", {"name": "random", "params": {"sed": 1}}, {"name": "frequency", "skip": "fast"}],
-            "ratios": [0.5, 0.9, 1.5], "calibration": ["c5"], "tasks": ["testbed_arithmetc"], "executer": {}}
+            "ratios": [0.5, 0.9, 1.5], "calibration": ["c5"], "tasks": ["testbed_arithmetc"], "executer": {},
+            "measure": {"reps": 0, "latency_lengths": [64, "long"], "lenghts": [1]}}
     with pytest.raises(SpecError) as err:
         load_study(write(tmp_path, spec))
     text = str(err.value)
@@ -34,9 +35,11 @@ def test_validation_lists_every_problem_at_once(tmp_path, saved_models):
                      "calibration 'c5'",
                      "task 'testbed_arithmetc' is unknown to lm-eval (did you mean 'testbed_arithmetic'?)",
                      "'llama' is not a supported MoE family",
-                     "ratio 0.9: layer 0: ratio=0.9 leaves 1 experts but the router selects top_k=2"]:
+                     "ratio 0.9: layer 0: ratio=0.9 leaves 1 experts but the router selects top_k=2",
+                     "measure: unknown key 'lenghts'", "measure: reps=0 must be a whole number >= 1",
+                     "measure: latency_lengths=[64, 'long'] must be a list of prompt lengths >= 1"]:
         assert expected in text, expected
-    assert text.startswith("study spec has 9 problem(s)")
+    assert text.startswith("study spec has 12 problem(s)")
 
 
 def test_expansion_dedupes_data_free_methods_and_expands_parameter_lists(saved_models):

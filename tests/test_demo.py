@@ -1,0 +1,92 @@
+"""`moebench demo` as a user runs it (a smaller study through --spec), and the findings' numbers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mini_spec(tmp_path) -> str:
+    """Six cells on testbed-8e: unpruned, frequency, REAP, NAEE with and without skipping and PreMoE TAER at 75%."""
+    spec = {"name": "mini", "models": ["testbed-8e"],
+            "methods": ["frequency", "reap", "naee", {"name": "naee", "skip": "naee"},
+                        {"name": "premoe_taer", "calibration": ["testbed:domains"]}],
+            "ratios": [0.75], "calibration": ["testbed:mix"], "tasks": ["testbed_logic_quick"],
+            "calib_samples": 8, "calib_seq_len": 64, "lm_eval": {"batch_size": 64},
+            "measure": {"batch": 1, "prompt_len": 16, "new_tokens": 4, "reps": 1, "warmup": 0,
+                        "latency_lengths": [16, 64]},
+            "stats_dir": str(tmp_path / "stats"), "executor": {"kind": "local", "parallel": 1}}
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    cmd = [sys.executable, "-m", "moebench.cli", "demo", "--spec", mini_spec(tmp_path), "--results", str(results),
+           "--reports", str(reports)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "grid: 6 cells run now, 0 already done, 0 failed" in out.stdout
+    folder = reports / "mini"
+    assert (folder / "report.pdf").stat().st_size > 10_000 and (reports / "leaderboard.html").exists()
+    for figure in ("accuracy_vs_ratio", "latency_vs_input", "kept_experts_testbed-8e_premoe-taer"):
+        assert (folder / "figures" / f"{figure}.pdf").exists(), figure
+    if shutil.which("pdffonts"):
+        fonts = subprocess.run(["pdffonts", str(folder / "report.pdf")], capture_output=True, text=True).stdout
+        assert "Type 3" not in fonts and "TrueType" in fonts
+
+    # results name this installation's model and task files portably, not by their absolute paths
+    import moebench
+
+    install = os.path.dirname(os.path.dirname(os.path.abspath(moebench.__file__)))
+    for path in results.glob("mini/cells/*/*.json"):
+        assert install not in path.read_text(), path
+    assert "<moebench>/testbed/models/testbed-8e" in next(results.glob("mini/cells/*/cell.json")).read_text()
+
+    # the findings state the measured accuracies of the tables, whichever way they come out
+    runs = pd.read_csv(results / "mini" / "tables" / "runs.csv")
+    scores = pd.read_csv(results / "mini" / "tables" / "scores.csv")
+    acc = scores[(scores["metric"] == "acc") & (scores["task"] == "testbed_logic_quick")].set_index("cell")["value"]
+    by_method = {(r.method, r.skip): acc[r.cell] for r in runs.itertuples() if r.ratio == 0.75}
+    findings = (folder / "findings.md").read_text()
+    f5 = next(line for line in findings.splitlines() if line.startswith("- F5"))
+    assert f"premoe_taer {by_method[('premoe_taer', 'none')]:.3f}" in f5 and "prep n/a" in f5
+    best = max(by_method[(m, "none")] for m in ("frequency", "reap"))
+    assert f"{best:.3f}" in f5.split("best static")[1]
+    verdict = "yes" if by_method[("premoe_taer", "none")] > best else ("tie" if by_method[("premoe_taer", "none")] == best else "no")
+    assert f5.endswith(f"-> {verdict}")
+    f3 = next(line for line in findings.splitlines() if line.startswith("- F3"))
+    assert re.search(rf"naee 75%: accuracy {by_method[('naee', 'none')]:.3f} -> {by_method[('naee', 'naee')]:.3f}", f3)
+    assert "F2 (domain vs generic calibration): not measured" in findings  # no domain-calibrated cell here
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # resumable like any grid
+    assert again.returncode == 0 and "grid: 0 cells run now, 6 already done, 0 failed" in again.stdout
+
+
+def test_demo_rejects_a_missing_spec_file(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "moebench.cli", "demo", "--spec", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "nope.yaml" in out.stderr and "is not a file" in out.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "results", "demo", "tables", "runs.csv")),
+                    reason="the demo's results are not committed")
+def test_committed_findings_match_the_committed_tables():
+    from moebench.findings import findings
+    from moebench.report.tables import load_studies
+
+    (study,) = load_studies(os.path.join(ROOT, "results", "demo"))
+    with open(os.path.join(ROOT, "reports", "demo", "findings.md")) as f:
+        committed = [line[2:] for line in f.read().splitlines() if line.startswith("- ")]
+    assert committed == findings(study)
