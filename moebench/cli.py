@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("moebench.grid_cmd", "run a study (models x methods x ratios x calibration sets): run, status"),
     "collect": ("moebench.collect_cmd", "derive the tidy runs/scores tables from a results folder"),
     "bench": ("moebench.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
+    "bench-overhead": ("moebench.overhead_bench", "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
     "bench-naee": ("moebench.naee_bench", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
     "report": ("moebench.report.build", "a study's tables -> reports/<study>/: report.md, report.pdf, figures, LaTeX"),
     "leaderboard": ("moebench.report.leaderboard", "regenerate reports/leaderboard.md and .html from all results"),

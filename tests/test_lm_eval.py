@@ -385,3 +385,17 @@ def test_skip_beta_zero_equals_no_skipping_and_median_skips_half(env):
     skipping = median["config"]["moebench"]["skipping"]
     assert 0.25 <= skipping["slot_skip_rate"] <= 0.75, skipping  # median of calibration ratios, eval text differs
     assert skipping["pairs"] > 0 and median["config"]["moebench"]["skip"] == "naee"
+
+
+def test_bench_overhead_command_prints_the_wall_time_ratio_and_equal_scores():
+    out = subprocess.run([str(BIN / "moebench"), "bench-overhead", "testbed-8e", "--tasks", "testbed_logic_quick",
+                          "--limit", "8", "--reps", "1", "--device", "cpu"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, **OFFLINE})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("pruned_moe method=none / hf wall time"))
+    ratio = float(line.split(": ")[1].split("x")[0])
+    assert ratio > 0 and "scores identical: yes" in line
+    import re
+
+    rows = [x.split()[0] for x in out.stdout.splitlines() if re.fullmatch(r"(hf|pruned_moe)\s+[\d.]+\s+[\d.]+", x)]
+    assert rows == ["hf", "pruned_moe"]
