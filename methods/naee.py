@@ -7,7 +7,10 @@ import itertools
 import torch
 
 from moebench.method import planner
-from moebench.moe_ops import layer_mask
+from moebench.moe import MoEError
+from moebench.moe_ops import layer_mask, row_mask
+
+CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subsets (128 MiB in fp32)
 
 
 def reconstruction_loss(layer, stats: dict, kept, reference: torch.Tensor | None = None) -> float:
@@ -24,6 +27,97 @@ def reconstruction_loss(layer, stats: dict, kept, reference: torch.Tensor | None
     diff = (reference - pruned).pow(2).sum(-1)
     per_seq = torch.zeros(int(seq.max()) + 1, dtype=torch.float64).index_add_(0, seq, diff.double())
     return per_seq.sqrt().sum().item()
+
+
+GRAM_MAX_EXPERTS = 32  # per-token Gram matrices [n, E, E] in float64 up to this many experts
+
+
+class Recombiner:
+    """Reconstruction losses of many expert subsets of one layer from its cached expert outputs.
+
+    For a subset C the model's own router re-routes the cached inputs with the other experts
+    masked; token t then gets indices i_1..i_k and gate values w_1..w_k, and its squared error is
+
+        ||F(x_t) - sum_j w_j o_{t,i_j}||^2
+            = ||F(x_t)||^2 - 2 sum_j w_j <F(x_t), o_{t,i_j}> + sum_j sum_l w_j w_l <o_{t,i_j}, o_{t,i_l}>
+
+    With up to ``GRAM_MAX_EXPERTS`` experts the per-token Gram matrices <o_{t,e}, o_{t,f}> are
+    computed once in float64 and all three terms (the reference F(x_t) is itself a combination) are
+    read from them, so a subset costs O(n k^2) instead of O(n k H) and a routing equal to the
+    reference's scores exactly 0; beyond that the outputs are gathered and combined directly. Many subsets
+    share one router call, each copy of the inputs masked to its subset (`row_mask`); routers with a
+    score-correction bias (one selection per call) are routed one subset at a time. The loss per
+    subset is the paper's sum over calibration sequences of the Frobenius norm of the error.
+    """
+
+    def __init__(self, layer, stats: dict, reference: torch.Tensor | None = None):
+        self.layer, self.stats = layer, stats
+        self.x = stats["inputs"].to(layer.router.weight.dtype)
+        self.outputs, self.seq = stats["all_outputs"], stats["outputs_sample_ids"]
+        self.n_seq = int(self.seq.max()) + 1
+        self.reference = _combine(layer, stats["inputs"], self.outputs, None) if reference is None else reference
+        n, n_experts, hidden = self.outputs.shape
+        self.tokens = torch.arange(n)
+        self.gram = None
+        if n_experts <= GRAM_MAX_EXPERTS:
+            o = self.outputs.double()
+            self.gram = torch.einsum("neh,nfh->nef", o, o)  # [n, E, E]
+            with torch.no_grad():
+                routing = layer.route(self.x)
+            self.ref_routing = (routing.indices.cpu().unsqueeze(0), routing.weights.double().cpu().unsqueeze(0))
+            self.ref_sq = self._inner(self.ref_routing, self.ref_routing)  # [1, n]
+        # subsets per router call: the repeated inputs [C n, H] (and gathered outputs) stay near the chunk size
+        self.per_call = max(1, CHUNK_ELEMENTS // (n * hidden * (1 if self.gram is not None else layer.top_k)))
+
+    def _route(self, part: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(indices, weights)`` ``[C, n, k]`` for the subsets in ``part``; None for correction-bias routers."""
+        n = self.x.shape[0]
+        allowed = torch.zeros(len(part), self.outputs.shape[1], dtype=torch.bool)
+        for row, subset in enumerate(part):
+            allowed[row, list(subset)] = True
+        try:
+            with torch.no_grad(), row_mask(self.layer, allowed):
+                routing = self.layer.route(self.x.repeat(len(part), 1))
+        except MoEError:
+            return None
+        return (routing.indices.reshape(len(part), n, -1).cpu(),
+                routing.weights.reshape(len(part), n, -1).float().cpu())
+
+    def _squared_errors(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-token squared error ``[C, n]`` (float64) of the routings ``indices`` / ``weights``."""
+        if self.gram is None:
+            picked = self.outputs[self.tokens[None, :, None], indices]  # [C, n, k, H]
+            pruned = (picked * weights.unsqueeze(-1)).sum(2)
+            return (self.reference - pruned).pow(2).sum(-1).double()
+        routing = (indices, weights.double())
+        ref = tuple(t.expand(len(indices), *t.shape[1:]) for t in self.ref_routing)
+        # every term by the same function, so a routing equal to the reference's gives exactly 0
+        return (self._inner(routing, routing) - 2 * self._inner(routing, ref) + self.ref_sq).clamp_min(0)
+
+    def _inner(self, a: tuple, b: tuple) -> torch.Tensor:
+        """<sum_j wa_j o_{ia_j}, sum_l wb_l o_{ib_l}> per token from the Gram matrices, ``[C, n]``."""
+        (ia, wa), (ib, wb) = a, b
+        t = self.tokens[None, :, None, None]
+        pair = self.gram[t, ia[..., :, None], ib[..., None, :]]  # [C, n, k, k]
+        return torch.einsum("cnj,cnl,cnjl->cn", wa, wb, pair)
+
+    def losses(self, subsets: list) -> torch.Tensor:
+        """The loss of every subset in ``subsets``, float64 ``[len(subsets)]``."""
+        out = []
+        for start in range(0, len(subsets), self.per_call):
+            part = subsets[start:start + self.per_call]
+            routed = self._route(part)
+            if routed is None:  # score-correction bias: one router call per subset
+                routed = tuple(torch.cat(parts) for parts in zip(*(self._route_one(s) for s in part)))
+            sq = self._squared_errors(*routed)
+            per_seq = torch.zeros(len(part), self.n_seq, dtype=torch.float64).index_add_(1, self.seq, sq)
+            out.append(per_seq.sqrt().sum(1))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def _route_one(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), layer_mask(self.layer, subset):
+            routing = self.layer.route(self.x)
+        return routing.indices.unsqueeze(0).cpu(), routing.weights.float().unsqueeze(0).cpu()
 
 
 def _combine(layer, x, outputs, kept):
@@ -48,14 +142,9 @@ def _valid(layer, subset) -> bool:
 
 def exhaustive(layer, stats, r: int) -> list[int]:
     """The r-subset with the smallest loss over all valid subsets (ties: first in lexicographic order)."""
-    best, best_loss = None, float("inf")
-    reference = _combine(layer, stats["inputs"], stats["all_outputs"], None)
-    for subset in itertools.combinations(range(layer.num_experts), r):
-        if _valid(layer, subset):
-            loss = reconstruction_loss(layer, stats, subset, reference)
-            if loss < best_loss:
-                best, best_loss = list(subset), loss
-    return best
+    subsets = [s for s in itertools.combinations(range(layer.num_experts), r) if _valid(layer, s)]
+    losses = Recombiner(layer, stats).losses(subsets)
+    return list(subsets[int(torch.argmin(losses))])  # argmin: the first of equal minima
 
 
 def naive_exhaustive(layer, stats, r: int) -> list[int]:
@@ -88,33 +177,34 @@ def naive_exhaustive(layer, stats, r: int) -> list[int]:
 def beam(layer, stats, r: int, width: int) -> list[int]:
     """Backward elimination with a beam of ``width`` sets, then 1-for-1 swaps until none helps."""
     n = layer.num_experts
-    reference = _combine(layer, stats["inputs"], stats["all_outputs"], None)
+    recombiner = Recombiner(layer, stats)
     frontier = [tuple(range(n))]
     for size in range(n - 1, r - 1, -1):
-        scored = {}
+        children = {}
         for subset in frontier:
             for drop in subset:
                 child = tuple(e for e in subset if e != drop)
-                if child not in scored and (size > r or _valid(layer, child)) and len(child) >= layer.top_k:
-                    scored[child] = reconstruction_loss(layer, stats, child, reference)
+                if child not in children and (size > r or _valid(layer, child)) and len(child) >= layer.top_k:
+                    children[child] = None
+        scored = dict(zip(children, recombiner.losses(list(children)).tolist()))
         frontier = sorted(scored, key=lambda c: (scored[c], c))[:width]
     best = list(frontier[0])
-    return _swap_refine(layer, stats, best, reference)
+    return _swap_refine(recombiner, best)
 
 
-def _swap_refine(layer, stats, kept: list[int], reference) -> list[int]:
-    loss = reconstruction_loss(layer, stats, kept, reference)
-    improved = True
-    while improved:
-        improved = False
-        for out_e, in_e in itertools.product(list(kept), [e for e in range(layer.num_experts) if e not in kept]):
-            cand = sorted([e for e in kept if e != out_e] + [in_e])
-            if _valid(layer, cand):
-                cand_loss = reconstruction_loss(layer, stats, cand, reference)
-                if cand_loss < loss - 1e-12:
-                    kept, loss, improved = cand, cand_loss, True
-                    break
-    return kept
+def _swap_refine(recombiner: Recombiner, kept: list[int]) -> list[int]:
+    """First-improvement 1-for-1 swaps (in (out, in) order) until none lowers the loss."""
+    layer = recombiner.layer
+    loss = float(recombiner.losses([kept])[0])
+    while True:
+        candidates = [sorted([e for e in kept if e != out_e] + [in_e]) for out_e, in_e in
+                      itertools.product(list(kept), [e for e in range(layer.num_experts) if e not in kept])]
+        candidates = [c for c in candidates if _valid(layer, c)]
+        losses = recombiner.losses(candidates).tolist()
+        better = next((i for i, value in enumerate(losses) if value < loss - 1e-12), None)
+        if better is None:
+            return kept
+        kept, loss = candidates[better], losses[better]
 
 
 @planner("naee", needs=("outputs",), bounds={"beam_width": (1, 1024), "max_exhaustive": (1, 64)},

@@ -229,6 +229,24 @@ def layer_mask(layer: MoELayer, ids: Iterable[int]):
 
 
 @contextmanager
+def row_mask(layer: MoELayer, allowed: torch.Tensor):
+    """Within the block, ``layer``'s router input ``[B*L, H]`` routes block b of L rows only among the
+    experts ``allowed[b]`` (``[B, E]`` booleans): B selections scored in one router call.
+
+    Routers with a score-correction bias take one selection per call (the bias is one vector):
+    for them this raises `MoEError`; use `layer_mask` per selection.
+    """
+    if layer.family.correction_bias and _get(layer.router, layer.family.correction_bias) is not None:
+        raise MoEError(f"layer {layer.index}: this router's score-correction bias is one vector, so row-wise "
+                       "selections cannot share a call; mask one selection at a time (layer_mask)")
+    router_mask = _RouterMask(layer, None, allowed)
+    try:
+        yield layer
+    finally:
+        router_mask.remove()
+
+
+@contextmanager
 def sample_mask(model: nn.Module, keeps: list[Keep]):
     """Within the block, sample b of the batch routes only among ``keeps[b]`` (per-sample masks).
 

@@ -96,6 +96,32 @@ def test_naee_recombination_equals_naive_enumeration(family):
         assert plan.keep[layer.index] == naive_exhaustive(layer, s, 5)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("gram", [True, False])
+def test_batched_subset_losses_equal_the_one_by_one_loss(family, gram, monkeypatch):
+    """The Gram-matrix and gathered recombinations (one router call for many subsets; one per subset
+    under a score-correction bias) give the loss that re-routing one subset at a time gives."""
+    import itertools
+
+    import moebench.methods.naee as naee
+
+    if not gram:
+        monkeypatch.setattr(naee, "GRAM_MAX_EXPERTS", 0)
+    monkeypatch.setattr(naee, "CHUNK_ELEMENTS", 5000)  # several router calls, uneven last chunk
+    model = tiny_model(family)
+    view = MoEView(model)
+    stats = collect(model, IDS, ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
+    for layer in view.layers:
+        subsets = [s for s in itertools.combinations(range(layer.num_experts), layer.num_experts - 2)
+                   if naee._valid(layer, s)]
+        recombiner = naee.Recombiner(layer, stats[layer.index])
+        assert (recombiner.gram is not None) == gram
+        batched = recombiner.losses(subsets)
+        single = torch.tensor([naee.reconstruction_loss(layer, stats[layer.index], s) for s in subsets],
+                              dtype=torch.float64)
+        assert len(subsets) > 4 and torch.allclose(batched, single, rtol=1e-5, atol=1e-6), (batched, single)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "olmoe"])
 def test_naee_beam_search_equals_exhaustive(family):
     model = tiny_model(family)
