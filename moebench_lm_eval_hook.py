@@ -1,10 +1,12 @@
-"""Start-up hook that makes lm-eval 0.4.13 know moebench's ``pruned_moe`` model.
+"""Start-up hook that makes lm-eval 0.4.13 know moebench's ``pruned_moe`` model and task folder.
 
 ``moebench_lm_eval.pth`` (shipped by the install, see ``moebench/_packaging.py``) imports this
 module and calls `install` at every interpreter start. It is a top-level module, not part of the
 ``moebench`` package, and imports ``sys`` only: a process that never imports lm-eval never
 imports moebench. The finder below waits on ``sys.meta_path`` for ``lm_eval.api.registry``; once
-that module has run, ``moebench.lm_eval_plugin.register`` adds the model. The finder and loader
+that module has run, ``moebench.lm_eval_plugin.register`` adds the model; once ``lm_eval.tasks``
+has run, ``add_task_folder`` makes its ``TaskManager`` index moebench's tasks (the testbed tasks
+then need no ``--include_path``). The finder and loader
 follow the import protocol without the ``importlib.abc`` bases, whose import costs more than
 this whole module.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import sys
 
 TRIGGER = "lm_eval.api.registry"
+TASKS_TRIGGER = "lm_eval.tasks"
 
 
 def _register() -> None:
@@ -22,47 +25,75 @@ def _register() -> None:
     register()
 
 
-class _AfterExec:
-    """Wraps a module's loader and calls `_register` once the module has run."""
+def _add_tasks() -> None:
+    from moebench.lm_eval_plugin import add_task_folder
 
-    def __init__(self, loader):
-        self.loader = loader
+    add_task_folder()
+
+
+HOOKS = {TRIGGER: (_register, "register the lm-eval model 'pruned_moe'"),
+         TASKS_TRIGGER: (_add_tasks, "add its task folder to lm-eval")}
+
+
+class _AfterExec:
+    """Wraps a module's loader and calls its hook once the module has run."""
+
+    def __init__(self, loader, name):
+        self.loader, self.name = loader, name
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        try:
-            _register()
-        except Exception as err:  # never break lm-eval itself; say why pruned_moe is missing
-            import warnings
-
-            warnings.warn(f"moebench could not register the lm-eval model 'pruned_moe': {err!r}",
-                          RuntimeWarning, stacklevel=2)
+        _run(self.name)
 
     def __getattr__(self, name):  # get_source, get_code, is_package, ... of the real loader
         return getattr(self.loader, name)
 
 
+def _run(name: str) -> None:
+    hook, what = HOOKS[name]
+    try:
+        hook()
+    except Exception as err:  # never break lm-eval itself; say what moebench could not do
+        import warnings
+
+        warnings.warn(f"moebench could not {what}: {err!r}", RuntimeWarning, stacklevel=3)
+
+
 class _RegistryWatcher:
-    """A one-shot finder: when lm-eval's registry is imported, run `_register` after it."""
+    """A finder that runs each hook once, right after its lm-eval module is imported."""
+
+    def __init__(self, names):
+        self.pending = set(names)
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TRIGGER:
+        if fullname not in self.pending:
             return None
-        sys.meta_path.remove(self)
+        self.pending.discard(fullname)
         from importlib.util import find_spec
 
-        spec = find_spec(fullname)  # the finders after this one, whichever installed lm-eval
+        sys.meta_path.remove(self)  # let the real finders answer (and never ask this one again for it)
+        try:
+            spec = find_spec(fullname)  # the finders after this one, whichever installed lm-eval
+        finally:
+            if self.pending:
+                sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
-            spec.loader = _AfterExec(spec.loader)
+            spec.loader = _AfterExec(spec.loader, fullname)
         return spec
 
 
 def install() -> None:
-    """Make lm-eval's registry know ``pruned_moe`` whenever it is imported in this process."""
-    if TRIGGER in sys.modules:
-        _register()
-    elif not any(isinstance(finder, _RegistryWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegistryWatcher())
+    """Run the hooks for lm-eval modules already imported; watch for the others in this process."""
+    if any(isinstance(finder, _RegistryWatcher) for finder in sys.meta_path):
+        return
+    waiting = []
+    for name in HOOKS:
+        if name in sys.modules:
+            _run(name)
+        else:
+            waiting.append(name)
+    if waiting:
+        sys.meta_path.insert(0, _RegistryWatcher(waiting))

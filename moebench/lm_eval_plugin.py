@@ -33,3 +33,38 @@ def register() -> None:
 
     if MODEL_NAME not in model_registry:
         model_registry.register(MODEL_NAME, target=entry_point())
+
+
+def add_task_folder() -> None:
+    """Make every lm-eval ``TaskManager`` also index moebench's packaged tasks (idempotent).
+
+    lm-eval has no discovery for task folders; without this, its command line needs
+    ``--include_path`` for the testbed tasks. The folder is added only when the caller keeps
+    lm-eval's default tasks (``include_defaults=True``) and did not pass it already.
+    """
+    import functools
+    import inspect
+    import os
+
+    from lm_eval.tasks import TaskManager
+
+    original = TaskManager.__init__
+    if getattr(original, "_moebench_tasks", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        from moebench.tasks import task_dir
+
+        bound = signature.bind(self, *args, **kwargs)
+        if bound.arguments.get("include_defaults", True):
+            given = bound.arguments.get("include_path")
+            paths = [] if given is None else [given] if isinstance(given, (str, os.PathLike)) else list(given)
+            ours = os.path.realpath(task_dir())
+            if all(os.path.realpath(p) != ours for p in paths):
+                bound.arguments["include_path"] = [*paths, task_dir()]
+        original(*bound.args, **bound.kwargs)
+
+    __init__._moebench_tasks = True
+    TaskManager.__init__ = __init__

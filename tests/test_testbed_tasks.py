@@ -80,3 +80,27 @@ def test_tasks_load_from_a_non_editable_install(tmp_path):
     where, n_docs, available = json.loads(out.stdout.strip().splitlines()[-1])
     assert where.startswith(str(tmp_path / "site")) and n_docs >= 300
     assert all(available), "package-data must ship the testbed checkpoints"
+
+
+def test_literal_lm_eval_command_finds_the_testbed_tasks_without_include_path(tmp_path):
+    """The install's start-up hook adds moebench's task folder to every lm-eval TaskManager."""
+    from moebench.testbed import zoo
+
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    out = subprocess.run([str(lm_eval), "--model", "hf", "--model_args", f"pretrained={zoo.model_dir('testbed-8e')}",
+                          "--tasks", "testbed_logic_quick", "--limit", "8", "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    scores = json.loads(results.read_text())["results"]["testbed_logic_quick"]
+    assert scores["acc,none"] >= 0.75  # the trained model, not chance (0.25)
+
+
+def test_task_folder_is_added_only_with_lm_evals_defaults():
+    from lm_eval.tasks import TaskManager
+
+    with_defaults = TaskManager(include_path=[task_dir()])
+    assert "testbed_logic_quick" in with_defaults.all_tasks
+    assert "testbed_logic_quick" in TaskManager().all_tasks
+    assert "testbed_logic_quick" not in TaskManager(include_defaults=False, include_path=[]).all_tasks
