@@ -58,8 +58,9 @@ def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
             f"comparisons, mean change {effect['delta'].mean():+.1f} points ({'; '.join(lines)})")
 
 
-def f3(table: pd.DataFrame) -> str:
-    """What accuracy does skipping trade for what speed?"""
+def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
+    """What accuracy does skipping trade for what speed (and at what realised skip rate)?"""
+    rates = {} if runs is None or "skip_rate" not in runs else dict(zip(runs["cell"], runs["skip_rate"]))
     skipped = table[table["skip"] != "none"]
     if skipped.empty:
         return "F3 (dynamic skipping): not measured"
@@ -71,8 +72,10 @@ def f3(table: pd.DataFrame) -> str:
             continue
         p = plain.iloc[0]
         speed = row.decode_speedup / p["decode_speedup"] if p["decode_speedup"] else float("nan")
+        rate = rates.get(row.cell)
+        rate_text = f", skip rate {rate:.3f} of routed pairs" if rate is not None and rate == rate else ""
         parts.append(f"{row.method_id} {row.ratio:.0%}: accuracy {p['accuracy']:.3f} -> {row.accuracy:.3f}, "
-                     f"decode speed x{speed:.2f}")
+                     f"decode speed x{speed:.2f}{rate_text}")
     return "F3 (dynamic skipping, accuracy and decode speed vs the same pruning without skipping): " + "; ".join(parts)
 
 
@@ -101,4 +104,4 @@ def findings(study: StudyData, spec: MetricSpec | None = None) -> list[str]:
     """F1-F5 as sentences with numbers."""
     spec = spec or MetricSpec()
     table = summary(study, spec)
-    return [f1(table), f2(study, table, spec), f3(table), f4(table), f5(table)]
+    return [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table)]
