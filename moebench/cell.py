@@ -8,6 +8,7 @@ traceback and exits 1; the next grid run retries the cell from scratch.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def evaluate(folder: str) -> None:
         model=lm, tasks=cell["tasks"], num_fewshot=cell["lm_eval"]["num_fewshot"], limit=cell["lm_eval"]["limit"],
         task_manager=TaskManager(include_path=[task_dir(), *cell["include_path"]]), random_seed=cell["seed"],
         numpy_random_seed=cell["seed"], torch_random_seed=cell["seed"], fewshot_random_seed=cell["seed"])
-    record = dict(lm.record or {})
+    record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
     metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}
     memory = peak_memory(lm.device)
     metrics["peak_memory_bytes"] = memory.get("peak_allocated_bytes", memory.get("peak_rss_bytes"))
@@ -112,13 +113,18 @@ def evaluate(folder: str) -> None:
     metrics["experts_kept"] = json.dumps(record.get("experts_per_layer"), sort_keys=True)
     if cell["measure"]:
         m = cell["measure"]
-        pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"])
-        dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"])
+        runner = None
+        if getattr(lm, "_selector", None) is not None:  # select methods: timed with their per-request selection
+            from moebench.select_bench import Selecting
+
+            runner = Selecting(lm.model, lm._selector, getattr(lm, "_offload", None))
+        pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"], runner)
+        dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"], 1, runner)
         metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
                        decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
         if m.get("latency_lengths"):
             latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
-                                              m["reps"], m["warmup"])
+                                              m["reps"], m["warmup"], runner)
             metrics["latency"] = latency
             if dropped:
                 metrics["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "

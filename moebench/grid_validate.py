@@ -73,6 +73,10 @@ def _check_measure(spec) -> list[str]:
         value = measure.get(key, DEFAULT_MEASURE[key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"measure: {key}={value!r} must be a whole number >= 1")
+    new_tokens = measure.get("new_tokens", DEFAULT_MEASURE["new_tokens"])
+    if isinstance(new_tokens, int) and new_tokens == 1:
+        problems.append("measure: new_tokens=1 must be >= 2 (the first new token comes from the prompt's "
+                        "forward; decode speed is measured over the steps after it)")
     warmup = measure.get("warmup", DEFAULT_MEASURE["warmup"])
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         problems.append(f"measure: warmup={warmup!r} must be a whole number >= 0")

@@ -49,26 +49,53 @@ def summary(times: list[float], tokens: int) -> dict:
             "median_s": statistics.median(times), "reps": len(times)}
 
 
+class Runner:
+    """How a measured model runs a batch of prompts: a forward, or greedy generation.
+
+    The plain runner calls the model; per-request selection (`moebench.select_bench.Selecting`)
+    provides the same two methods with its selection pass and routing masks around them.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False):
+        return self.model(input_ids=ids, use_cache=use_cache)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int):
+        return self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=self.model.config.get_text_config().pad_token_id or 0)
+
+
 @torch.no_grad()
-def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int = 5, warmup: int = 2) -> dict:
+def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int = 5, warmup: int = 2,
+                  runner: Runner | None = None) -> dict:
     """Prefill throughput: one forward over ``batch x length`` tokens, no KV cache."""
+    runner = runner or Runner(model)
     ids = _ids(model, batch, length)
     device = ids.device
-    times = _timed(lambda: model(input_ids=ids, use_cache=False), device, reps, warmup)
+    times = _timed(lambda: runner.forward(ids), device, reps, warmup)
     return summary(times, batch * length)
 
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens: int = 32, reps: int = 5,
-                 warmup: int = 1) -> dict:
-    """Decode throughput: greedy generation of exactly ``new_tokens`` after a ``prompt``, per token."""
+                 warmup: int = 1, runner: Runner | None = None) -> dict:
+    """Decode throughput: greedy generation of exactly ``new_tokens`` after a ``prompt``, per token.
+
+    Generation = the prompt's forward (which yields the first new token) + ``new_tokens - 1`` decode
+    steps; decode time = generation time - the prompt's forward (with KV cache), per decode step.
+    Work done once per request (a selection pass, say) is in both and cancels.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"decode speed needs new_tokens >= 2 (got {new_tokens}): the first new token comes "
+                         "from the prompt's forward, decode steps are the rest")
+    runner = runner or Runner(model)
     ids = _ids(model, batch, prompt, seed=1)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=model.config.get_text_config().pad_token_id or 0)
-    prefill = _timed(lambda: model(input_ids=ids, use_cache=True), ids.device, reps, warmup)
-    total = _timed(lambda: model.generate(ids, **kwargs), ids.device, reps, warmup)
+    prefill = _timed(lambda: runner.forward(ids, use_cache=True), ids.device, reps, warmup)
+    total = _timed(lambda: runner.generate(ids, new_tokens), ids.device, reps, warmup)
     decode_times = [max(t - statistics.median(prefill), 1e-9) for t in total]
-    return {**summary(decode_times, batch * new_tokens), "prefill_s": statistics.median(prefill)}
+    return {**summary(decode_times, batch * (new_tokens - 1)), "prefill_s": statistics.median(prefill)}
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -77,7 +104,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tokens: int = 32, reps: int = 5,
-                   warmup: int = 1) -> tuple[list[dict], list[int]]:
+                   warmup: int = 1, runner: Runner | None = None) -> tuple[list[dict], list[int]]:
     """Per-token decode latency after prompts of each length in ``lengths``.
 
     Returns ``(rows, dropped)``: one row per measured length (``prompt_len``, ``batch``, ``new_tokens``,
@@ -91,7 +118,7 @@ def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tok
         if limit is not None and length + new_tokens > limit:
             dropped.append(length)
             continue
-        speed = decode_speed(model, batch, length, new_tokens, reps, warmup)
+        speed = decode_speed(model, batch, length, new_tokens, reps, warmup, runner)
         per_step = 1000.0 * batch / speed["tokens_per_s"]
         rows.append({"prompt_len": length, "batch": batch, "new_tokens": new_tokens, "ms_per_token": per_step,
                      "ms_per_token_p90": 1000.0 * batch / speed["tokens_per_s_p90"],

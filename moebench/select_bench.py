@@ -8,8 +8,8 @@ Variants, all on the same seeded prompts ``[batch, prompt_len]``:
   (`moebench.offload`); resident expert bytes are the working sets' peak;
 - ``static prune``: the experts the first prompt selects removed physically (the same ratio).
 
-Prefill tokens/s include the selection (signature pass + selector); decode tokens/s are per new token
-after the first (generate with N tokens minus generate with 1). Selection time per request, bytes moved and hit rate are printed below the table.
+Prefill tokens/s include the selection (signature pass + selector); decode tokens/s are per decode
+step (generation minus the prompt's forward, both with the selection, see `moebench.measure`). Selection time per request, bytes moved and hit rate are printed below the table.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import statistics
 
 import torch
 
-from moebench.measure import _ids, _timed, summary, weight_bytes
+from moebench.measure import Runner, _ids, decode_speed, prefill_speed, weight_bytes
 from moebench.moe_ops import prune, sample_mask
 from moebench.offload import ExpertOffloader
 from moebench.pipeline import make_plan
 from moebench.select import context_signature, selector_from_plan
 
 
-class _Selecting:
+class Selecting(Runner):
     """Runs prompts as `pruned_moe` does for a select method: select per row, then masked forward."""
 
     def __init__(self, model, selector, offload: ExpertOffloader | None = None):
-        self.model, self.selector, self.offload = model, selector, offload
+        super().__init__(model)
+        self.selector, self.offload = selector, offload
         self.select_s: list[float] = []
 
     def keeps(self, ids: torch.Tensor) -> list[dict]:
@@ -44,14 +45,19 @@ class _Selecting:
             self.select_s.append(time.perf_counter() - start)
         return out
 
-    def run(self, ids: torch.Tensor, new_tokens: int = 0):
+    def run(self, ids: torch.Tensor, new_tokens: int = 0, use_cache: bool = False):
         keeps = self.keeps(ids)
         batch_ctx = self.offload.batch(keeps) if self.offload else _null()
         with torch.no_grad(), batch_ctx, sample_mask(self.model, keeps):
             if not new_tokens:
-                return self.model(input_ids=ids, use_cache=False)
-            return self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                       pad_token_id=self.model.config.get_text_config().pad_token_id or 0)
+                return super().forward(ids, use_cache)
+            return super().generate(ids, new_tokens)
+
+    def forward(self, ids: torch.Tensor, use_cache: bool = False):
+        return self.run(ids, 0, use_cache)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int):
+        return self.run(ids, new_tokens)
 
 
 def _null():
@@ -60,14 +66,9 @@ def _null():
     return nullcontext()
 
 
-def _speeds(runner: _Selecting, model, a) -> tuple[dict, dict]:
-    ids = _ids(model, a.batch, a.prompt_len)
-    device = ids.device
-    pre = summary(_timed(lambda: runner.run(ids), device, a.reps, a.warmup), a.batch * a.prompt_len)
-    short, new = _ids(model, a.batch, min(32, a.prompt_len), seed=1), max(a.new_tokens, 2)
-    first = _timed(lambda: runner.run(short, 1), device, a.reps, 1)  # selection + prefill + 1 token
-    total = _timed(lambda: runner.run(short, new), device, a.reps, 1)
-    dec = summary([max(t - statistics.median(first), 1e-9) for t in total], a.batch * (new - 1))
+def _speeds(runner: Selecting, model, a) -> tuple[dict, dict]:
+    pre = prefill_speed(model, a.batch, a.prompt_len, a.reps, a.warmup, runner)
+    dec = decode_speed(model, a.batch, min(32, a.prompt_len), max(a.new_tokens, 2), a.reps, 1, runner)
     return pre, dec
 
 
@@ -78,14 +79,14 @@ def measure_select(bench, request) -> list[str]:
     selector = selector_from_plan(plan)
     label = f"{plan.method} {a.ratio if a.ratio is not None else f'keep {a.keep}'}"
     notes = []
-    runner = _Selecting(model, selector)
+    runner = Selecting(model, selector)
     pre, dec = _speeds(runner, model, a)
     bench.rows.append({"variant": f"{label} select (mask)", **weight_bytes(model), "prefill": pre, "decode": dec,
                        "skip_rate": 0.0})
     notes.append(f"{label}: selection per request {1e3 * statistics.median(runner.select_s):.2f} ms median "
                  f"(signature pass over the prompt + selector), {len(runner.select_s)} requests")
     offload = ExpertOffloader(model)
-    runner = _Selecting(model, selector, offload)
+    runner = Selecting(model, selector, offload)
     pre, dec = _speeds(runner, model, a)
     c = dict(offload.counters)
     requests = len(runner.select_s)
