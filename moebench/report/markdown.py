@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import textwrap
 
+import pandas as pd
+
 from moebench.report.domains import GENERIC_SOURCES
 from moebench.report.figures import Figure
 from moebench.report.textfmt import main_rows, markdown_table, num, plain_table
@@ -32,6 +34,16 @@ def settings(study, table, tasks, spec, **_) -> list[str]:
              "decode speedup: decode tokens/s / the unpruned cell's",
              f"limited runs: {limited} of {len(runs)}" + (" (flagged `limited`; not on the leaderboard)" if limited
                                                           else "")]
+    measured = runs[runs["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in runs else runs.iloc[:0]
+    if len(measured):
+        where = sorted({f"{r.device} ({r.dtype}, {r.expert_kernel} experts kernel)"
+                        for r in measured[["device", "dtype", "expert_kernel"]].astype(str).itertuples()})
+        largest = pd.to_numeric(measured.get("parameters"), errors="coerce").max() if "parameters" in measured else None
+        small = largest is not None and largest == largest and largest < 1e8
+        note = (f" on a CPU, speeds of models this small (at most {largest / 1e6:.1f} M parameters) are dominated "
+                "by fixed per-call costs and say little about the methods on real models"
+                if small and all(w.startswith("cpu") for w in where) else "")
+        lines.append(f"speed and memory measured on: {'; '.join(where)}" + (f";{note}" if note else ""))
     if "mixed_versions" in runs and runs["mixed_versions"].astype(str).str.lower().eq("true").any():
         lines.append("WARNING: the cells differ in lm-eval or task versions (collected with --allow-mixed)")
     return lines
