@@ -44,8 +44,8 @@ class Recombiner:
     With up to ``GRAM_MAX_EXPERTS`` experts the per-token Gram matrices <o_{t,e}, o_{t,f}> are
     computed once in float64 and all three terms (the reference F(x_t) is itself a combination) are
     read from them, so a subset costs O(n k^2) instead of O(n k H) and a routing equal to the
-    reference's scores exactly 0; beyond that the outputs are gathered and combined directly. Many subsets
-    share one router call, each copy of the inputs masked to its subset (`row_mask`); routers with a
+    reference's scores exactly 0; beyond that the outputs are gathered and combined directly.
+    Many subsets share one router call, each copy of the inputs masked to its subset (`row_mask`); routers with a
     score-correction bias (one selection per call) are routed one subset at a time. The loss per
     subset is the paper's sum over calibration sequences of the Frobenius norm of the error.
     """
@@ -55,8 +55,8 @@ class Recombiner:
         self.x = stats["inputs"].to(layer.router.weight.dtype)
         self.outputs, self.seq = stats["all_outputs"], stats["outputs_sample_ids"]
         self.n_seq = int(self.seq.max()) + 1
-        self.reference = _combine(layer, stats["inputs"], self.outputs, None) if reference is None else reference
         n, n_experts, hidden = self.outputs.shape
+        self.reference = None  # the unpruned routed output, for the gathered path only
         self.tokens = torch.arange(n)
         self.gram = None
         if n_experts <= GRAM_MAX_EXPERTS:
@@ -66,6 +66,8 @@ class Recombiner:
                 routing = layer.route(self.x)
             self.ref_routing = (routing.indices.cpu().unsqueeze(0), routing.weights.double().cpu().unsqueeze(0))
             self.ref_sq = self._inner(self.ref_routing, self.ref_routing)  # [1, n]
+        else:
+            self.reference = _combine(layer, stats["inputs"], self.outputs, None) if reference is None else reference
         # subsets per router call: the repeated inputs [C n, H] (and gathered outputs) stay near the chunk size
         self.per_call = max(1, CHUNK_ELEMENTS // (n * hidden * (1 if self.gram is not None else layer.top_k)))
 
