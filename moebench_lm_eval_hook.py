@@ -62,7 +62,7 @@ def _run(name: str) -> None:
         warnings.warn(f"moebench could not {what}: {err!r}", RuntimeWarning, stacklevel=3)
 
 
-class _RegistryWatcher:
+class _ImportWatcher:
     """A finder that runs each hook once, right after its lm-eval module is imported."""
 
     def __init__(self, names):
@@ -87,7 +87,7 @@ class _RegistryWatcher:
 
 def install() -> None:
     """Run the hooks for lm-eval modules already imported; watch for the others in this process."""
-    if any(isinstance(finder, _RegistryWatcher) for finder in sys.meta_path):
+    if any(isinstance(finder, _ImportWatcher) for finder in sys.meta_path):
         return
     waiting = []
     for name in HOOKS:
@@ -96,4 +96,4 @@ def install() -> None:
         else:
             waiting.append(name)
     if waiting:
-        sys.meta_path.insert(0, _RegistryWatcher(waiting))
+        sys.meta_path.insert(0, _ImportWatcher(waiting))

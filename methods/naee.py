@@ -51,7 +51,7 @@ class Recombiner:
     """
 
     def __init__(self, layer, stats: dict, reference: torch.Tensor | None = None):
-        self.layer, self.stats = layer, stats
+        self.layer = layer
         self.x = stats["inputs"].to(layer.router.weight.dtype)
         self.outputs, self.seq = stats["all_outputs"], stats["outputs_sample_ids"]
         self.n_seq = int(self.seq.max()) + 1

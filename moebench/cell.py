@@ -33,10 +33,9 @@ def portable(data, prefixes: list[tuple[str, str]] | None = None):
         import moebench
         from moebench.tasks import task_dir
 
-        prefixes = [(os.path.realpath(task_dir()), "<moebench.tasks>"),
-                    (os.path.realpath(os.path.dirname(moebench.__file__)), "<moebench>")]
-        prefixes += [(os.path.abspath(task_dir()), "<moebench.tasks>"),
-                     (os.path.abspath(os.path.dirname(moebench.__file__)), "<moebench>")]
+        folders = [(task_dir(), "<moebench.tasks>"), (os.path.dirname(moebench.__file__), "<moebench>")]
+        prefixes = list(dict.fromkeys((norm(path), name) for path, name in folders
+                                      for norm in (os.path.realpath, os.path.abspath)))
     if isinstance(data, dict):
         return {k: portable(v, prefixes) for k, v in data.items()}
     if isinstance(data, (list, tuple)):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -395,7 +396,5 @@ def test_bench_overhead_command_prints_the_wall_time_ratio_and_equal_scores():
     line = next(x for x in out.stdout.splitlines() if x.startswith("pruned_moe method=none / hf wall time"))
     ratio = float(line.split(": ")[1].split("x")[0])
     assert ratio > 0 and "scores identical: yes" in line
-    import re
-
     rows = [x.split()[0] for x in out.stdout.splitlines() if re.fullmatch(r"(hf|pruned_moe)\s+[\d.]+\s+[\d.]+", x)]
     assert rows == ["hf", "pruned_moe"]
