@@ -4,7 +4,7 @@
 module and calls `install` at every interpreter start. It is a top-level module, not part of the
 ``moebench`` package, and imports ``sys`` only: a process that never imports lm-eval never
 imports moebench. The finder below waits on ``sys.meta_path`` for ``lm_eval.api.registry``; once
-that module has run, ``moebench.lm_eval_plugin.register`` adds the model; once ``lm_eval.tasks``
+that module has run, ``moebench.eval.plugin.register`` adds the model; once ``lm_eval.tasks``
 has run, ``add_task_folder`` makes its ``TaskManager`` index moebench's tasks (the testbed tasks
 then need no ``--include_path``). The finder and loader
 follow the import protocol without the ``importlib.abc`` bases, whose import costs more than
@@ -20,13 +20,13 @@ TASKS_TRIGGER = "lm_eval.tasks"
 
 
 def _register() -> None:
-    from moebench.lm_eval_plugin import register
+    from moebench.eval.plugin import register
 
     register()
 
 
 def _add_tasks() -> None:
-    from moebench.lm_eval_plugin import add_task_folder
+    from moebench.eval.plugin import add_task_folder
 
     add_task_folder()
 

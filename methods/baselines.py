@@ -1,14 +1,14 @@
 """Classic expert-importance baselines: random, frequency, soft activation, EAN.
 
 Each is a score per expert of a layer; the registry keeps the highest-scoring experts.
-Statistics are those of `moebench.stats` (float64 sums over the calibration tokens).
+Statistics are those of `moebench.calib.stats` (float64 sums over the calibration tokens).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moebench.method import score_method
+from moebench.method.registry import score_method
 
 
 @score_method("random", paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (random baseline)")

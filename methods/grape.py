@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from moebench.method import get_method, planner
+from moebench.method.registry import get_method, planner
 
 
 def cka_similarity(outputs: torch.Tensor) -> torch.Tensor:

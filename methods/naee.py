@@ -6,9 +6,9 @@ import itertools
 
 import torch
 
-from moebench.method import planner
-from moebench.moe import MoEError
-from moebench.moe_ops import layer_mask, row_mask
+from moebench.method.registry import planner
+from moebench.moe.view import MoEError
+from moebench.moe.ops import layer_mask, row_mask
 
 CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subsets (128 MiB in fp32)
 

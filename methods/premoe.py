@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.method import score_method
+from moebench.method.registry import score_method
 
 PAPER = ("Pei et al., 'PreMoe: Lightening MoEs on Constrained Memory by Expert Pruning and Retrieval' "
          "(arXiv 2505.17639 v1, TCESS) and 'PreMoE: Proactive Inference for Efficient Mixture-of-Experts' "

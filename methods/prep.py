@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moebench.method import planner
-from moebench.plan import Plan
+from moebench.method.registry import planner
+from moebench.method.plan import Plan
 
 PAPER = "Zhang et al., 'PREP', Frontiers of Computer Science 2026 (abstract only; algorithm as implemented)"
 
@@ -62,7 +62,7 @@ def prep(ctx, *, points: int = 8, ridge: float = 1.0):
     Online (CPU, microseconds): nearest expansion point j (L2 on z of the context), predicted
     importance I_j + J_l (z_l - c_{j,l}); per-layer budgets: every layer keeps >= top_k, the remaining
     slots of the total budget (sum of the uniform per-layer budget: the requested ratio, met for every
-    input) go to the largest importance shares across layers (`moebench.select.allocate`).
+    input) go to the largest importance shares across layers (`moebench.method.select.allocate`).
     """
     domains = ctx.extra.get("domain_stats") or {"calib": ctx.stats}
     parts = [prompt_features(ctx, stats) for stats in domains.values()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moebench.method import score_method
+from moebench.method.registry import score_method
 
 
 @score_method("reap", needs=("norms",),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.method import score_method
+from moebench.method.registry import score_method
 
 
 @score_method("weight_norm", paper="data-free weight-magnitude baseline (moebench; in the spirit of "

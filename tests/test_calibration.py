@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 import torch
 
-from moebench.calibration import KNOWN_SOURCES, PRESETS, Calibration, parse_calibration
+from moebench.calib.sources import KNOWN_SOURCES, PRESETS, Calibration, parse_calibration
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "river", "stone", "cloud", "seven", "green"]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moebench.checkpoint import NonUniformCheckpointWarning, load_model, save_pruned
+from moebench.moe.checkpoint import NonUniformCheckpointWarning, load_model, save_pruned
 from moebench.cli import main
-from moebench.moe import MoEView
-from moebench.moe_ops import prune
+from moebench.moe.view import MoEView
+from moebench.moe.ops import prune
 from tiny_models import sample_ids, tiny_model
 
 

@@ -86,7 +86,7 @@ def test_demo_rejects_a_missing_spec_file(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "results", "demo", "tables", "runs.csv")),
                     reason="the demo's results are not committed")
 def test_committed_findings_match_the_committed_tables():
-    from moebench.findings import findings
+    from moebench.report.findings import findings
     from moebench.report.tables import load_studies
 
     (study,) = load_studies(os.path.join(ROOT, "results", "demo"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moebench.executors import ExecutorResult, LocalExecutor, make_executor
+from moebench.grid.executors import ExecutorResult, LocalExecutor, make_executor
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 # A tiny idempotent cell command: argv = [cell_dir, mode]. It records each run (start and end
@@ -117,7 +117,7 @@ def test_local_sigterm_stops_running_cells(tmp_path):
     cells = make_cells(tmp_path, ["hang-a", "hang-b"])
     driver = textwrap.dedent(f"""
         import sys
-        from moebench.executors import make_executor
+        from moebench.grid.executors import make_executor
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_executors import cell_command
         make_executor("local", parallel=2).run({cells!r}, cell_command)

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-import moebench.stats_cache as stats_cache
-from moebench.grid import run_grid, status
-from moebench.grid_spec import load_study
-from moebench.results import build_tables
+import moebench.calib.cache as stats_cache
+from moebench.grid.runner import run_grid, status
+from moebench.grid.spec import load_study
+from moebench.grid.results import build_tables
 from tiny_models import VOCAB
 
 TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",

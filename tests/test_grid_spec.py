@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from moebench.grid_spec import SpecError, cell_id, load_study, parse_study
+from moebench.grid.spec import SpecError, cell_id, load_study, parse_study
 
 
 def write(tmp_path, spec) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.method import get_method, load_methods, resolve_budget
-from moebench.moe import MoEError, MoEView
-from moebench.pipeline import plan_from_stats
-from moebench.stats import GROUPS, CollectSettings, collect
+from moebench.method.registry import get_method, load_methods, resolve_budget
+from moebench.moe.view import MoEError, MoEView
+from moebench.method.pipeline import plan_from_stats
+from moebench.calib.stats import GROUPS, CollectSettings, collect
 from tiny_models import FAMILIES, sample_ids, tiny_model
 
 _STATS = {}

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from moebench.moe import MoEError, MoEView
-from moebench.moe_ops import is_masked, mask, prune, unmask
+from moebench.moe.view import MoEError, MoEView
+from moebench.moe.ops import is_masked, mask, prune, unmask
 from tiny_models import FAMILIES, observe_input, sample_ids, tiny_model
 
 KEEP6 = [0, 1, 3, 5, 6, 7]  # 3 of 4 in each of the 2 routing groups

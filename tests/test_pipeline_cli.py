@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import moebench.stats_cache as stats_cache
+import moebench.calib.cache as stats_cache
 from moebench.cli import main
-from moebench.moe import MoEView
-from moebench.pipeline import PlanRequest, make_plan
+from moebench.moe.view import MoEView
+from moebench.method.pipeline import PlanRequest, make_plan
 from tiny_models import VOCAB, tiny_model
 
 from conftest import build_tokenizer

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from moebench.cli import main
-from moebench.results import RUN_COLUMNS
+from moebench.grid.results import RUN_COLUMNS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MC_TASKS = ["testbed_arithmetic", "testbed_facts", "testbed_logic"]
@@ -285,8 +285,8 @@ def _lm_eval_task_names() -> set[str]:
 
 
 def test_published_setup_studies_validate_except_model_downloads(monkeypatch):
-    from moebench import grid_validate
-    from moebench.grid_spec import parse_study
+    from moebench.grid import validate as grid_validate
+    from moebench.grid.spec import parse_study
 
     assert len(STUDIES) >= 6
     monkeypatch.setattr(grid_validate, "_check_models", lambda spec: [])  # needs the models' config downloads

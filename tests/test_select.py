@@ -41,8 +41,8 @@ def senv(tmp_path_factory, saved_models):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_sample_mask_rows_equal_single_masks(model_type):
-    from moebench.moe import MoEView
-    from moebench.moe_ops import mask, sample_mask, unmask
+    from moebench.moe.view import MoEView
+    from moebench.moe.ops import mask, sample_mask, unmask
 
     model = tiny_model(model_type)
     view = MoEView(model)
@@ -87,7 +87,7 @@ def test_batch_size_1_and_8_give_identical_scores(senv, method):
 
 
 def _lm(senv, method):
-    from moebench.lm_eval_model import PrunedMoELM
+    from moebench.eval.model import PrunedMoELM
 
     lm = PrunedMoELM(pretrained=senv.model, method=method, ratio=0.5, device="cpu", batch_size=4,
                      **dict(kv.split("=", 1) for kv in senv.calib.split(",")))
@@ -101,9 +101,9 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
     The scores equal a forward masked with the context's selection, and differ from one masked with
     the selection the context + continuation would get (so reading the continuation would fail this).
     """
-    import moebench.lm_eval_select as ls
-    from moebench.moe_ops import sample_mask
-    from moebench.select import context_signature
+    import moebench.eval.select as ls
+    from moebench.moe.ops import sample_mask
+    from moebench.method.select import context_signature
 
     lm = _lm(senv, "premoe_taer")
     seen = []
@@ -135,7 +135,7 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
 
 
 def test_allocate_keeps_top_k_and_meets_the_budget():
-    from moebench.select import allocate
+    from moebench.method.select import allocate
 
     scores = torch.tensor([[5.0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [9, 0, 0, 0, 0, 0]])
     counts = allocate(scores, [2, 2, 2], [3, 3, 3], [None, None, None])
@@ -146,9 +146,9 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
     """premoe_taer: the nearest stored pattern is the query's own calibration domain (testbed-8e)."""
     from transformers import AutoTokenizer
 
-    from moebench.checkpoint import load_model
-    from moebench.pipeline import PlanRequest, make_plan
-    from moebench.select import context_signature, selector_from_plan
+    from moebench.moe.checkpoint import load_model
+    from moebench.method.pipeline import PlanRequest, make_plan
+    from moebench.method.select import context_signature, selector_from_plan
     from moebench.testbed.data import items
     from moebench.testbed.domains import DOMAINS
     from moebench.testbed.zoo import resolve_model
@@ -168,10 +168,10 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_offload_output_equals_on_device_output(model_type):
-    from moebench.kernels import KERNEL_NAME, register
-    from moebench.moe import MoEView
-    from moebench.moe_ops import sample_mask
-    from moebench.offload import ExpertOffloader
+    from moebench.moe.kernels import KERNEL_NAME, register
+    from moebench.moe.view import MoEView
+    from moebench.moe.ops import sample_mask
+    from moebench.moe.offload import ExpertOffloader
 
     model = tiny_model(model_type)
     view = MoEView(model)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.kernels import observing
-from moebench.moe import MoEError, MoEView
-from moebench.skipping import SkipRule, disable_skipping, enable_skipping, naee_betas, skip_report
-from moebench.stats import collect
+from moebench.moe.kernels import observing
+from moebench.moe.view import MoEError, MoEView
+from moebench.moe.skipping import SkipRule, disable_skipping, enable_skipping, naee_betas, skip_report
+from moebench.calib.stats import collect
 from tiny_models import sample_ids, tiny_model
 
 IDS = sample_ids(4, 32)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moebench.method import resolve_budget
-from moebench.moe import MoEView
-from moebench.pipeline import plan_from_stats
-from moebench.stats import GROUPS, CollectSettings, collect
+from moebench.method.registry import resolve_budget
+from moebench.moe.view import MoEView
+from moebench.method.pipeline import plan_from_stats
+from moebench.calib.stats import GROUPS, CollectSettings, collect
 from tiny_models import observe_input, sample_ids, tiny_model
 
 IDS = sample_ids(3, 10)

@@ -1,7 +1,7 @@
 """Loading a study's tidy tables and deriving the numbers every report shows.
 
 Inputs (written by `moebench collect`): ``<study>/tables/runs.{csv,parquet}`` (columns
-`moebench.results.RUN_COLUMNS`), ``scores`` (cell, task, metric, filter, value, stderr, n) and,
+`moebench.grid.results.RUN_COLUMNS`), ``scores`` (cell, task, metric, filter, value, stderr, n) and,
 when the grid measured it, ``latency`` (see `LATENCY_COLUMNS`); kept-expert maps read
 ``<study>/cells/<id>/plan.json``.
 

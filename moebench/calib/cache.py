@@ -1,0 +1,89 @@
+"""The on-disk cache of calibration statistics, one file per statistic group.
+
+Path: ``<stats_dir>/<model key>/<calibration key>/v<format>-<settings hash>/<group>.pt``. The model
+key is a readable name plus a fingerprint of the weights, so a changed (or pruned) model never
+reads another model's statistics. A method needing groups the cache lacks triggers one pass
+that collects only those groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+
+import torch
+
+from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
+from moebench.util import atomic_write
+
+# Collected whenever a pass runs: they cost little beside the forward pass itself.
+CHEAP_GROUPS = ("routing", "norms", "logits")
+
+
+def default_stats_dir() -> str:
+    """``$MOEBENCH_CACHE/stats``, default ``~/.cache/moebench/stats``."""
+    root = os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
+    return os.path.join(root, "stats")
+
+
+def model_fingerprint(model) -> str:
+    """A hash of every tensor's name, shape, dtype and a strided sample of its values."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        h.update(sample.to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_key(model, name_or_path: str | None, revision: str | None = None) -> str:
+    """A readable, filesystem-safe identity: last two path parts of the name, revision, fingerprint."""
+    name = name_or_path or getattr(model.config, "_name_or_path", "") or "model"
+    readable = "--".join(name.rstrip("/").split("/")[-2:])
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable) or "model"
+    return f"{readable}{'@' + revision if revision else ''}-{model_fingerprint(model)}"
+
+
+def _settings_hash(settings: CollectSettings) -> str:
+    relevant = {k: v for k, v in asdict(settings).items() if k != "batch_size"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cache_dir(stats_dir: str, key_model: str, calib_key: str, settings: CollectSettings) -> str:
+    """The folder holding one (model, calibration, settings) triple's statistic groups."""
+    return os.path.join(stats_dir, key_model, calib_key, f"v{FORMAT_VERSION}-{_settings_hash(settings)}")
+
+
+def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
+              settings: CollectSettings | None = None, progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+    """Statistics for ``groups``: read what ``folder`` holds, collect the rest in one pass, save it.
+
+    ``tokens`` is called only when something must be collected (a cache hit reads no data and
+    runs no forward pass).
+    """
+    settings = settings or CollectSettings()
+    stats: dict[int, dict[str, torch.Tensor]] = {}
+    cached = {g for g in GROUP_STATS if os.path.exists(os.path.join(folder, f"{g}.pt"))}
+    for group in sorted(set(groups) & cached):
+        _merge(stats, torch.load(os.path.join(folder, f"{group}.pt"), weights_only=True))
+    missing = sorted(set(groups) - cached)
+    if missing:
+        # A pass is the expensive part: take the cheap groups along so the next method finds them.
+        missing = sorted((set(missing) | set(CHEAP_GROUPS)) - cached)
+        fresh = collect(model, tokens(), missing, settings, progress=progress)
+        os.makedirs(folder, exist_ok=True)
+        for group in missing:
+            part = {i: {n: t for n, t in s.items() if n in GROUP_STATS[group]} for i, s in fresh.items()}
+            atomic_write(os.path.join(folder, f"{group}.pt"), lambda tmp, p=part: torch.save(p, tmp))
+        _merge(stats, fresh)
+    return stats
+
+
+def _merge(into: dict, part: dict) -> None:
+    for index, named in part.items():
+        into.setdefault(int(index), {}).update(named)

@@ -1,0 +1,195 @@
+"""Calibration statistics of every MoE layer, collected in one forward pass per calibration set.
+
+Statistics come in four groups, collected together or separately (a method names the groups it
+needs; the cache collects only the groups it lacks):
+
+``routing`` (per layer, float64 accumulators)
+    ``tokens [1]``; ``counts [E]`` top-k selections; ``gate_sum [E]`` sum of the gate values the
+    model really computes, over routed tokens; ``softmax_sum [E]`` sum of softmax(logits) over all
+    tokens; ``coact [E, E]`` co-selection counts; ``ratio_samples [N]`` second/first gate value
+    per token (the first ``max_ratio_samples`` tokens; NAEE skipping's beta is their median).
+``norms`` (routed tokens only)
+    ``norm_sum [E]`` sum of ||y_e(x)||; ``norm_sq_sum [E]`` sum of ||y_e(x)||^2;
+    ``gate_norm_sum [E]`` sum of g_e(x) * ||y_e(x)||; ``norm_count [E]`` tokens counted.
+``logits`` (every token)
+    ``topk_logits [N, K]`` float32 and ``topk_ids [N, K]`` int64 of the K largest router logits,
+    ``sample_ids [N]`` the calibration sequence of each token.
+``outputs`` (a seeded subsample of ``subsample_tokens`` tokens)
+    ``inputs [n, H]`` router inputs, ``logits [n, E]``, ``all_outputs [n, E, H]`` every expert's
+    output on each token (for reconstruction and similarity), ``sample_ids [n]``.
+
+Expert outputs are observed through moebench's kernel in transformers' experts-implementation
+slot (`moebench.moe.kernels`); families without that slot (Llama4) are observed by a block hook that
+runs the same per-expert function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
+from moebench.moe.view import MoELayer, MoEView
+
+GROUP_STATS = {
+    "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "coact", "ratio_samples"),
+    "norms": ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count"),
+    "logits": ("topk_logits", "topk_ids", "sample_ids"),
+    "outputs": ("inputs", "logits", "all_outputs", "outputs_sample_ids"),
+}
+GROUPS = tuple(GROUP_STATS)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CollectSettings:
+    """Knobs of one collection pass (part of the cache key where they change results)."""
+
+    batch_size: int = 4
+    subsample_tokens: int = 2048
+    max_ratio_samples: int = 100_000
+    logits_top: int = 16
+    seed: int = 0
+
+
+@dataclass
+class _LayerAccumulator:
+    """Collects the requested groups for one MoE layer across batches."""
+
+    layer: MoELayer
+    groups: set[str]
+    settings: CollectSettings
+    chosen: torch.Tensor  # global token positions of the `outputs` subsample, sorted
+    seq_len: int
+    offset: int = 0
+    data: dict[str, object] = field(default_factory=dict)
+    pending: tuple | None = None
+
+    def router_seen(self, module, args, output) -> None:
+        """Router forward hook: keep its input and logits for the kernel call that follows."""
+        logits = output[1] if self.layer.family.router_output == "dense_scores" else output[0]
+        self.pending = (args[0].reshape(-1, args[0].shape[-1]).detach(), logits.detach().float())
+
+    def routed(self, experts, hidden, index, weights, outputs) -> None:
+        """Kernel observer: update every requested group with one batch of T tokens."""
+        inputs, logits = self.pending
+        t = index.shape[0]
+        positions = torch.arange(self.offset, self.offset + t)
+        if "routing" in self.groups:
+            self._routing(logits, index, weights)
+        if "norms" in self.groups:
+            self._norms(outputs)
+        if "logits" in self.groups:
+            self._logits(logits, positions)
+        if "outputs" in self.groups:
+            self._outputs(experts, inputs, logits, positions)
+        self.offset += t
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float64)
+        self.data[name] = self.data[name] + value if name in self.data else value
+
+    def _append(self, name: str, value: torch.Tensor) -> None:
+        self.data.setdefault(name, []).append(value.detach().cpu())
+
+    def _routing(self, logits, index, weights) -> None:
+        n = logits.shape[-1]
+        hits = torch.zeros(index.shape[0], n, device=index.device).scatter_(1, index, 1.0)
+        self._add("tokens", torch.tensor([index.shape[0]]))
+        self._add("counts", hits.sum(0))
+        self._add("gate_sum", torch.zeros_like(hits).scatter_(1, index, weights.float()).sum(0))
+        self._add("softmax_sum", torch.softmax(logits, dim=-1).sum(0))
+        self._add("coact", hits.T @ hits)
+        if weights.shape[-1] >= 2:
+            top = weights.float().topk(2, dim=-1).values
+            taken = sum(len(x) for x in self.data.get("ratio_samples", []))
+            room = self.settings.max_ratio_samples - taken
+            if room > 0:
+                self._append("ratio_samples", (top[:, 1] / top[:, 0].clamp_min(1e-30))[:room])
+
+    def _norms(self, outputs) -> None:
+        n = self.layer.num_experts
+        sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count")}
+        for e, (token, gate, y) in outputs.items():
+            norm = y.float().norm(dim=-1).double().cpu()
+            sums["norm_sum"][e] += norm.sum()
+            sums["norm_sq_sum"][e] += (norm ** 2).sum()
+            sums["gate_norm_sum"][e] += (gate.double().cpu() * norm).sum()
+            sums["norm_count"][e] += len(token)
+        for name, value in sums.items():
+            self._add(name, value)
+
+    def _logits(self, logits, positions) -> None:
+        k = min(self.settings.logits_top, logits.shape[-1])
+        top = logits.topk(k, dim=-1)
+        self._append("topk_logits", top.values.cpu())
+        self._append("topk_ids", top.indices.cpu())
+        self._append("sample_ids", positions // self.seq_len)
+
+    def _outputs(self, experts, inputs, logits, positions) -> None:
+        keep = torch.isin(positions, self.chosen)
+        if not keep.any():
+            return
+        rows = keep.nonzero().squeeze(1).to(inputs.device)
+        x = inputs[rows]
+        with torch.no_grad():
+            ys = torch.stack([expert_forward(experts, e, x) for e in range(self.layer.num_experts)], dim=1)
+        self._append("sub_inputs", x.float())
+        self._append("sub_logits", logits[rows])
+        self._append("all_outputs", ys.float())
+        self._append("sub_sample_ids", positions[keep] // self.seq_len)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The finished statistics of this layer (lists concatenated, names as documented)."""
+        rename = {"sub_inputs": "inputs", "sub_logits": "logits", "sub_sample_ids": "outputs_sample_ids"}
+        return {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v) for k, v in self.data.items()}
+
+
+def _block_observer(acc: _LayerAccumulator):
+    """Block pre-hook for experts outside the kernel slot: route, run the routed experts, observe."""
+
+    def hook(module, args):
+        layer = acc.layer
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        routing = layer.route(hidden)  # also fires router_seen
+        outputs = {}
+        for e in torch.unique(routing.indices).tolist():
+            token, slot = torch.where(routing.indices == e)
+            outputs[e] = (token, routing.weights[token, slot], expert_forward(layer.experts, e, hidden[token]))
+        acc.routed(layer.experts, hidden, routing.indices, routing.weights, outputs)
+
+    return hook
+
+
+def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | None = None,
+            progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+    """Run the calibration ``tokens [S, L]`` through ``model`` once; statistics per MoE layer.
+
+    Returns ``{decoder layer index: {statistic name: tensor}}`` for the requested ``groups``.
+    """
+    groups = set(groups)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown statistic groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
+    settings = settings or CollectSettings()
+    view = MoEView(model)
+    total = tokens.numel()
+    g = torch.Generator().manual_seed(settings.seed)
+    chosen = torch.randperm(total, generator=g)[: min(settings.subsample_tokens, total)].sort().values
+    accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1]) for layer in view.layers]
+    hooks = [acc.layer.router.register_forward_hook(acc.router_seen) for acc in accs]
+    slot = [acc for acc in accs if acc.layer.family.experts_slot]
+    hooks += [acc.layer.block.register_forward_pre_hook(_block_observer(acc))
+              for acc in accs if not acc.layer.family.experts_slot]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), use_moebench_kernel(model), observing([a.layer.experts for a in slot], slot):
+            batches = range(0, tokens.shape[0], settings.batch_size)
+            for start in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                model(input_ids=tokens[start:start + settings.batch_size].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {acc.layer.index: acc.result() for acc in accs}

@@ -1,0 +1,48 @@
+"""Arguments and helpers shared by the commands that load a model and may calibrate."""
+
+from __future__ import annotations
+
+import argparse
+
+from moebench.moe.checkpoint import load_with_tokenizer
+from moebench.moe.view import MoEView
+from moebench.method.pipeline import PlanRequest
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by every command that may calibrate."""
+    parser.add_argument("model", help="hub id, local folder or testbed model name")
+    parser.add_argument("--calib", default=None, help="calibration source: c4, wikitext2, gsm8k, math, code, "
+                                                      "file:PATH, testbed:mix, testbed:<domain>, hf:...")
+    parser.add_argument("--samples", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default min(2048, the model's max positions))")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-dir", default=None, help="statistics cache (default ~/.cache/moebench/stats)")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def request_from(args, model, method: str = "none", **extra) -> PlanRequest:
+    """A PlanRequest from parsed arguments; seq_len defaults to what the model can take."""
+    seq_len = args.seq_len or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
+    return PlanRequest(method=method, calib=args.calib, calib_samples=args.samples, calib_seq_len=seq_len,
+                       seed=args.seed, stats_dir=args.stats_dir, model_id=args.model, revision=args.revision, **extra)
+
+
+def load(args):
+    """Model and tokenizer named by the parsed arguments."""
+    return load_with_tokenizer(args.model, dtype=args.dtype, device=args.device,
+                               **({"revision": args.revision} if args.revision else {}))
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """``["k=v", ...]`` -> ``{"k": "v"}`` (the method parses the values)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--param {pair!r}: write NAME=VALUE, e.g. --param seed=1")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,47 @@
+"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune, save."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from moebench.moe.checkpoint import save_pruned
+from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
+from moebench.moe.view import MoEView
+from moebench.moe.ops import prune
+from moebench.method.pipeline import make_plan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of `moebench prune`."""
+    add_calibration_arguments(parser)
+    parser.add_argument("--method", required=True, help="a registered method (moebench methods lists them)")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of routed experts removed (0.5 = half)")
+    budget.add_argument("--keep", type=int, help="experts kept per MoE layer")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a parameter of the method (repeatable)")
+    parser.add_argument("--out", required=True, help="output folder: checkpoint + plan.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make the method's plan, prune physically, save checkpoint, tokenizer and plan.json."""
+    if os.path.exists(os.path.join(args.out, "config.json")):
+        raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
+    model, tokenizer = load(args)
+    before = MoEView(model).expert_bytes()
+    request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep,
+                           params=parse_params(args.param))
+    start = time.perf_counter()
+    plan = make_plan(model, tokenizer, request)
+    prune(model, plan.keep)
+    os.makedirs(args.out, exist_ok=True)
+    save_pruned(model, args.out)
+    tokenizer.save_pretrained(args.out)
+    plan.save(os.path.join(args.out, "plan.json"))
+    after = MoEView(model).expert_bytes()
+    print(f"{plan.method}: kept {sorted(set(plan.experts_kept().values()))} experts per layer; expert bytes "
+          f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB; planned in {time.perf_counter() - start:.1f}s")
+    print(f"saved to {args.out} (plan.json beside the checkpoint)")
+    return 0

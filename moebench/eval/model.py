@@ -1,0 +1,256 @@
+"""``pruned_moe``: lm-eval's ``hf`` model with routed experts removed by a moebench method.
+
+    lm_eval --model pruned_moe --tasks arc_easy \\
+        --model_args pretrained=mistralai/Mixtral-8x7B-v0.1,method=reap,ratio=0.5,calib=c4
+
+Every ``hf`` model_arg keeps working; `PrunedMoELM` adds ``method``, ``ratio`` / ``keep``, ``calib``,
+``calib_samples``, ``calib_seq_len``, ``seed``, ``stats_dir``, ``apply`` (``physical`` | ``mask``),
+``skip`` and the chosen method's own parameters. Any other key is an error with a suggestion:
+nothing unknown reaches ``from_pretrained``.
+
+Lazy: the model is loaded and the arguments are checked at construction; the plan (calibration
+statistics from the cache when present) is made and applied at the first request.
+
+No silent mix-ups with lm-eval's bookkeeping, which identifies a run by ``pretrained`` alone:
+``--use_cache`` responses of each variant live in their own table of the cache file, the
+``--output_path`` folder is named ``<pretrained>__<method>-<budget>-<variant hash>``, and the
+results' ``config`` gains a ``moebench`` entry: method, parameters, calibration key, kept experts
+per layer and the parameter count and expert bytes before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from moebench.moe.checkpoint import resolve
+from moebench.eval.args import EXECUTION_ARGS, check_own_args, split_model_args
+from moebench.method.registry import get_method, resolve_budget
+from moebench.moe.view import MoEView
+from moebench.moe.ops import mask, prune
+from moebench.eval.select import SelectMixin
+from moebench.method.pipeline import PlanRequest, calib_key, make_plan, statistics
+from moebench.moe.skipping import enable_skipping, naee_betas, skip_report
+
+log = logging.getLogger(__name__)
+
+
+def model_sizes(model) -> tuple[int, int]:
+    """``(parameters, bytes held by routed experts)`` of a model as it is now."""
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    try:
+        return params, MoEView(model).expert_bytes()
+    except ValueError:  # not an MoE model (possible with method=none)
+        return params, 0
+
+
+def pruned_sizes(view: MoEView, keep: dict[int, list[int]]) -> tuple[int, int]:
+    """``(parameters, expert bytes)`` the model would have with only ``keep`` (for apply=mask)."""
+    params, expert_bytes = model_sizes(view.model)
+    for layer in view.layers:
+        n = layer.num_experts
+        dropped = n - len(keep.get(layer.index, range(n)))
+        per_expert = [t for t in layer.expert_tensors().values()]
+        per_expert += [t for t, _ in layer.router_tensors().values()]
+        params -= dropped * sum(t.numel() for t in per_expert if isinstance(t, torch.nn.Parameter)) // n
+        expert_bytes -= dropped * layer.expert_bytes() // n
+    return params, expert_bytes
+
+
+class PrunedMoELM(SelectMixin, HFLM):
+    """lm-eval's ``hf`` model whose routed experts a moebench method prunes (or masks) at the first request.
+
+    Attributes:
+        variant_id: hash of everything that decides this variant's outputs.
+        variant_name: ``<pretrained>__<method>-<budget>-<hash>``, the ``--output_path`` folder name.
+        record: what was applied; the results' ``config["moebench"]``.
+    """
+
+    def __init__(self, pretrained, **kwargs):
+        hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
+        self.settings = check_own_args(own)
+        method = self.settings["method"]
+        self.method_params = get_method(method).parse_params(params) if method != "none" else {}
+        hf.pop("pretrained")
+        super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
+        self.pretrained_id = self._pretrained_id(pretrained)
+        self.request = self._plan_request(hf.get("revision"))
+        uses_data = (method != "none" and get_method(method).needs) or (
+            self.settings["skip"] != "none" and self.settings["skip_beta"] is None)
+        self.calib_key = calib_key(self.request, get_method(method).kind if method != "none" else "prune") \
+            if uses_data else None
+        self.variant_id, self.variant_name = self._identity(pretrained, hf)
+        self.record: dict | None = None
+        self._relabelled = None
+
+    # ----- construction helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _pretrained_id(pretrained) -> str:
+        if not isinstance(pretrained, str):
+            return getattr(pretrained.config, "_name_or_path", "") or type(pretrained).__name__
+        path = resolve(pretrained)
+        return os.path.abspath(path) if os.path.isdir(path) else pretrained
+
+    def _plan_request(self, revision) -> PlanRequest:
+        """The plan request; the budget is checked against the model now (no statistics needed)."""
+        s = self.settings
+        seq_len = s["calib_seq_len"]
+        if s["method"] != "none" or s["skip"] != "none":
+            view = MoEView(self.model)
+            if s["method"] != "none":
+                resolve_budget(view, ratio=s["ratio"], keep=s["keep"])
+            seq_len = seq_len or min(2048, getattr(view.config, "max_position_embeddings", 2048) or 2048)
+        return PlanRequest(method=s["method"], ratio=s["ratio"], keep=s["keep"], calib=s["calib"],
+                           calib_samples=s["calib_samples"], calib_seq_len=seq_len or 2048, seed=s["seed"],
+                           params=self.method_params, stats_dir=s["stats_dir"], model_id=self.pretrained_id,
+                           revision=revision)
+
+    def _identity(self, pretrained, hf: dict) -> tuple[str, str]:
+        """Hash of what decides the outputs (execution-only args left out) and the readable variant name."""
+        s = self.settings
+        identity = {"model": self.pretrained_id, **{k: hf[k] for k in sorted(hf) if k not in EXECUTION_ARGS},
+                    "method": s["method"], "params": self.method_params, "ratio": s["ratio"], "keep": s["keep"],
+                    "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"],
+                    "skip_beta": s["skip_beta"]}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        budget = f"-r{s['ratio']:g}" if s["ratio"] is not None else f"-k{s['keep']}" if s["keep"] is not None else ""
+        tag = f"{s['method']}{budget}{'-mask' if s['apply'] == 'mask' else ''}-{digest[:8]}"
+        name = pretrained if isinstance(pretrained, str) else self.pretrained_id
+        return digest, f"{name}__{tag}"
+
+    @property
+    def cache_table(self) -> str:
+        """The table of lm-eval's ``--use_cache`` file that holds this variant's responses."""
+        return f"pruned_moe-{self.variant_id}"
+
+    # ----- lm-eval bookkeeping -----------------------------------------------------------------
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """As HFLM's, and the run is labelled with the variant name for ``--output_path``.
+
+        lm-eval 0.4.13 names the output folder after ``model_args["pretrained"]``, read from this
+        very dict right after construction. The dict holds the variant name until the first
+        request (or the results are assembled), then the value the user gave again.
+        """
+        lm = super().create_from_arg_obj(arg_dict, additional_config)
+        if isinstance(arg_dict.get("pretrained"), str):
+            lm._relabelled = (arg_dict, arg_dict["pretrained"])
+            arg_dict["pretrained"] = lm.variant_name
+        return lm
+
+    def _restore_label(self) -> None:
+        if self._relabelled is not None:
+            args, original = self._relabelled
+            if args.get("pretrained") == self.variant_name:
+                args["pretrained"] = original
+            self._relabelled = None
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """Keep ``--use_cache`` responses of this variant in their own table of the cache file.
+
+        lm-eval keys cached responses by the request alone; sharing its default table would hand
+        one variant's (or the unpruned model's) answers to another.
+        """
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None and db.tablename != self.cache_table:
+            db.close()
+            db.__init__(db.filename, tablename=self.cache_table, autocommit=db.autocommit,
+                        journal_mode=db.journal_mode)
+            log.info("pruned_moe: --use_cache responses of %s are kept in table %r of %s",
+                     self.variant_name, self.cache_table, db.filename)
+        super().set_cache_hook(cache_hook)
+
+    def get_model_info(self) -> dict:
+        """HFLM's model information plus ``moebench``: the variant and what it changed."""
+        self._prepare()
+        if self.record is not None and self.settings["skip"] != "none":
+            self.record["skipping"] = skip_report(self.model)  # realised skip rate so far
+        return {**super().get_model_info(), "moebench": self.record}
+
+    # ----- lazy application --------------------------------------------------------------------
+
+    def loglikelihood(self, requests, *args, **kwargs):
+        self._prepare()
+        return super().loglikelihood(requests, *args, **kwargs)
+
+    def loglikelihood_rolling(self, requests, *args, **kwargs):
+        self._prepare()
+        return super().loglikelihood_rolling(requests, *args, **kwargs)
+
+    def generate_until(self, requests, *args, **kwargs):
+        self._prepare()
+        return super().generate_until(requests, *args, **kwargs)
+
+    def _prepare(self) -> None:
+        self._restore_label()
+        if self.record is None:
+            self.record = self._apply()
+
+    def _apply(self) -> dict:
+        """Make the method's plan and apply it to the model; returns the record for the results."""
+        s, model = self.settings, self.model
+        before = model_sizes(model)
+        record = {"variant": self.variant_name, "variant_id": self.variant_id, "pretrained": self.pretrained_id,
+                  "method": s["method"], "params": self.method_params, "ratio": s["ratio"], "keep": s["keep"],
+                  "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"]}
+        if s["method"] == "none":
+            experts = MoEView(model).experts_per_layer if before[1] else {}
+            self._apply_skip()
+            return {**record, **self._sizes_record(before, before, before), "experts_per_layer": _str_keys(experts)}
+        start = time.perf_counter()
+        plan = make_plan(model, self.tokenizer, self.request, progress=self.rank == 0)
+        if plan.kind == "select":  # nothing removed: per-request selections (moebench.eval.select)
+            return self._start_select(plan, {**record, **self._sizes_record(before, before, before),
+                                             "experts_per_layer": _str_keys(plan.experts_kept()),
+                                             "kept_experts": _str_keys(plan.keep),
+                                             "seconds": round(time.perf_counter() - start, 3)})
+        if_pruned = pruned_sizes(MoEView(model), plan.keep)
+        (prune if s["apply"] == "physical" else mask)(model, plan.keep)
+        self._apply_skip()
+        after = model_sizes(model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("pruned_moe: %s kept %s experts per MoE layer (%s); parameters %.4gM -> %.4gM, expert bytes "
+                 "%.4g MB -> %.4g MB; planned and applied in %.1fs", s["method"],
+                 sorted(set(plan.experts_kept().values())), s["apply"], before[0] / 1e6, after[0] / 1e6,
+                 before[1] / 1e6, after[1] / 1e6, time.perf_counter() - start)
+        return {**record, **self._sizes_record(before, after, if_pruned),
+                "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    def _apply_skip(self) -> None:
+        """``skip=naee``: per-layer thresholds from the (pruned) model's own routing on the calibration set.
+
+        Thresholds are estimated after pruning, on the model that will run, as the paper pairs r=6
+        pruning with skipping; its routing statistics are cached like any other.
+        """
+        if self.settings["skip"] == "none":
+            return
+        beta = self.settings["skip_beta"]
+        if beta is not None:  # a fixed threshold for every layer (0 skips nothing)
+            enable_skipping(self.model, {index: beta for index in MoEView(self.model).indices})
+            return
+        stats = statistics(self.model, self.tokenizer, self.request, ["routing"], progress=self.rank == 0)
+        enable_skipping(self.model, naee_betas(stats))
+
+    @staticmethod
+    def _sizes_record(before, after, if_pruned) -> dict:
+        return {"parameters": {"before": before[0], "after": after[0], "if_pruned": if_pruned[0]},
+                "expert_bytes": {"before": before[1], "after": after[1], "if_pruned": if_pruned[1]}}
+
+
+def _str_keys(mapping: dict) -> dict:
+    return {str(k): v for k, v in sorted(mapping.items())}
+
+
+from moebench.eval.plugin import register as _register  # noqa: E402
+
+_register()  # importing this module directly also makes `pruned_moe` known to lm-eval

@@ -1,0 +1,159 @@
+"""One grid cell in its own process: ``python -m moebench.grid.cell CELL_DIR``.
+
+Reads ``spec.json``, evaluates the variant through the ``pruned_moe`` lm-eval model, measures it,
+and writes ``results.json`` (raw lm-eval results), ``plan.json``, ``cell.json`` (spec, metrics,
+environment), each atomically, then ``DONE`` last. A failure writes ``failure.json`` with the
+traceback and exits 1; the next grid run retries the cell from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+from moebench.util import atomic_write_json, atomic_write_text
+
+
+def _write(folder: str, name: str, data) -> None:
+    atomic_write_json(os.path.join(folder, name), data)
+
+
+def portable(data, prefixes: list[tuple[str, str]] | None = None):
+    """``data`` with the paths of this installation (moebench's tasks and package folders) written as
+    ``<moebench.tasks>`` and ``<moebench>``, so results do not depend on where moebench is installed."""
+    if prefixes is None:
+        import moebench
+        from moebench.tasks import task_dir
+
+        folders = [(task_dir(), "<moebench.tasks>"), (os.path.dirname(moebench.__file__), "<moebench>")]
+        prefixes = list(dict.fromkeys((norm(path), name) for path, name in folders
+                                      for norm in (os.path.realpath, os.path.abspath)))
+    if isinstance(data, dict):
+        return {k: portable(v, prefixes) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [portable(v, prefixes) for v in data]
+    if isinstance(data, str):
+        for prefix, name in prefixes:
+            if data == prefix or data.startswith(prefix + os.sep):
+                return name + data[len(prefix):]
+    return data
+
+
+def environment(model) -> dict:
+    """Versions, git sha, device, dtype and expert kernel of this run."""
+    import lm_eval
+    import torch
+    import transformers
+
+    import moebench
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(moebench.__file__),
+                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        sha = None
+    param = next(model.parameters())
+    return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "lm_eval_version": lm_eval.__version__, "moebench_version": moebench.__version__, "git_sha": sha,
+            "device": str(param.device), "dtype": str(param.dtype).replace("torch.", ""),
+            "expert_kernel": getattr(model.config, "_experts_implementation", None), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
+
+
+def model_args(cell: dict, meta: dict) -> dict:
+    """The ``pruned_moe`` arguments of a cell."""
+    args = {"pretrained": cell["model"], "method": cell["method"], "dtype": cell["dtype"],
+            "batch_size": cell["lm_eval"]["batch_size"], "apply": cell["apply"], "skip": cell["skip"],
+            "seed": cell["seed"], **cell["params"]}
+    if cell["method"] != "none":
+        args.update(ratio=cell["ratio"], calib=cell["calib"], calib_samples=cell["calib_samples"],
+                    calib_seq_len=cell["calib_seq_len"], stats_dir=meta.get("stats_dir"))
+    from moebench.moe.checkpoint import default_device
+
+    args["device"] = meta.get("device") or default_device()
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def evaluate(folder: str) -> None:
+    """Run the cell in ``folder`` and write its result files (DONE last)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moebench.eval.model import PrunedMoELM
+    from moebench.method.plan import Plan
+    from moebench.measure.speed import (decode_latency, decode_speed, max_positions, peak_memory, prefill_speed,
+                                  reset_peak_memory, weight_bytes)
+    from moebench.tasks import task_dir
+
+    with open(os.path.join(folder, "spec.json")) as f:
+        meta = json.load(f)
+    cell = meta["spec"]
+    lm = PrunedMoELM(**model_args(cell, meta))
+    reset_peak_memory(lm.device)
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=cell["tasks"], num_fewshot=cell["lm_eval"]["num_fewshot"], limit=cell["lm_eval"]["limit"],
+        task_manager=TaskManager(include_path=[task_dir(), *cell["include_path"]]), random_seed=cell["seed"],
+        numpy_random_seed=cell["seed"], torch_random_seed=cell["seed"], fewshot_random_seed=cell["seed"])
+    record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
+    metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}
+    memory = peak_memory(lm.device)
+    metrics["peak_memory_bytes"] = memory.get("peak_allocated_bytes", memory.get("peak_rss_bytes"))
+    metrics["planning_s"] = record.get("seconds")
+    metrics["skip_rate"] = (record.get("skipping") or {}).get("skip_rate")
+    metrics["experts_kept"] = json.dumps(record.get("experts_per_layer"), sort_keys=True)
+    if cell["measure"]:
+        m = cell["measure"]
+        runner = None
+        if getattr(lm, "_selector", None) is not None:  # select methods: timed with their per-request selection
+            from moebench.measure.select_bench import Selecting
+
+            runner = Selecting(lm.model, lm._selector, getattr(lm, "_offload", None))
+        pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"], runner)
+        dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"], 1, runner)
+        metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
+                       decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
+        if m.get("latency_lengths"):
+            latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
+                                              m["reps"], m["warmup"], runner)
+            metrics["latency"] = latency
+            if dropped:
+                metrics["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "
+                                              f"max_position_embeddings={max_positions(lm.model)}"}
+    results.pop("samples", None)
+    _write(folder, "results.json", portable(results))
+    if record.get("kept_experts"):
+        Plan(method=cell["method"], kind=record.get("kind", "prune"), params=record["params"], ratio=cell["ratio"],
+             calib=record["calib"], keep=record["kept_experts"],
+             extra={k: record[k] for k in ("n_experts", "keep_frequency", "skipping") if k in record}
+             ).save(os.path.join(folder, "plan.json"))
+    _write(folder, "cell.json", portable({"id": meta["id"], "study": meta["study"], "spec": cell, "metrics": metrics,
+                                          "env": environment(lm.model), "moebench": record}))
+    atomic_write_text(os.path.join(folder, "DONE"), meta["id"] + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written)."""
+    from moebench.grid.runner import clean_partial, is_done
+
+    folder = (argv or sys.argv[1:])[0]
+    if is_done(folder):
+        return 0
+    clean_partial(folder)
+    try:
+        evaluate(folder)
+        return 0
+    except Exception:  # recorded for the user and retried by the next run, never swallowed
+        _write(folder, "failure.json", {"traceback": traceback.format_exc(), "time": time.time()})
+        print(traceback.format_exc(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The grid runner: a study's cells in ``results/<study>/cells/<id>/``, run once each, resumable.
+
+`run_grid` writes each cell's ``spec.json``, calibrates once per (model, calibration set) for the
+whole grid, hands the unfinished cells to an executor (one process per cell), then derives the
+tidy tables. A cell is finished when its folder holds ``DONE`` (written last, atomically); a
+failed cell leaves ``failure.json`` and runs again next time. Killing a run at any moment loses
+nothing finished and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from moebench.grid.spec import Study, cell_id
+from moebench.util import atomic_write_json
+
+
+def cell_dir(root: str, cell: dict) -> str:
+    """The folder of a cell under a study's results folder."""
+    return os.path.join(root, "cells", cell_id(cell))
+
+
+def prepare(study: Study, root: str) -> list[str]:
+    """Create the study folder and each cell's ``spec.json`` (atomically); returns the cell folders."""
+    os.makedirs(os.path.join(root, "cells"), exist_ok=True)
+    _write_json(os.path.join(root, "study.json"), {"name": study.name, "spec": study.spec, "path": study.path})
+    folders = []
+    for cell in study.cells:
+        folder = cell_dir(root, cell)
+        os.makedirs(folder, exist_ok=True)
+        spec_path = os.path.join(folder, "spec.json")
+        if not os.path.exists(spec_path):
+            _write_json(spec_path, {"id": cell_id(cell), "study": study.name, "stats_dir": study.spec.get("stats_dir"),
+                                    "device": study.spec.get("device"), "spec": cell})
+        folders.append(folder)
+    return folders
+
+
+def _write_json(path: str, data: dict) -> None:
+    atomic_write_json(path, data)
+
+
+def is_done(folder: str) -> bool:
+    """Whether a cell folder holds a finished result."""
+    return os.path.exists(os.path.join(folder, "DONE"))
+
+
+def cell_state(folder: str) -> str:
+    """``done``, ``failed`` (failure.json, no DONE) or ``pending``."""
+    if is_done(folder):
+        return "done"
+    return "failed" if os.path.exists(os.path.join(folder, "failure.json")) else "pending"
+
+
+def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> dict[str, float]:
+    """Collect, for each (model, calibration) the pending cells use, the union of their statistic groups.
+
+    Runs in this process before any cell starts, so concurrent cells only read the cache.
+    Returns seconds spent per ``"<model>|<calibration>"`` (a cache hit costs almost nothing).
+    """
+    import time
+
+    from moebench.moe.checkpoint import load_with_tokenizer
+    from moebench.method.registry import get_method
+    from moebench.method.pipeline import PlanRequest, single_requests, statistics
+
+    needs: dict[tuple[str, str], set[str]] = {}
+    for cell in cells:
+        if cell["calib"]:
+            groups = set(get_method(cell["method"]).needs) if cell["method"] != "none" else set()
+            groups |= {"routing"} if cell["skip"] != "none" else set()
+            needs.setdefault((cell["model"], cell["calib"]), set()).update(groups or {"routing"})
+    seconds = {}
+    for (model_name, calib), groups in sorted(needs.items()):
+        start = time.perf_counter()
+        model, tokenizer = load_with_tokenizer(model_name, dtype=study.spec.get("dtype", "auto"),
+                                               device=study.spec.get("device"))
+        first = next(c for c in cells if c["model"] == model_name and c["calib"] == calib)
+        request = PlanRequest(method="none", calib=calib, calib_samples=first["calib_samples"],
+                              calib_seq_len=_seq_len(model, first), seed=first["seed"],
+                              stats_dir=study.spec.get("stats_dir"), model_id=model_name)
+        for single in single_requests(request):  # several sources for select methods, cached apart
+            statistics(model, tokenizer, single, sorted(groups), progress=progress)
+        del model
+        seconds[f"{model_name}|{calib}"] = round(time.perf_counter() - start, 3)
+    return seconds
+
+
+def _seq_len(model, cell: dict) -> int:
+    """The cell's calibration length, defaulting to what the model can take (at most 2048)."""
+    from moebench.moe.view import MoEView
+
+    return cell["calib_seq_len"] or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
+
+
+def cell_command(folder: str) -> list[str]:
+    """The command that runs one cell in its own process."""
+    return [sys.executable, "-m", "moebench.grid.cell", folder]
+
+
+def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> dict:
+    """Run every unfinished cell of ``study`` under ``root``; returns counts and table paths."""
+    from moebench.grid.executors import make_executor
+    from moebench.grid.results import write_tables
+
+    folders = prepare(study, root)
+    pending = [f for f in folders if not is_done(f)]
+    skipped = len(folders) - len(pending)
+    by_folder = dict(zip(folders, study.cells))
+    seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
+    _record_calibration(root, seconds)
+    if executor is None:
+        options = dict(study.spec.get("executor") or {})
+        executor = make_executor(options.pop("kind", "local"), **options)
+    result = executor.run(pending, cell_command, desc=study.name) if pending else None
+    done = len(result.done) if result else 0
+    failed = sorted(result.failed) if result else []
+    tables = write_tables(root) if any(is_done(f) for f in folders) else {}
+    return {"cells": len(folders), "done": done, "skipped": skipped, "failed": failed, "tables": tables}
+
+
+def _record_calibration(root: str, seconds: dict[str, float]) -> None:
+    """Keep the first measured calibration time per (model, calibration) in ``calibration.json``."""
+    path = os.path.join(root, "calibration.json")
+    known = json.load(open(path)) if os.path.exists(path) else {}
+    _write_json(path, {**seconds, **known})
+
+
+def status(study: Study, root: str) -> dict[str, list[str]]:
+    """Cell folders of a study by state: done, failed, pending."""
+    states: dict[str, list[str]] = {"done": [], "failed": [], "pending": []}
+    for cell in study.cells:
+        folder = cell_dir(root, cell)
+        states[cell_state(folder)].append(folder)
+    return states
+
+
+def clean_partial(folder: str) -> None:
+    """Remove what an interrupted or failed attempt left in a cell folder (spec.json stays)."""
+    for name in os.listdir(folder):
+        if name in ("spec.json", "logs"):
+            continue
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

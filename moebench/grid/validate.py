@@ -1,0 +1,147 @@
+"""Validation of a study spec before any work: every problem found, listed at once."""
+
+from __future__ import annotations
+
+import itertools
+
+from moebench.util import did_you_mean
+
+SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
+             "calib_seq_len", "seed", "apply", "baseline", "measure", "executor", "include_path", "dtype",
+             "device", "description", "stats_dir"}
+REQUIRED = ("name", "models", "methods", "ratios", "tasks")
+DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
+                   "latency_lengths": [16, 64, 256, 1024, 4096]}
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def method_entries(raw) -> list[dict]:
+    """Methods as dicts {name, params, skip}; list-valued parameters expand to one entry per value."""
+    out = []
+    for item in as_list(raw):
+        entry = {"name": item, "params": {}, "skip": "none", "calibration": None} if isinstance(item, str) else {
+            "name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
+            "calibration": as_list(item["calibration"]) if item.get("calibration") else None}
+        keys = sorted(entry["params"])
+        values = [as_list(entry["params"][k]) for k in keys]
+        for combo in itertools.product(*values):
+            out.append({**entry, "params": dict(zip(keys, combo))})
+    return out
+
+
+def validate(spec: dict) -> list[str]:
+    """Problems with a spec: unknown keys, methods, parameters, tasks, model families, impossible budgets."""
+    if not isinstance(spec, dict):
+        return ["the spec must be a YAML mapping with keys name, models, methods, ratios, tasks"]
+    problems = [f"unknown key {k!r}{did_you_mean(k, SPEC_KEYS)}" for k in spec if k not in SPEC_KEYS]
+    problems += [f"missing key {k!r}" for k in REQUIRED if not spec.get(k)]
+    if problems and any(p.startswith("missing") for p in problems):
+        return problems
+    problems += _check_methods(spec)
+    problems += _check_ratios(spec)
+    problems += _check_tasks(spec)
+    problems += _check_models(spec)
+    problems += _check_measure(spec)
+    if spec.get("apply", "physical") not in ("physical", "mask"):
+        problems.append(f"apply={spec['apply']!r} must be physical or mask")
+    return problems
+
+
+def _check_methods(spec) -> list[str]:
+    from moebench.method.registry import get_method, load_methods
+
+    problems, methods = [], load_methods()
+    for entry in method_entries(spec["methods"]):
+        name = entry["name"]
+        if name not in methods:
+            problems.append(f"method {name!r} is unknown{did_you_mean(name, methods)}")
+            continue
+        try:
+            get_method(name).parse_params(entry["params"])
+        except ValueError as err:
+            problems.append(str(err))
+        if entry["skip"] not in ("none", "naee"):
+            problems.append(f"method {name}: skip={entry['skip']!r} must be none or naee")
+        if (methods[name].needs or entry["skip"] != "none") and not (spec.get("calibration") or entry["calibration"]):
+            problems.append(f"method {name} needs calibration statistics: add a 'calibration' list (e.g. testbed:mix)")
+    sources = set(as_list(spec.get("calibration") or []))
+    sources |= {c for e in method_entries(spec["methods"]) for c in (e["calibration"] or [])}
+    for source in sorted(sources):
+        try:
+            from moebench.calib.sources import calibration_sources, parse_calibration
+
+            for single in calibration_sources(source):  # testbed:domains, a+b: one pattern per task
+                parse_calibration(single)
+        except (ValueError, OSError) as err:
+            problems.append(f"calibration {source!r}: {err}")
+    return problems
+
+
+def _check_measure(spec) -> list[str]:
+    measure = spec.get("measure", DEFAULT_MEASURE)
+    if measure is False or measure is None:
+        return []
+    if not isinstance(measure, dict):
+        return [f"measure={measure!r} must be false or a mapping of {sorted(DEFAULT_MEASURE)}"]
+    problems = [f"measure: unknown key {k!r}{did_you_mean(k, DEFAULT_MEASURE)}" for k in measure if k not in DEFAULT_MEASURE]
+    for key in ("batch", "prompt_len", "new_tokens", "reps"):
+        value = measure.get(key, DEFAULT_MEASURE[key])
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"measure: {key}={value!r} must be a whole number >= 1")
+    new_tokens = measure.get("new_tokens", DEFAULT_MEASURE["new_tokens"])
+    if isinstance(new_tokens, int) and new_tokens == 1:
+        problems.append("measure: new_tokens=1 must be >= 2 (the first new token comes from the prompt's "
+                        "forward; decode speed is measured over the steps after it)")
+    warmup = measure.get("warmup", DEFAULT_MEASURE["warmup"])
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        problems.append(f"measure: warmup={warmup!r} must be a whole number >= 0")
+    lengths = measure.get("latency_lengths", DEFAULT_MEASURE["latency_lengths"])
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                                for n in lengths):
+        problems.append(f"measure: latency_lengths={lengths!r} must be a list of prompt lengths >= 1 "
+                        "(an empty list measures no latency)")
+    return problems
+
+
+def _check_ratios(spec) -> list[str]:
+    return [f"ratio {r!r} must be a number in [0, 1)" for r in as_list(spec["ratios"])
+            if not isinstance(r, (int, float)) or not 0 <= r < 1]
+
+
+def _check_tasks(spec) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    from moebench.tasks import task_dir
+
+    tasks = as_list(spec["tasks"])
+    paths = [task_dir(), *as_list(spec.get("include_path") or [])]
+    known = set(TaskManager(include_path=paths, include_defaults=False).all_tasks)
+    if not set(tasks) <= known:  # indexing lm-eval's own tasks takes seconds: only when needed
+        known = set(TaskManager(include_path=paths).all_tasks)
+    return [f"task {t!r} is unknown to lm-eval{did_you_mean(t, known)}" for t in tasks if t not in known]
+
+
+def _check_models(spec) -> list[str]:
+    from moebench.moe.checkpoint import load_structure
+    from moebench.method.registry import resolve_budget
+    from moebench.moe.view import MoEError, MoEView
+
+    problems = []
+    for model in as_list(spec["models"]):
+        try:
+            view = MoEView(load_structure(model))
+            view.layers
+        except (MoEError, OSError, ValueError) as err:
+            problems.append(f"model {model!r}: {str(err).splitlines()[0]}")
+            continue
+        for ratio in as_list(spec["ratios"]):
+            if isinstance(ratio, (int, float)) and 0 <= ratio < 1:
+                try:
+                    resolve_budget(view, ratio=float(ratio))
+                except (MoEError, ValueError) as err:
+                    lines = str(err).splitlines()
+                    problems.append(f"model {model!r}, ratio {ratio}: {lines[min(1, len(lines) - 1)].strip()}")
+    return problems

@@ -1,0 +1,110 @@
+"""From a model and a method to a Plan: budget, cached statistics, the method, validation.
+
+``make_plan`` is the one path every front end uses (CLI, lm-eval model, grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moebench.method.registry import PlanContext, get_method, resolve_budget
+from moebench.moe.view import MoEView
+from moebench.moe.ops import validate_keep
+from moebench.method.plan import Plan
+from moebench.calib.stats import CollectSettings
+from moebench.calib.cache import cache_dir, default_stats_dir, get_stats, model_key
+
+
+@dataclass
+class PlanRequest:
+    """Everything that decides a plan, as plain values (what a user types)."""
+
+    method: str
+    ratio: float | None = None
+    keep: int | None = None
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seq_len: int = 2048
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+    stats_dir: str | None = None
+    model_id: str | None = None
+    revision: str | None = None
+
+
+def calibration_for(request: PlanRequest):
+    """The `Calibration` of a request (None when it names none)."""
+    if request.calib is None:
+        return None
+    from moebench.calib.sources import parse_calibration
+
+    return parse_calibration(request.calib, samples=request.calib_samples, seq_len=request.calib_seq_len,
+                             seed=request.seed)
+
+
+def single_requests(request: PlanRequest) -> list[PlanRequest]:
+    """One request per calibration source of a multi-source spec (``testbed:domains``, ``a+b``)."""
+    from dataclasses import replace
+
+    from moebench.calib.sources import calibration_sources
+
+    return [replace(request, calib=source) for source in calibration_sources(request.calib)]
+
+
+def calib_key(request: PlanRequest, kind: str = "prune") -> str | None:
+    """The calibration key of a request: ``a-...+b-...`` for the several sources of a select method."""
+    if request.calib is None:
+        return None
+    if kind != "select":
+        return calibration_for(request).key
+    return "+".join(calibration_for(r).key for r in single_requests(request))
+
+
+def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = True):
+    """Cached statistics of ``groups`` for the request's model and calibration set."""
+    calib = calibration_for(request)
+    if calib is None:
+        raise ValueError(f"method {request.method} needs calibration statistics ({', '.join(groups)}); "
+                         "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
+    settings = CollectSettings(seed=request.seed)
+    folder = cache_dir(request.stats_dir or default_stats_dir(),
+                       model_key(model, request.model_id, request.revision), calib.key, settings)
+    device = next(model.parameters()).device
+    return get_stats(model, lambda: calib.tokens(tokenizer).to(device), groups, folder, settings, progress)
+
+
+def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> Plan:
+    """Decide which experts to keep: the method's plan under the request's budget."""
+    spec = get_method(request.method)
+    params = spec.parse_params(request.params)
+    view = MoEView(model)
+    budget = resolve_budget(view, ratio=request.ratio, keep=request.keep)
+    extra = {}
+    if spec.kind == "select" and spec.needs:  # one statistics set per task / domain, each cached alone
+        domains = {r.calib: statistics(model, tokenizer, r, spec.needs, progress) for r in single_requests(request)}
+        stats, extra["domain_stats"] = next(iter(domains.values())), domains
+    else:
+        stats = statistics(model, tokenizer, request, spec.needs, progress) if spec.needs else {}
+    plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
+                           extra=extra)
+    plan.calib = calib_key(request, spec.kind) if spec.needs else None
+    return plan
+
+
+def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, int], stats: dict,
+                    seed: int = 0, ratio: float | None = None, extra: dict | None = None) -> Plan:
+    """Run a method on ready statistics; the kept sets are validated against the model.
+
+    ``extra`` reaches the method as ``ctx.extra`` (select methods: ``domain_stats``, source -> stats).
+    """
+    spec = get_method(method)
+    params = spec.parse_params(params)
+    ctx = PlanContext(view, stats, budget, seed=seed, ratio=ratio, extra=dict(extra or {}))
+    if spec.scoring:
+        result = {layer.index: ctx.keep_best(layer, spec.fn(ctx, layer, **params)) for layer in view.layers}
+    else:
+        result = spec.fn(ctx, **params)
+    plan = result if isinstance(result, Plan) else Plan(spec.name, spec.kind, keep=result)
+    plan.method, plan.kind, plan.params, plan.ratio = spec.name, spec.kind, params, ratio
+    plan.keep = validate_keep(view, plan.keep)
+    return plan

@@ -1,0 +1,205 @@
+"""The method plugin interface: a registry, budgets, and turning scores into kept sets.
+
+A method is registered by decorator. Small ideas are small: a *score method* is a function
+``(ctx, layer) -> scores [E]`` (higher = keep) and the registry keeps the best experts of each layer
+under the budget. Methods with real machinery register a *planner* ``(ctx) -> {layer: kept ids}``
+(or a full `Plan`). Either way the function's keyword-only arguments, with annotations and
+defaults, are the method's scalar parameters; values from the command line are parsed and
+checked against them. Third-party packages add methods through the entry-point group
+``moebench.methods`` (each entry point names a module that registers on import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+import torch
+
+from moebench.moe.view import MoEError, MoELayer, MoEView
+from moebench.util import did_you_mean
+
+KINDS = ("prune", "skip", "select", "merge")
+STAT_GROUPS = ("routing", "norms", "logits", "outputs")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One scalar parameter of a method: its type, default and allowed range."""
+
+    name: str
+    type: type
+    default: object
+    low: float | None = None
+    high: float | None = None
+
+    def parse(self, value, method: str):
+        """``value`` (possibly a string from the command line) converted and range-checked."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{method}: parameter {self.name}={value!r} is not a {self.type.__name__}") from None
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{method}: parameter {self.name}={value} is outside [{self.low}, {self.high}]")
+        return value
+
+
+@dataclass
+class MethodSpec:
+    """A registered method: name, kind, statistics it needs, parameters, paper, and its function."""
+
+    name: str
+    kind: str
+    needs: tuple[str, ...]
+    paper: str
+    fn: Callable
+    params: dict[str, Param]
+    scoring: bool
+    module: str
+    doc: str = ""
+    global_budget: bool = False  # per-layer counts may differ; only the total follows the budget
+
+    def parse_params(self, given: dict | None) -> dict:
+        """All parameters with defaults filled in; unknown names raise with a suggestion."""
+        given = dict(given or {})
+        for name in given:
+            if name not in self.params:
+                raise ValueError(f"method {self.name} has no parameter {name!r}"
+                                 f"{did_you_mean(name, self.params)}; its parameters: {sorted(self.params) or 'none'}")
+        return {n: p.parse(given[n], self.name) if n in given else p.default for n, p in self.params.items()}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
+
+
+def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
+    params = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        if p.default is p.empty:
+            raise TypeError(f"{fn.__name__}: parameter {p.name} needs a default")
+        ptype = p.annotation if isinstance(p.annotation, type) else type(p.default)
+        low, high = bounds.get(p.name, (None, None))
+        params[p.name] = Param(p.name, ptype, p.default, low, high)
+    return params
+
+
+def _register(name, kind, needs, paper, bounds, scoring, global_budget=False):
+    if kind not in KINDS:
+        raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
+    bad = set(needs) - set(STAT_GROUPS)
+    if bad:
+        raise ValueError(f"method {name}: unknown statistic groups {sorted(bad)}; known: {STAT_GROUPS}")
+
+    def decorate(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
+        _REGISTRY[name] = MethodSpec(name, kind, tuple(needs), paper, fn, _params_of(fn, bounds or {}),
+                                     scoring, fn.__module__, inspect.getdoc(fn) or "", global_budget)
+        return fn
+
+    return decorate
+
+
+def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None):
+    """Register ``fn(ctx, layer, *, params) -> scores [E]``; the best experts of each layer are kept."""
+    return _register(name, "prune", needs, paper, bounds, scoring=True)
+
+
+def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
+            global_budget: bool = False):
+    """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
+
+    ``global_budget``: the method redistributes the total budget across layers.
+    """
+    return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget)
+
+
+def load_methods() -> dict[str, MethodSpec]:
+    """Import every module in ``moebench.methods`` and every ``moebench.methods`` entry point."""
+    global _LOADED
+    if not _LOADED:
+        pkg = importlib.import_module("moebench.methods")  # plugins are found by name, like entry points
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for ep in entry_points(group="moebench.methods"):
+            importlib.import_module(ep.value.split(":")[0])
+        _LOADED = True
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``; unknown names raise with a "did you mean"."""
+    methods = load_methods()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, methods)}; known: {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+@dataclass
+class PlanContext:
+    """What a method sees: the model's MoE view, statistics, budget, seed."""
+
+    view: MoEView
+    stats: dict[int, dict[str, torch.Tensor]]
+    budget: dict[int, int]  # kept experts per MoE layer
+    seed: int = 0
+    ratio: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def keep_best(self, layer: MoELayer, scores: torch.Tensor, n_keep: int | None = None) -> list[int]:
+        """The ``n_keep`` best-scoring experts of ``layer`` (equal numbers per routing group)."""
+        return select_top(scores, self.budget[layer.index] if n_keep is None else n_keep, layer.groups)
+
+
+def select_top(scores: torch.Tensor, n_keep: int, groups: tuple[int, int] | None = None) -> list[int]:
+    """Ids of the ``n_keep`` highest ``scores [E]`` (ties: lower id first); per group if ``groups``."""
+    scores = scores.double().cpu()
+    n = scores.numel()
+    n_group = groups[0] if groups else 1
+    size, per = n // n_group, n_keep // n_group
+    kept = []
+    for g in range(n_group):
+        order = torch.sort(-scores[g * size:(g + 1) * size], stable=True).indices[:per]
+        kept += (order + g * size).tolist()
+    return sorted(kept)
+
+
+def resolve_budget(view: MoEView, ratio: float | None = None, keep: int | None = None) -> dict[int, int]:
+    """Kept experts per MoE layer from ``ratio`` (fraction of routed experts removed) or ``keep``.
+
+    With group-limited routing the count is rounded to a multiple of the group count (equal drops
+    per group). Budgets that leave fewer than ``top_k`` experts are errors naming the numbers.
+    """
+    if (ratio is None) == (keep is None):
+        raise ValueError("give exactly one of ratio (fraction of experts removed) or keep (experts kept per layer)")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio={ratio} must be in [0, 1): the fraction of routed experts removed")
+    budget, problems = {}, []
+    for layer in view.layers:
+        n = layer.num_experts
+        kept = keep if keep is not None else n - int(round(ratio * n))
+        if layer.groups:
+            kept = max(layer.groups[0], int(round(kept / layer.groups[0])) * layer.groups[0])
+        if kept > n:
+            problems.append(f"layer {layer.index}: keep={kept} exceeds its {n} experts")
+        elif kept < layer.top_k:
+            largest = (n - layer.top_k) / n
+            problems.append(f"layer {layer.index}: {'ratio=%g' % ratio if ratio is not None else 'keep=%d' % keep} "
+                            f"leaves {kept} experts but the router selects top_k={layer.top_k}; "
+                            f"use ratio <= {largest:.3f} or keep >= {layer.top_k}")
+        budget[layer.index] = kept
+    if problems:
+        raise MoEError("impossible budget:\n  " + "\n  ".join(problems[:8]))
+    return budget

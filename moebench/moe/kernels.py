@@ -1,0 +1,121 @@
+"""moebench's expert kernel, registered in transformers' experts-implementation slot.
+
+transformers >= 5 calls ``experts.forward(hidden [T,H], top_k_index [T,k], top_k_weights [T,k])``
+through ``ExpertsInterface``; `use_moebench_kernel` switches a model to the kernel registered here.
+It computes each selected (token, expert) pair once, like the eager kernel, and hands every
+expert's outputs to an observer attached to the experts module (statistics collection), so
+observation needs no copy of any modeling code. With no observer it is a plain loop kernel.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_NAME = "moebench"
+_OBSERVER_ATTR = "_moebench_observer"
+SKIP_ATTR = "_moebench_skip"
+PROVIDER_ATTR = "_moebench_provider"  # offloading: object with forward(experts, e, x [n, H]) -> [n, H]
+
+
+class Observer(Protocol):
+    """Receives what the kernel computes in one MoE layer's forward."""
+
+    def routed(self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+               outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """``outputs[e] = (token ids [n], gate values [n], expert outputs [n, H])`` for each hit expert."""
+
+
+def expert_forward(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+    """Output ``[n, H]`` of expert ``e`` of a fused experts module on inputs ``x [n, H]`` (no gate).
+
+    Reads the layout from the module (``is_transposed``, ``has_bias``, ``_apply_gate``) as the
+    transformers kernels do; modules without those flags (Llama4) are transposed, bias-free and gated.
+    ``weights``: expert e's tensors by name (from an offloading provider) instead of the module's.
+    """
+    transposed = getattr(experts, "is_transposed", not hasattr(experts, "has_gate"))
+    bias = getattr(experts, "has_bias", False)
+
+    def w(name):
+        return weights[name] if weights is not None else getattr(experts, name)[e]
+
+    def linear(inp, weight, b):
+        out = inp @ weight if transposed else F.linear(inp, weight)
+        return out + b if b is not None else out
+
+    h = linear(x, w("gate_up_proj"), w("gate_up_proj_bias") if bias else None)
+    if hasattr(experts, "_apply_gate"):
+        h = experts._apply_gate(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    return linear(h, w("down_proj"), w("down_proj_bias") if bias else None)
+
+
+def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Loop kernel over the hit experts; reports per-expert outputs to an attached observer.
+
+    With a skip rule attached (`moebench.moe.skipping`), the (token, expert) pairs it drops are
+    never computed: their slots are removed before the loop and their weight is redistributed.
+    """
+    out = torch.zeros_like(hidden)
+    observer = getattr(self, _OBSERVER_ATTR, None)
+    skip = getattr(self, SKIP_ATTR, None)
+    provider = getattr(self, PROVIDER_ATTR, None)
+    active = None
+    if skip is not None:
+        top_k_weights, active = skip(top_k_weights)
+    outputs = {}
+    for e in torch.unique(top_k_index).tolist():
+        if not 0 <= e < self.num_experts:
+            continue
+        hit = top_k_index == e
+        token, slot = torch.where(hit if active is None else hit & active)
+        if token.numel() == 0:
+            continue
+        y = provider.forward(self, e, hidden[token]) if provider is not None else expert_forward(self, e, hidden[token])
+        gate = top_k_weights[token, slot]
+        out.index_add_(0, token, (y * gate.unsqueeze(-1)).to(out.dtype))
+        if observer is not None:
+            outputs[e] = (token, gate, y)
+    if observer is not None:
+        observer.routed(self, hidden, top_k_index, top_k_weights, outputs)
+    return out
+
+
+def register() -> None:
+    """Register the kernel under the name ``"moebench"`` (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(KERNEL_NAME, moebench_experts_forward)
+
+
+@contextmanager
+def use_moebench_kernel(model: nn.Module):
+    """Run ``model`` with the moebench kernel inside the block; restore its kernel afterwards."""
+    register()
+    previous = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation(KERNEL_NAME)
+    try:
+        yield model
+    finally:
+        if previous not in (None, KERNEL_NAME):
+            model.set_experts_implementation(previous)
+
+
+@contextmanager
+def observing(experts_modules: list[nn.Module], observers: list[Observer]):
+    """Attach one observer per experts module for the duration of the block."""
+    for module, observer in zip(experts_modules, observers):
+        setattr(module, _OBSERVER_ATTR, observer)
+    try:
+        yield
+    finally:
+        for module in experts_modules:
+            if hasattr(module, _OBSERVER_ATTR):
+                delattr(module, _OBSERVER_ATTR)

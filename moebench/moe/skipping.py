@@ -1,0 +1,83 @@
+"""Dynamic expert skipping (Lu et al. 2024, Sec. 3.3), computed for real in moebench's kernel.
+
+For each token with gate values w_1 >= w_2 >= ... >= w_k (those the model computes), the expert in
+slot j >= 2 is skipped when w_j < beta_l * w_1; beta_l is the median of w_2 / w_1 over the
+calibration tokens of layer l. The weights of the experts kept are rescaled to the token's original
+total gate mass: for Mixtral (weights summing to one) this is the paper's renormalisation; for
+families that do not renormalise it keeps their scale. Skipped pairs are removed before the kernel's
+expert loop, so they cost no compute.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moebench.moe.kernels import KERNEL_NAME, SKIP_ATTR, register
+from moebench.moe.view import MoEError, MoEView
+
+
+class SkipRule:
+    """The per-layer rule ``w_j < beta * w_1 -> skip``, with counters of the pairs seen and skipped."""
+
+    def __init__(self, beta: float):
+        self.beta = float(beta)
+        self.pairs = 0
+        self.skipped = 0
+        self.tokens = 0
+
+    def __call__(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rescaled weights [T,k], active slots [T,k] bool)`` for gate values ``weights [T,k]``."""
+        w = weights.float()
+        top = w.max(dim=-1, keepdim=True).values
+        active = (w >= self.beta * top) | (w == top)
+        kept = torch.where(active, w, torch.zeros_like(w))
+        scale = w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        self.pairs += active.numel()
+        self.tokens += active.shape[0]
+        self.skipped += int((~active).sum())
+        return (kept * scale).to(weights.dtype), active
+
+
+def naee_betas(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+    """beta_l = median over calibration tokens of w_2 / w_1, per MoE layer (needs the routing group)."""
+    betas = {}
+    for index, s in stats.items():
+        if "ratio_samples" not in s:
+            raise MoEError(f"layer {index}: no top-2 gate ratios (the model routes to one expert); "
+                           "dynamic skipping needs top_k >= 2")
+        betas[index] = float(s["ratio_samples"].median())
+    return betas
+
+
+def enable_skipping(model: nn.Module, betas: dict[int, float]) -> None:
+    """Attach a skip rule to each MoE layer and switch the model to moebench's kernel."""
+    view = MoEView(model)
+    if not view.family.experts_slot:
+        raise MoEError(f"{view.family.name} experts run outside transformers' experts slot; "
+                       "dynamic skipping is not available for this family")
+    register()
+    for layer in view.layers:
+        setattr(layer.experts, SKIP_ATTR, SkipRule(betas.get(layer.index, 0.0)))
+    model.set_experts_implementation(KERNEL_NAME)
+
+
+def disable_skipping(model: nn.Module) -> None:
+    """Remove the skip rules (the model keeps moebench's kernel, which then skips nothing)."""
+    for layer in MoEView(model).layers:
+        if hasattr(layer.experts, SKIP_ATTR):
+            delattr(layer.experts, SKIP_ATTR)
+
+
+def skip_report(model: nn.Module) -> dict:
+    """Realised skipping since enabling: ``skip_rate`` = skipped / routed (token, expert) pairs;
+    ``slot_skip_rate`` = skipped / pairs below the top slot (for top-2: the share of second experts)."""
+    per_layer, pairs, skipped, tokens = {}, 0, 0, 0
+    for layer in MoEView(model).layers:
+        rule = getattr(layer.experts, SKIP_ATTR, None)
+        if rule is None:
+            continue
+        per_layer[str(layer.index)] = {"beta": rule.beta, "skip_rate": rule.skipped / max(rule.pairs, 1)}
+        pairs, skipped, tokens = pairs + rule.pairs, skipped + rule.skipped, tokens + rule.tokens
+    return {"skip_rate": skipped / max(pairs, 1), "slot_skip_rate": skipped / max(pairs - tokens, 1),
+            "pairs": pairs, "skipped": skipped, "layers": per_layer}
