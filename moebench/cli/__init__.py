@@ -20,11 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm-eval": ("moebench.cli.lm_eval", "lm-eval's command line with --model pruned_moe registered"),
     "grid": ("moebench.cli.grid", "run a study (models x methods x ratios x calibration sets): run, status"),
     "collect": ("moebench.cli.collect", "derive the tidy runs/scores tables from a results folder"),
-    "bench": ("moebench.measure.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
-    "bench-overhead": ("moebench.measure.overhead", "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
-    "bench-naee": ("moebench.measure.naee_bench", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
-    "report": ("moebench.report.build", "a study's tables -> reports/<study>/: report.md, report.pdf, figures, LaTeX"),
-    "leaderboard": ("moebench.report.leaderboard", "regenerate reports/leaderboard.md and .html from all results"),
+    "bench": ("moebench.cli.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
+    "bench-overhead": ("moebench.cli.bench_overhead", "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
+    "bench-naee": ("moebench.cli.bench_naee", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
+    "report": ("moebench.cli.report", "a study's tables -> reports/<study>/: report.md, report.pdf, figures, LaTeX"),
+    "leaderboard": ("moebench.cli.leaderboard", "regenerate reports/leaderboard.md and .html from all results"),
 }
 
 

@@ -74,10 +74,10 @@ def _speeds(runner: Selecting, model, a) -> tuple[dict, dict]:
 
 def measure_select(bench, request) -> list[str]:
     """Add the select, select + offload and static-prune rows to ``bench``; returns the notes to print."""
-    model, a = bench.model, bench.args
+    model, a = bench.model, bench.settings
     plan = make_plan(model, bench.tokenizer, request)
     selector = selector_from_plan(plan)
-    label = f"{plan.method} {a.ratio if a.ratio is not None else f'keep {a.keep}'}"
+    label = f"{plan.method} {request.ratio if request.ratio is not None else f'keep {request.keep}'}"
     notes = []
     runner = Selecting(model, selector)
     pre, dec = _speeds(runner, model, a)

@@ -1,4 +1,4 @@
-"""`moebench report RESULTS_DIR`: a study's tidy tables -> ``reports/<study>/``.
+"""A study's tidy tables -> ``reports/<study>/`` (the `moebench report` command is `moebench.cli.report`).
 
 Writes ``report.md``, ``report.pdf``, ``figures/<name>.{png,pdf}`` and booktabs LaTeX tables
 ``tables/*.tex``. ``RESULTS_DIR`` is a study's results folder (``results/<study>``, holding
@@ -9,7 +9,6 @@ Output is deterministic: same tables, same bytes.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -21,37 +20,6 @@ from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, load_s
 from moebench.report.textfmt import main_rows, num
 
 GENERATED = ("report.md", "report.pdf", "figures", "tables")
-
-
-def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that define average accuracy (shared with `moebench leaderboard`)."""
-    parser.add_argument("--metric", default="acc", help="task metric averaged into accuracy (default: acc)")
-    parser.add_argument("--filter", default="none", help="lm-eval filter of that metric (default: none)")
-    parser.add_argument("--task-metric", action="append", default=[], metavar="TASK=METRIC",
-                        help="use another metric for one task, e.g. arc_challenge=acc_norm (repeatable)")
-    parser.add_argument("--tasks", default="", help="comma-separated tasks to average (default: every leaf task "
-                        "reporting the metric)")
-
-
-def metric_spec(args: argparse.Namespace) -> MetricSpec:
-    """The `MetricSpec` the options describe."""
-    overrides = {}
-    for item in args.task_metric:
-        task, sep, metric = item.partition("=")
-        if not sep or not task or not metric:
-            raise ValueError(f"--task-metric {item!r} must look like TASK=METRIC")
-        overrides[task] = metric
-    tasks = tuple(sorted(t for t in args.tasks.split(",") if t))
-    return MetricSpec(args.metric, args.filter, overrides, tasks)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of `moebench report`."""
-    parser.add_argument("results_dir", help="results/<study> (with tables/) or a folder of studies")
-    parser.add_argument("--out", default="reports", help="reports root; each study writes <out>/<study>/")
-    add_metric_arguments(parser)
-    parser.add_argument("--domain-tasks", action="append", default=[], metavar="SOURCE=TASK[,TASK]",
-                        help="domain tasks of a calibration source, replacing the naming rule (repeatable)")
 
 
 def _figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
@@ -128,12 +96,3 @@ def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overr
             style.close(item.fig)
     return {"report.md": os.path.join(folder, "report.md"), "report.pdf": os.path.join(folder, "report.pdf"),
             "figures": [p for x in drawn if isinstance(x, F.Figure) for p in x.paths], "tables": tex}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build a report per study found under ``results_dir``."""
-    spec, overrides = metric_spec(args), parse_overrides(args.domain_tasks)
-    for study in load_studies(args.results_dir):
-        paths = build_report(study, args.out, spec, overrides)
-        print(f"{study.name}: {paths['report.md']} ({len(paths['figures']) // 2} figures), {paths['report.pdf']}")
-    return 0

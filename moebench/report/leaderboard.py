@@ -8,13 +8,11 @@ external files). Regeneration is deterministic: fixed order and number formats, 
 
 from __future__ import annotations
 
-import argparse
 import html
 import os
 
 import pandas as pd
 
-from moebench.report.build import add_metric_arguments, metric_spec
 from moebench.report.tables import MetricSpec, averaged_tasks, load_studies, summary
 from moebench.report.textfmt import main_rows, markdown_table
 
@@ -51,13 +49,6 @@ th[data-dir="desc"]::after { content: " \\25BC"; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 """
 NUMERIC_FROM = 4  # study, model, method, calibration are text; the rest are numbers
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of `moebench leaderboard`."""
-    parser.add_argument("results_dir", nargs="?", default="results", help="folder of study results (default: results)")
-    parser.add_argument("--out", default="reports", help="folder for leaderboard.md and leaderboard.html")
-    add_metric_arguments(parser)
 
 
 def leaderboard_table(results_dir: str, spec: MetricSpec) -> tuple[pd.DataFrame, int, list[str]]:
@@ -115,10 +106,3 @@ def write_leaderboard(results_dir: str, out: str, spec: MetricSpec) -> list[str]
     with open(html_path, "w") as f:
         f.write(_html(header, text, values, intro))
     return [md_path, html_path]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Regenerate the leaderboard files and print their paths."""
-    for path in write_leaderboard(args.results_dir, args.out, metric_spec(args)):
-        print(path)
-    return 0

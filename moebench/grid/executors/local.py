@@ -1,107 +1,18 @@
-"""Executors: run grid cells, each an idempotent command, here or on a Slurm cluster.
-
-A cell command exits 0 once its cell is done (it writes ``<cell>/DONE`` last, itself) and non-zero
-on failure. An executor counts a cell done only when both hold afterwards: exit status 0 and a
-``DONE`` file. Executors write nothing inside a cell folder except logs (``<cell>/logs/``).
-
-    ex = make_executor("local", parallel=4)
-    res = ex.run(cell_dirs, lambda d: [sys.executable, "-m", "moebench.grid.cell", d])
-    print(res.summary())
-
-``local`` runs up to ``parallel`` cell subprocesses at once; ``slurm`` submits one job array
-through submitit (see ``moebench.grid.executors.slurm``).
-"""
+"""The local executor: up to ``parallel`` cell subprocesses of this process at once."""
 
 from __future__ import annotations
 
 import datetime
-import difflib
-import inspect
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-CellCommand = Callable[[str], list[str]]
-"""Cell folder -> argv that brings the cell to done, e.g. ``[python, "-m", "moebench.grid.cell", d]``."""
-
-DONE_FILE = "DONE"
-
-
-@dataclass
-class ExecutorResult:
-    """Cell folders that ended done and failed, in the order they were given.
-
-    ``errors`` says why each failed cell failed (a short line, with where its log is).
-    """
-
-    done: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def summary(self, skipped: int = 0) -> str:
-        """One line: ``"4 done, 1 skipped, 0 failed"``."""
-        return f"{len(self.done)} done, {skipped} skipped, {len(self.failed)} failed"
-
-    def _sorted(self, order: list[str]) -> ExecutorResult:
-        rank = {d: i for i, d in enumerate(order)}
-        self.done.sort(key=rank.__getitem__)
-        self.failed.sort(key=rank.__getitem__)
-        return self
-
-
-class Executor(Protocol):
-    def run(self, cell_dirs: list[str], command: CellCommand, desc: str = "grid") -> ExecutorResult:
-        ...
-
-
-def is_done(cell_dir: str) -> bool:
-    return os.path.exists(os.path.join(cell_dir, DONE_FILE))
-
-
-def progress_bar(total: int, desc: str) -> tqdm:
-    """The grid progress bar: cells finished out of ``total``, with rate and ETA."""
-    return tqdm(total=total, desc=desc, unit="cell", dynamic_ncols=True, smoothing=0.1)
-
-
-def _tail(path: str, nbytes: int = 4096) -> str:
-    """Last non-empty line of a text file ('' when there is none)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - nbytes))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return ""
-    lines = [ln for ln in lines if ln]
-    return lines[-1] if lines else ""
-
-
-@contextmanager
-def sigterm_as_exit():
-    """Inside: SIGTERM raises SystemExit(143) in the main thread, so clean-up code runs.
-
-    Only where the handler is still the default one and this is the main thread.
-    """
-    main = threading.current_thread() is threading.main_thread()
-    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+from moebench.grid.executors.base import DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar, sigterm_as_exit
+from moebench.grid.executors.base import tail as _tail
 
 
 @dataclass
@@ -193,32 +104,3 @@ class LocalExecutor:
                 time.sleep(0.05)
 
 
-def _executor_class(kind: str):
-    if kind == "local":
-        return LocalExecutor
-    from moebench.grid.executors.slurm import SlurmExecutor
-
-    return SlurmExecutor
-
-
-EXECUTORS = ("local", "slurm")
-
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def make_executor(kind: str = "local", **options) -> Executor:
-    """An executor by name: ``"local"`` (options: parallel) or ``"slurm"`` (options: partition,
-    time_min, cpus_per_task, mem_gb, gpus_per_node, max_parallel, log_dir, additional, ...)."""
-    if kind not in EXECUTORS:
-        raise ValueError(f"unknown executor {kind!r} (known: {', '.join(EXECUTORS)})"
-                         + _did_you_mean(kind, EXECUTORS))
-    cls = _executor_class(kind)
-    known = list(inspect.signature(cls).parameters)
-    for name in options:
-        if name not in known:
-            raise ValueError(f"unknown option {name!r} for the {kind} executor "
-                             f"(known: {', '.join(known)})" + _did_you_mean(name, known))
-    return cls(**options)

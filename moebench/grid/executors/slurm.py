@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from submitit.helpers import Checkpointable
 
-from moebench.grid.executors.local import DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar
+from moebench.grid.executors.base import DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar
 
 
 class CellTask(Checkpointable):
