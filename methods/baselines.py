@@ -1,6 +1,7 @@
-"""Classic expert-importance baselines: random, frequency, soft activation, EAN.
+"""The identity method `none` and the classic expert-importance baselines: random, frequency,
+soft activation, EAN.
 
-Each is a score per expert of a layer; the registry keeps the highest-scoring experts.
+Each baseline is a score per expert of a layer; the registry keeps the highest-scoring experts.
 Statistics are those of `moebench.calib.stats` (float64 sums over the calibration tokens).
 """
 
@@ -8,7 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from moebench.method.registry import score_method
+from moebench.method.registry import planner, score_method
+
+
+@planner("none", takes_budget=False, paper="the unpruned model (the reference of every comparison)")
+def none(ctx):
+    """Keeps every expert: the unpruned model, which every recovery and speedup is measured against.
+
+    Takes no budget (no ratio or keep) and no calibration; with ``skip=naee`` it is the unpruned
+    model with dynamic skipping.
+    """
+    return {}
 
 
 @score_method("random", paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (random baseline)")

@@ -25,7 +25,8 @@ def _entropy(counts: list[int]) -> float:
     return h / math.log(len(counts)) if len(counts) > 1 else 1.0
 
 
-@planner("grape", needs=("outputs", "routing", "norms"), bounds={"gamma": (0.0, 1.0)}, global_budget=True,
+@planner("grape", needs=("outputs",), extra_needs=lambda params: get_method(params["score"]).needs,
+         bounds={"gamma": (0.0, 1.0)}, global_budget=True,
          paper="Zhang et al. 2026, 'GRAPE: global redundancy-aware expert pruning', arXiv 2604.06542")
 def grape(ctx, *, score: str = "reap", gamma: float = 0.1):
     """Per-layer budgets under the uniform total, chosen greedily by cross-layer redundancy.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import torch
 
@@ -212,7 +213,8 @@ def _swap_refine(recombiner: Recombiner, kept: list[int]) -> list[int]:
 @planner("naee", needs=("outputs",), bounds={"beam_width": (1, 1024), "max_exhaustive": (1, 64)},
          paper="Lu et al. 2024, 'Not All Experts are Equal: Efficient Expert Pruning and Skipping for "
                "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)")
-def naee(ctx, *, search: str = "auto", beam_width: int = 8, max_exhaustive: int = 16):
+def naee(ctx, *, search: Literal["auto", "exhaustive", "beam"] = "auto", beam_width: int = 8,
+         max_exhaustive: int = 16):
     """Keep, per layer, the set C of r experts minimising sum over batches of ||F(x) - F(x; C)||_F.
 
     ``search``: ``exhaustive`` (all C(E, r) sets, the paper's method), ``beam`` (backward
@@ -220,8 +222,6 @@ def naee(ctx, *, search: str = "auto", beam_width: int = 8, max_exhaustive: int 
     when E <= ``max_exhaustive``, else beam). Losses come from cached expert outputs on a token
     subsample (recombination), so no expert is re-run per subset.
     """
-    if search not in ("auto", "exhaustive", "beam"):
-        raise ValueError(f"naee: search={search!r} must be auto, exhaustive or beam")
     keep = {}
     for layer in ctx.view.layers:
         r, stats = ctx.budget[layer.index], ctx.stats[layer.index]

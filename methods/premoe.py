@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from moebench.method.registry import score_method
@@ -26,7 +28,8 @@ def tcess_scores(logits, ids, n_experts: int, r: float) -> torch.Tensor:
 
 
 @score_method("premoe", needs=("logits",), paper=PAPER, bounds={"r": (-1.0, 1.0), "confidence": (0.0, 1.0)})
-def premoe(ctx, layer, *, version: str = "v3", k: int = 0, r: float = -1.0, confidence: float = 0.5):
+def premoe(ctx, layer, *, version: Literal["v1", "v3"] = "v3", k: int = 0, r: float = -1.0,
+           confidence: float = 0.5):
     """Task-conditioned expert importance from router logits on the calibration (task) tokens.
 
     v1 (TCESS, Probabilistic Expert Pruning): per token take the top-K router logits z (K = ``k``,
@@ -43,8 +46,6 @@ def premoe(ctx, layer, *, version: str = "v3", k: int = 0, r: float = -1.0, conf
     logits, ids = _top_logits(ctx, layer, k)
     if version == "v1":
         return tcess_scores(logits, ids, layer.num_experts, r)
-    if version != "v3":
-        raise ValueError(f"premoe: version={version!r} must be v1 or v3")
     p = torch.softmax(logits, dim=-1)
     r_l = confidence * p[:, 0].mean()
     marks = torch.zeros(p.shape[0], layer.num_experts, dtype=torch.float64)

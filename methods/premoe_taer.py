@@ -48,6 +48,6 @@ def premoe_taer(ctx, *, k: int = 0, r: float = -1.0):
         patterns.append({"task": task, "vector": vector, "scores": scores, "keep": keep})
     union = {layer.index: sorted({e for p in patterns for e in p["keep"][str(layer.index)]})
              for layer in ctx.view.layers}
-    extra = {"selector": "retrieval", "layers": [layer.index for layer in ctx.view.layers],
-             "k": max(k, 0) or ctx.view.top_k, "r": r, "patterns": patterns}
-    return Plan("premoe_taer", "select", keep=union, extra=extra)
+    selector = {"name": "retrieval", "layers": [layer.index for layer in ctx.view.layers],
+                "k": max(k, 0) or ctx.view.top_k, "r": r, "patterns": patterns}
+    return Plan("premoe_taer", "select", keep=union, selector=selector)

@@ -77,11 +77,11 @@ def prep(ctx, *, points: int = 8, ridge: float = 1.0):
     jac = torch.stack([torch.linalg.solve(dz[:, l].T @ dz[:, l] + ridge * eye, dz[:, l].T @ di[:, l]).T
                        for l in range(n_layers)])  # [L, E, E]: d I / d z
     layers = ctx.view.layers
-    extra = {"selector": "predictive", "layers": [layer.index for layer in layers],
-             "top_k": {str(layer.index): layer.top_k for layer in layers},
-             "budget": {str(layer.index): ctx.budget[layer.index] for layer in layers},
-             "groups": {str(layer.index): list(layer.groups) if layer.groups else None for layer in layers},
-             "centers": centers.reshape(len(centers), -1).tolist(), "importance": point_imp.tolist(),
-             "jacobian": jac.tolist(), "prompts": n_prompts}
+    selector = {"name": "predictive", "layers": [layer.index for layer in layers],
+                "top_k": {str(layer.index): layer.top_k for layer in layers},
+                "budget": {str(layer.index): ctx.budget[layer.index] for layer in layers},
+                "groups": {str(layer.index): list(layer.groups) if layer.groups else None for layer in layers},
+                "centers": centers.reshape(len(centers), -1).tolist(), "importance": point_imp.tolist(),
+                "jacobian": jac.tolist(), "prompts": n_prompts}
     keep = {layer.index: list(range(layer.num_experts)) for layer in layers}  # any expert may be selected
-    return Plan("prep", "select", keep=keep, extra=extra)
+    return Plan("prep", "select", keep=keep, selector=selector)

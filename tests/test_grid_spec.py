@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from moebench.grid.spec import SpecError, cell_id, load_study, parse_study
+from moebench.grid.spec import Cell, SpecError, cell_id, load_study, parse_study
 
 
 def write(tmp_path, spec) -> str:
@@ -47,10 +47,11 @@ def test_expansion_dedupes_data_free_methods_and_expands_parameter_lists(saved_m
             "methods": ["frequency", {"name": "random", "params": {"seed": [0, 1, 2]}}],
             "ratios": [0.25, 0.5], "calibration": ["testbed:mix", "testbed:arithmetic"], "tasks": ["testbed_logic"]}
     study = parse_study(spec)
-    methods = [(c["method"], c["params"].get("seed"), c["ratio"], c["calib"]) for c in study.cells]
+    methods = [(c.method, c.params.get("seed"), c.ratio, c.calib) for c in study.cells]
     assert methods[0] == ("none", None, 0.0, None)  # the unpruned baseline
     assert sum(m[0] == "frequency" for m in methods) == 4  # 2 ratios x 2 calibration sets
     assert sum(m[0] == "random" for m in methods) == 6  # 3 seeds x 2 ratios, no calibration
-    assert len({cell_id(c) for c in study.cells}) == len(study.cells) == 11
+    assert len({c.id for c in study.cells}) == len(study.cells) == 11
+    assert all(c.id == cell_id(c.to_dict()) and Cell.from_dict(c.to_dict()) == c for c in study.cells)
     assert study.calibrations() == [(saved_models("mixtral"), "testbed:arithmetic"),
                                     (saved_models("mixtral"), "testbed:mix")]

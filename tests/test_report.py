@@ -297,9 +297,9 @@ def test_published_setup_studies_validate_except_model_downloads(monkeypatch):
         with open(path) as f:
             spec = yaml.safe_load(f)
         study = parse_study(spec)  # names, methods, parameters, ratios, calibration sources
-        assert study.cells and all(c["model"].count("/") == 1 for c in study.cells), path
+        assert study.cells and all(c.model.count("/") == 1 for c in study.cells), path
         assert set(spec["tasks"]) <= known, (path, set(spec["tasks"]) - known)
-        methods |= {(c["method"], c["ratio"]) for c in study.cells}
+        methods |= {(c.method, c.ratio) for c in study.cells}
     assert {("naee", 0.25), ("naee", 0.5), ("reap", 0.25), ("ean", 0.5), ("premoe", 0.5), ("naee", 0.0)} <= methods
 
 

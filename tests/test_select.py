@@ -101,7 +101,7 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
     The scores equal a forward masked with the context's selection, and differ from one masked with
     the selection the context + continuation would get (so reading the continuation would fail this).
     """
-    import moebench.eval.select as ls
+    import moebench.method.apply as ls
     from moebench.moe.ops import sample_mask
     from moebench.method.select import context_signature
 
@@ -113,8 +113,8 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
     conts = {}
     for first in range(60, 92):  # find a continuation that would move the selection to another task
         cont = [first] + [60 + (i * 7) % 32 for i in range(30)]
-        full = lm._selector.select(context_signature(lm.model, context + cont))
-        if full != lm._selector.select(context_signature(lm.model, context)):
+        full = lm.applied.selector.select(context_signature(lm.model, context + cont))
+        if full != lm.applied.selector.select(context_signature(lm.model, context)):
             conts["far"], conts["far_keep"] = cont, full
             break
     assert "far" in conts, "no continuation changes the selection: the test could not detect a leak"
@@ -158,7 +158,7 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
                           calib_seq_len=128, stats_dir=str(tmp_path))
     plan = make_plan(model, tok, request, progress=False)
     selector = selector_from_plan(plan)
-    tasks = [p["task"] for p in plan.extra["patterns"]]
+    tasks = [p["task"] for p in plan.selector["patterns"]]
     assert tasks == [f"testbed:{d}" for d in DOMAINS]
     for domain in DOMAINS:
         queries = [tok(it.prompt, add_special_tokens=False)["input_ids"] for it in items(domain, "eval", 10, seed=1)]

@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 import torch
 
+from moebench.moe.ops import mask_signature
 from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
 from moebench.util import atomic_write
 
@@ -46,7 +47,9 @@ def model_key(model, name_or_path: str | None, revision: str | None = None) -> s
     name = name_or_path or getattr(model.config, "_name_or_path", "") or "model"
     readable = "--".join(name.rstrip("/").split("/")[-2:])
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable) or "model"
-    return f"{readable}{'@' + revision if revision else ''}-{model_fingerprint(model)}"
+    masked = mask_signature(model)
+    return f"{readable}{'@' + revision if revision else ''}-{model_fingerprint(model)}" + (
+        f"-mask{masked}" if masked else "")
 
 
 def _settings_hash(settings: CollectSettings) -> str:

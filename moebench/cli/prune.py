@@ -6,11 +6,11 @@ import argparse
 import os
 import time
 
-from moebench.moe.checkpoint import save_pruned
 from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
+from moebench.method.pipeline import prepare
+from moebench.method.registry import get_method
+from moebench.moe.checkpoint import save_pruned
 from moebench.moe.view import MoEView
-from moebench.moe.ops import prune
-from moebench.method.pipeline import make_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +29,17 @@ def run(args: argparse.Namespace) -> int:
     """Make the method's plan, prune physically, save checkpoint, tokenizer and plan.json."""
     if os.path.exists(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
+    spec = get_method(args.method)
+    if spec.kind != "prune" or spec.is_identity:
+        raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
+                         f"{'the unpruned model' if spec.is_identity else f'a {spec.kind} method'}: evaluate it "
+                         f"with lm_eval --model pruned_moe --model_args ...,method={args.method} instead")
     model, tokenizer = load(args)
     before = MoEView(model).expert_bytes()
     request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep,
                            params=parse_params(args.param))
     start = time.perf_counter()
-    plan = make_plan(model, tokenizer, request)
-    prune(model, plan.keep)
+    plan = prepare(model, tokenizer, request).plan
     os.makedirs(args.out, exist_ok=True)
     save_pruned(model, args.out)
     tokenizer.save_pretrained(args.out)

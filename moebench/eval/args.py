@@ -8,9 +8,11 @@ numbers become int or float) or as Python values from ``simple_evaluate``.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 
 from moebench.calib.sources import calibration_sources, parse_calibration
-from moebench.method.registry import get_method
+from moebench.method.pipeline import SKIP_RULES, PlanRequest
+from moebench.method.registry import MethodSpec, get_method
 from moebench.util import did_you_mean
 
 # pruned_moe's own model_args and their defaults.
@@ -18,7 +20,6 @@ OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
             "skip_beta": None, "offload": False}
 APPLY_MODES = ("physical", "mask")
-SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (see PrunedMoELM._apply_skip)
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
 FORWARDED_LOAD_ARGS = frozenset({
@@ -52,7 +53,7 @@ def split_model_args(given: dict) -> tuple[dict, dict, dict]:
     ``seed`` is pruned_moe's (calibration order) and also sets the method's own ``seed`` if it has one.
     """
     method = _method_name(given.get("method"))
-    method_params = set(get_method(method).params) if method != "none" else set()
+    method_params = set(get_method(method).params)
     hf_names = hf_arg_names()
     hf, own, params, unknown = {}, {}, {}, []
     for key, value in given.items():
@@ -81,7 +82,7 @@ def _unknown_message(unknown: list[str], method: str, method_params: set[str], h
     hints = []
     for key in unknown:
         hints.append(f"{key!r}{did_you_mean(key, known)}")
-    where = f"method {method}: {', '.join(sorted(method_params)) or 'none'}" if method != "none" else "no method chosen"
+    where = f"method {method}: {', '.join(sorted(method_params)) or 'none'}"
     return (f"pruned_moe: unknown model_args {', '.join(hints)}. pruned_moe takes the hf model's arguments "
             f"(pretrained, revision, dtype, batch_size, device, parallelize, device_map, ...), its own "
             f"({', '.join(OWN_ARGS)}) and the chosen method's parameters ({where})")
@@ -91,58 +92,106 @@ def _optional(value, kind):
     return None if value is None or (isinstance(value, str) and value.strip().lower() == "none") else kind(value)
 
 
-def check_own_args(own: dict) -> dict:
-    """pruned_moe's own arguments converted and checked (everything that needs no statistics)."""
-    args = {**OWN_ARGS, **own}
-    method = _method_name(args["method"])
-    ratio, keep = _optional(args["ratio"], float), _optional(args["keep"], int)
-    apply = str(args["apply"]).strip().lower()
-    skip = "none" if args["skip"] is None else str(args["skip"]).strip().lower()
-    if skip not in SKIP_RULES:
-        raise ValueError(f"skip={skip}: choose skip=none or skip=naee (Lu et al. 2024 dynamic skipping)")
-    skip_beta = _optional(args["skip_beta"], float)
-    if skip_beta is not None and (skip == "none" or not 0.0 <= skip_beta <= 1.0):
-        raise ValueError(f"skip_beta={skip_beta}: give it with skip=naee, in [0, 1] (0 skips nothing)")
-    if skip != "none" and skip_beta is None and _optional(args["calib"], str) is None:
-        raise ValueError(f"skip={skip} estimates its thresholds on calibration data: give calib=..., e.g. calib=c4")
-    if apply not in APPLY_MODES:
-        raise ValueError(f"apply={apply}: choose apply=physical (remove the experts) or apply=mask (route around them)")
-    if method == "none" and (ratio is not None or keep is not None):
-        raise ValueError("ratio/keep need a method, e.g. method=reap,ratio=0.5 (moebench methods lists them)")
-    if method != "none":
-        _check_method(method, ratio, keep, args)
-    return {"method": method, "ratio": ratio, "keep": keep, "apply": apply, "skip": skip, "skip_beta": skip_beta,
-            "calib": _optional(args["calib"], str), "calib_samples": int(args["calib_samples"]),
-            "calib_seq_len": _optional(args["calib_seq_len"], int), "seed": int(args["seed"]),
-            "stats_dir": _optional(args["stats_dir"], str), "offload": _offload(args["offload"], method)}
+def _flag(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def _offload(value, method: str) -> bool:
-    """``offload=true``: experts in CPU memory, streamed per request (select methods only)."""
-    on = str(value).strip().lower() in ("1", "true", "yes")
-    if on and (method == "none" or get_method(method).kind != "select"):
-        raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
-                         f"(premoe_taer, prep), not {method}")
-    return on
+@dataclass(frozen=True)
+class PrunedMoESettings:
+    """pruned_moe's own arguments, converted and checked (everything that needs no statistics).
 
+    ``method`` is a registered method (``none``, the identity, by default); ``params`` its parsed
+    parameters; ``ratio`` / ``keep`` the budget; ``calib`` ... ``stats_dir`` the calibration;
+    ``apply`` physical | mask; ``skip`` / ``skip_beta`` dynamic skipping; ``offload`` for select methods.
+    """
 
-def _check_method(method: str, ratio: float | None, keep: int | None, args: dict) -> None:
-    """The method's kind, the budget and (for methods that need statistics) the calibration source."""
-    spec = get_method(method)
-    if spec.kind not in ("prune", "select"):
-        raise ValueError(f"method {method} is a {spec.kind} method; pruned_moe applies prune and select methods")
-    if (ratio is None) == (keep is None):
-        raise ValueError(f"method={method} needs exactly one budget: ratio (fraction of routed experts "
-                         "removed, e.g. ratio=0.5) or keep (experts kept per MoE layer)")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio={ratio} must be in [0, 1): the fraction of routed experts removed")
-    if not spec.needs:
-        return
-    if _optional(args["calib"], str) is None:
-        raise ValueError(f"method {method} needs calibration statistics ({', '.join(spec.needs)}); "
-                         "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
-    # An unknown source fails now, before the model is loaded.
-    sources = calibration_sources(str(args["calib"])) if spec.kind == "select" else [str(args["calib"])]
-    for source in sources:
-        parse_calibration(source, int(args["calib_samples"]), _optional(args["calib_seq_len"], int) or 1,
-                          int(args["seed"]))
+    method: str = "none"
+    params: dict = field(default_factory=dict)
+    ratio: float | None = None
+    keep: int | None = None
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seq_len: int | None = None
+    seed: int = 0
+    stats_dir: str | None = None
+    apply: str = "physical"
+    skip: str = "none"
+    skip_beta: float | None = None
+    offload: bool = False
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The chosen method's registration."""
+        return get_method(self.method)
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether calibration data are read (the method's statistics or measured skip thresholds)."""
+        return bool(self.spec.needs_for(self.params)) or (self.skip != "none" and self.skip_beta is None)
+
+    @classmethod
+    def from_args(cls, own: dict, params: dict) -> PrunedMoESettings:
+        """Convert and check pruned_moe's own arguments ``own`` and the method's ``params``."""
+        args = {**OWN_ARGS, **own}
+        method = _method_name(args["method"])
+        spec = get_method(method)
+        settings = cls(method=method, params=spec.parse_params(params), ratio=_optional(args["ratio"], float),
+                       keep=_optional(args["keep"], int), calib=_optional(args["calib"], str),
+                       calib_samples=int(args["calib_samples"]), calib_seq_len=_optional(args["calib_seq_len"], int),
+                       seed=int(args["seed"]), stats_dir=_optional(args["stats_dir"], str),
+                       apply=str(args["apply"]).strip().lower(),
+                       skip="none" if args["skip"] is None else str(args["skip"]).strip().lower(),
+                       skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]))
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        skip, beta = self.skip, self.skip_beta
+        if skip not in SKIP_RULES:
+            raise ValueError(f"skip={skip}: choose skip=none or skip=naee (Lu et al. 2024 dynamic skipping)")
+        if beta is not None and (skip == "none" or not 0.0 <= beta <= 1.0):
+            raise ValueError(f"skip_beta={beta}: give it with skip=naee, in [0, 1] (0 skips nothing)")
+        if skip != "none" and beta is None and self.calib is None:
+            raise ValueError(f"skip={skip} estimates its thresholds on calibration data: give calib=..., e.g. calib=c4")
+        if self.apply not in APPLY_MODES:
+            raise ValueError(f"apply={self.apply}: choose apply=physical (remove the experts) or apply=mask "
+                             "(route around them)")
+        spec = self.spec
+        if spec.is_identity:
+            if self.ratio is not None or self.keep is not None:
+                raise ValueError("ratio/keep need a method, e.g. method=reap,ratio=0.5 (moebench methods lists them)")
+        else:
+            self._check_method(spec)
+        if self.uses_data:
+            self._check_calibration(spec)
+        if self.offload and spec.kind != "select":
+            raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
+                             f"(premoe_taer, prep), not {self.method}")
+
+    def _check_method(self, spec: MethodSpec) -> None:
+        """The method's kind and the budget."""
+        if spec.kind not in ("prune", "select"):
+            raise ValueError(f"method {self.method} is a {spec.kind} method; pruned_moe applies prune and select "
+                             "methods")
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError(f"method={self.method} needs exactly one budget: ratio (fraction of routed experts "
+                             "removed, e.g. ratio=0.5) or keep (experts kept per MoE layer)")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio={self.ratio} must be in [0, 1): the fraction of routed experts removed")
+
+    def _check_calibration(self, spec: MethodSpec) -> None:
+        """A calibration source is given and known (fails now, before the model is loaded)."""
+        needs = spec.needs_for(self.params)
+        if self.calib is None:
+            raise ValueError(f"method {self.method} needs calibration statistics ({', '.join(needs)}); "
+                             "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
+        sources = calibration_sources(self.calib) if spec.kind == "select" else [self.calib]
+        for source in sources:
+            parse_calibration(source, self.calib_samples, self.calib_seq_len or 1, self.seed)
+
+    def request(self, model_id: str | None, revision: str | None, seq_len: int) -> PlanRequest:
+        """The plan request these settings describe (``seq_len``: the calibration length to use)."""
+        return PlanRequest(method=self.method, ratio=self.ratio, keep=self.keep, calib=self.calib,
+                           calib_samples=self.calib_samples, calib_seq_len=seq_len, seed=self.seed,
+                           params=self.params, stats_dir=self.stats_dir, model_id=model_id, revision=revision,
+                           skip=self.skip, skip_beta=self.skip_beta)

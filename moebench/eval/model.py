@@ -29,14 +29,13 @@ import time
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from moebench.moe.checkpoint import resolve
-from moebench.eval.args import EXECUTION_ARGS, check_own_args, split_model_args
-from moebench.method.registry import get_method, resolve_budget
-from moebench.moe.view import MoEView
-from moebench.moe.ops import mask, prune
+from moebench.eval.args import EXECUTION_ARGS, PrunedMoESettings, split_model_args
 from moebench.eval.select import SelectMixin
-from moebench.method.pipeline import PlanRequest, calib_key, make_plan, statistics
-from moebench.moe.skipping import enable_skipping, naee_betas, skip_report
+from moebench.method.pipeline import PlanRequest, calib_key, prepare
+from moebench.method.registry import resolve_budget
+from moebench.moe.checkpoint import resolve
+from moebench.moe.skipping import skip_report
+from moebench.moe.view import MoEView
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +66,24 @@ class PrunedMoELM(SelectMixin, HFLM):
     """lm-eval's ``hf`` model whose routed experts a moebench method prunes (or masks) at the first request.
 
     Attributes:
+        settings: the validated `PrunedMoESettings`.
         variant_id: hash of everything that decides this variant's outputs.
         variant_name: ``<pretrained>__<method>-<budget>-<hash>``, the ``--output_path`` folder name.
+        applied: the model with its plan in effect (`moebench.method.apply.Applied`), after the first request.
         record: what was applied; the results' ``config["moebench"]``.
     """
 
     def __init__(self, pretrained, **kwargs):
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
-        self.settings = check_own_args(own)
-        method = self.settings["method"]
-        self.method_params = get_method(method).parse_params(params) if method != "none" else {}
+        self.settings = PrunedMoESettings.from_args(own, params)
         hf.pop("pretrained")
         super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
         self.pretrained_id = self._pretrained_id(pretrained)
         self.request = self._plan_request(hf.get("revision"))
-        uses_data = (method != "none" and get_method(method).needs) or (
-            self.settings["skip"] != "none" and self.settings["skip_beta"] is None)
-        self.calib_key = calib_key(self.request, get_method(method).kind if method != "none" else "prune") \
-            if uses_data else None
+        s = self.settings
+        self.calib_key = calib_key(self.request, s.spec.kind) if s.uses_data else None
         self.variant_id, self.variant_name = self._identity(pretrained, hf)
+        self.applied = None
         self.record: dict | None = None
         self._relabelled = None
 
@@ -101,27 +99,24 @@ class PrunedMoELM(SelectMixin, HFLM):
     def _plan_request(self, revision) -> PlanRequest:
         """The plan request; the budget is checked against the model now (no statistics needed)."""
         s = self.settings
-        seq_len = s["calib_seq_len"]
-        if s["method"] != "none" or s["skip"] != "none":
+        seq_len = s.calib_seq_len
+        if not s.spec.is_identity or s.skip != "none":
             view = MoEView(self.model)
-            if s["method"] != "none":
-                resolve_budget(view, ratio=s["ratio"], keep=s["keep"])
+            if not s.spec.is_identity:
+                resolve_budget(view, ratio=s.ratio, keep=s.keep)
             seq_len = seq_len or min(2048, getattr(view.config, "max_position_embeddings", 2048) or 2048)
-        return PlanRequest(method=s["method"], ratio=s["ratio"], keep=s["keep"], calib=s["calib"],
-                           calib_samples=s["calib_samples"], calib_seq_len=seq_len or 2048, seed=s["seed"],
-                           params=self.method_params, stats_dir=s["stats_dir"], model_id=self.pretrained_id,
-                           revision=revision)
+        return s.request(self.pretrained_id, revision, seq_len or 2048)
 
     def _identity(self, pretrained, hf: dict) -> tuple[str, str]:
         """Hash of what decides the outputs (execution-only args left out) and the readable variant name."""
         s = self.settings
         identity = {"model": self.pretrained_id, **{k: hf[k] for k in sorted(hf) if k not in EXECUTION_ARGS},
-                    "method": s["method"], "params": self.method_params, "ratio": s["ratio"], "keep": s["keep"],
-                    "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"],
-                    "skip_beta": s["skip_beta"]}
+                    "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
+                    "calib": self.calib_key, "seed": s.seed, "apply": s.apply, "skip": s.skip,
+                    "skip_beta": s.skip_beta}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        budget = f"-r{s['ratio']:g}" if s["ratio"] is not None else f"-k{s['keep']}" if s["keep"] is not None else ""
-        tag = f"{s['method']}{budget}{'-mask' if s['apply'] == 'mask' else ''}-{digest[:8]}"
+        budget = f"-r{s.ratio:g}" if s.ratio is not None else f"-k{s.keep}" if s.keep is not None else ""
+        tag = f"{s.method}{budget}{'-mask' if s.apply == 'mask' else ''}-{digest[:8]}"
         name = pretrained if isinstance(pretrained, str) else self.pretrained_id
         return digest, f"{name}__{tag}"
 
@@ -171,7 +166,7 @@ class PrunedMoELM(SelectMixin, HFLM):
     def get_model_info(self) -> dict:
         """HFLM's model information plus ``moebench``: the variant and what it changed."""
         self._prepare()
-        if self.record is not None and self.settings["skip"] != "none":
+        if self.record is not None and self.settings.skip != "none":
             self.record["skipping"] = skip_report(self.model)  # realised skip rate so far
         return {**super().get_model_info(), "moebench": self.record}
 
@@ -198,48 +193,31 @@ class PrunedMoELM(SelectMixin, HFLM):
         """Make the method's plan and apply it to the model; returns the record for the results."""
         s, model = self.settings, self.model
         before = model_sizes(model)
-        record = {"variant": self.variant_name, "variant_id": self.variant_id, "pretrained": self.pretrained_id,
-                  "method": s["method"], "params": self.method_params, "ratio": s["ratio"], "keep": s["keep"],
-                  "calib": self.calib_key, "seed": s["seed"], "apply": s["apply"], "skip": s["skip"]}
-        if s["method"] == "none":
-            experts = MoEView(model).experts_per_layer if before[1] else {}
-            self._apply_skip()
-            return {**record, **self._sizes_record(before, before, before), "experts_per_layer": _str_keys(experts)}
         start = time.perf_counter()
-        plan = make_plan(model, self.tokenizer, self.request, progress=self.rank == 0)
-        if plan.kind == "select":  # nothing removed: per-request selections (moebench.eval.select)
-            return self._start_select(plan, {**record, **self._sizes_record(before, before, before),
-                                             "experts_per_layer": _str_keys(plan.experts_kept()),
-                                             "kept_experts": _str_keys(plan.keep),
-                                             "seconds": round(time.perf_counter() - start, 3)})
-        if_pruned = pruned_sizes(MoEView(model), plan.keep)
-        (prune if s["apply"] == "physical" else mask)(model, plan.keep)
-        self._apply_skip()
+        record = {"variant": self.variant_name, "variant_id": self.variant_id, "pretrained": self.pretrained_id,
+                  "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
+                  "calib": self.calib_key, "seed": s.seed, "apply": s.apply, "skip": s.skip}
+        self.applied = prepare(model, self.tokenizer, self.request, s.apply, s.offload, progress=self.rank == 0)
+        plan = self.applied.plan
+        seconds = round(time.perf_counter() - start, 3)
+        if s.spec.is_identity:
+            experts = MoEView(model).experts_per_layer if before[1] else {}
+            return {**record, **self._sizes_record(before, before, before), "experts_per_layer": _str_keys(experts)}
+        if self.applied.selects:  # nothing removed: per-request selections (moebench.eval.select)
+            return self._start_select({**record, **self._sizes_record(before, before, before),
+                                       "experts_per_layer": _str_keys(plan.experts_kept()),
+                                       "kept_experts": _str_keys(plan.keep), "seconds": seconds})
         after = model_sizes(model)
+        if_pruned = after if s.apply == "physical" else pruned_sizes(MoEView(model), plan.keep)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("pruned_moe: %s kept %s experts per MoE layer (%s); parameters %.4gM -> %.4gM, expert bytes "
-                 "%.4g MB -> %.4g MB; planned and applied in %.1fs", s["method"],
-                 sorted(set(plan.experts_kept().values())), s["apply"], before[0] / 1e6, after[0] / 1e6,
+                 "%.4g MB -> %.4g MB; planned and applied in %.1fs", s.method,
+                 sorted(set(plan.experts_kept().values())), s.apply, before[0] / 1e6, after[0] / 1e6,
                  before[1] / 1e6, after[1] / 1e6, time.perf_counter() - start)
         return {**record, **self._sizes_record(before, after, if_pruned),
                 "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
-                "seconds": round(time.perf_counter() - start, 3)}
-
-    def _apply_skip(self) -> None:
-        """``skip=naee``: per-layer thresholds from the (pruned) model's own routing on the calibration set.
-
-        Thresholds are estimated after pruning, on the model that will run, as the paper pairs r=6
-        pruning with skipping; its routing statistics are cached like any other.
-        """
-        if self.settings["skip"] == "none":
-            return
-        beta = self.settings["skip_beta"]
-        if beta is not None:  # a fixed threshold for every layer (0 skips nothing)
-            enable_skipping(self.model, {index: beta for index in MoEView(self.model).indices})
-            return
-        stats = statistics(self.model, self.tokenizer, self.request, ["routing"], progress=self.rank == 0)
-        enable_skipping(self.model, naee_betas(stats))
+                "seconds": seconds}
 
     @staticmethod
     def _sizes_record(before, after, if_pruned) -> dict:

@@ -21,36 +21,31 @@ contexts that kept it) and, with ``offload=true``, the offload counters.
 from __future__ import annotations
 
 import statistics as pystats
-import time
-from contextlib import nullcontext
 
 import torch
 
 from moebench.moe.view import MoEError, MoEView
-from moebench.moe.ops import sample_mask
-from moebench.method.select import context_signature, selector_from_plan
 
 
 class SelectMixin:
-    """Per-request selection for `PrunedMoELM` (see the module docstring)."""
+    """Per-request selection for `PrunedMoELM` (see the module docstring); ``self.applied`` selects."""
 
-    _selector = None
+    applied = None
 
-    def _start_select(self, plan, record: dict) -> dict:
-        """Install the plan's selector; returns the record extended with the select bookkeeping."""
-        self._selector = selector_from_plan(plan)
+    @property
+    def _selecting(self) -> bool:
+        return self.applied is not None and self.applied.selects
+
+    def _start_select(self, record: dict) -> dict:
+        """Start the select bookkeeping; returns the record extended with it."""
         self._selections: dict[tuple, dict[int, list[int]]] = {}
         self._input_context: dict[tuple, int] = {}
         self._input_lengths: set[int] = set()
-        self._select_seconds: list[float] = []
         view = MoEView(self.model)
         self._kept_counts = {layer.index: torch.zeros(layer.num_experts) for layer in view.layers}
         record.update(kind="select", selection={"requests": 0}, keep_frequency={})
-        if self.settings.get("offload"):
-            from moebench.moe.offload import ExpertOffloader
-
-            self._offload = ExpertOffloader(self.model)
-            record["offload"] = self._offload.counters  # updated in place as requests run
+        if self.applied.offloader is not None:
+            record["offload"] = self.applied.offloader.counters  # updated in place as requests run
         return record
 
     def _select_for(self, context: tuple) -> dict[int, list[int]]:
@@ -58,10 +53,7 @@ class SelectMixin:
         if context not in self._selections:
             if not context:
                 raise MoEError("a request has an empty context: there is nothing to select experts from")
-            start = time.perf_counter()
-            with self._offloading(None):
-                keep = self._selector.select(context_signature(self.model, list(context)))
-            self._select_seconds.append(time.perf_counter() - start)
+            keep = self.applied.select(context)
             self._selections[context] = keep
             for index, ids in keep.items():
                 self._kept_counts[index][ids] += 1
@@ -69,14 +61,14 @@ class SelectMixin:
         return self._selections[context]
 
     def _update_record(self) -> None:
-        n, secs = len(self._selections), self._select_seconds
+        n, secs = len(self._selections), self.applied.select_seconds
         self.record["selection"] = {"requests": n, "seconds_mean": sum(secs) / len(secs),
                                     "seconds_p50": pystats.median(secs), "seconds_max": max(secs)}
         self.record["keep_frequency"] = {str(i): [round(float(c) / n, 4) for c in counts]
                                          for i, counts in sorted(self._kept_counts.items())}
 
     def _loglikelihood_tokens(self, requests, *args, **kwargs):
-        if self._selector is None:
+        if not self._selecting:
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
         for _, context_enc, continuation_enc in requests:
             inp = tuple((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
@@ -95,28 +87,18 @@ class SelectMixin:
         raise MoEError("pruned_moe (select): a model input matches no request seen by _loglikelihood_tokens")
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        if self._selector is None or not self._input_context:
+        if not self._selecting or not self._input_context:
             return super()._model_call(inps, attn_mask, labels)
         keeps = [self._row_selection(row) for row in inps.tolist()]
-        with self._offloading(keeps), sample_mask(self.model, keeps):
+        with self.applied.batch(keeps):
             return super()._model_call(inps, attn_mask, labels)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        if self._selector is None:
+        if not self._selecting:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.get("attention_mask")
         rows = [row[m.bool()] if mask is not None else row for row, m in zip(context, mask if mask is not None
                                                                              else context)]
         keeps = [self._select_for(tuple(r.tolist())) for r in rows]
-        with self._offloading(keeps), sample_mask(self.model, keeps):
+        with self.applied.batch(keeps):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-
-    def _offloading(self, keeps):
-        """The offload working-set context for one batch (a no-op without ``offload=true``).
-
-        ``keeps=None``: the signature pass; experts outside the working sets then run on the CPU.
-        """
-        offload = getattr(self, "_offload", None)
-        if offload is None:
-            return nullcontext()
-        return offload.cpu_side_pass() if keeps is None else offload.batch(keeps)

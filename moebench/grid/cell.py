@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 
+from moebench.grid.spec import Cell
 from moebench.util import atomic_write_json, atomic_write_text
 
 
@@ -66,41 +67,27 @@ def environment(model) -> dict:
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
 
 
-def model_args(cell: dict, meta: dict) -> dict:
-    """The ``pruned_moe`` arguments of a cell."""
-    args = {"pretrained": cell["model"], "method": cell["method"], "dtype": cell["dtype"],
-            "batch_size": cell["lm_eval"]["batch_size"], "apply": cell["apply"], "skip": cell["skip"],
-            "seed": cell["seed"], **cell["params"]}
-    if cell["method"] != "none":
-        args.update(ratio=cell["ratio"], calib=cell["calib"], calib_samples=cell["calib_samples"],
-                    calib_seq_len=cell["calib_seq_len"], stats_dir=meta.get("stats_dir"))
-    from moebench.moe.checkpoint import default_device
-
-    args["device"] = meta.get("device") or default_device()
-    return {k: v for k, v in args.items() if v is not None}
-
-
 def evaluate(folder: str) -> None:
     """Run the cell in ``folder`` and write its result files (DONE last)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from moebench.eval.model import PrunedMoELM
-    from moebench.method.plan import Plan
     from moebench.measure.speed import (decode_latency, decode_speed, max_positions, peak_memory, prefill_speed,
-                                  reset_peak_memory, weight_bytes)
+                                        reset_peak_memory, weight_bytes)
+    from moebench.moe.checkpoint import default_device
     from moebench.tasks import task_dir
 
     with open(os.path.join(folder, "spec.json")) as f:
         meta = json.load(f)
-    cell = meta["spec"]
-    lm = PrunedMoELM(**model_args(cell, meta))
+    cell = Cell.from_dict(meta["spec"])
+    lm = PrunedMoELM(**cell.model_args(meta.get("stats_dir"), meta.get("device") or default_device()))
     reset_peak_memory(lm.device)
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=cell["tasks"], num_fewshot=cell["lm_eval"]["num_fewshot"], limit=cell["lm_eval"]["limit"],
-        task_manager=TaskManager(include_path=[task_dir(), *cell["include_path"]]), random_seed=cell["seed"],
-        numpy_random_seed=cell["seed"], torch_random_seed=cell["seed"], fewshot_random_seed=cell["seed"])
+        model=lm, tasks=list(cell.tasks), num_fewshot=cell.lm_eval["num_fewshot"], limit=cell.lm_eval["limit"],
+        task_manager=TaskManager(include_path=[task_dir(), *cell.include_path]), random_seed=cell.seed,
+        numpy_random_seed=cell.seed, torch_random_seed=cell.seed, fewshot_random_seed=cell.seed)
     record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
     metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}
     memory = peak_memory(lm.device)
@@ -108,13 +95,9 @@ def evaluate(folder: str) -> None:
     metrics["planning_s"] = record.get("seconds")
     metrics["skip_rate"] = (record.get("skipping") or {}).get("skip_rate")
     metrics["experts_kept"] = json.dumps(record.get("experts_per_layer"), sort_keys=True)
-    if cell["measure"]:
-        m = cell["measure"]
-        runner = None
-        if getattr(lm, "_selector", None) is not None:  # select methods: timed with their per-request selection
-            from moebench.measure.select_bench import Selecting
-
-            runner = Selecting(lm.model, lm._selector, getattr(lm, "_offload", None))
+    if cell.measure:
+        m = cell.measure
+        runner = lm.applied  # select plans are timed with their per-request selection
         pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"], runner)
         dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"], 1, runner)
         metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
@@ -128,19 +111,20 @@ def evaluate(folder: str) -> None:
                                               f"max_position_embeddings={max_positions(lm.model)}"}
     results.pop("samples", None)
     _write(folder, "results.json", portable(results))
-    if record.get("kept_experts"):
-        Plan(method=cell["method"], kind=record.get("kind", "prune"), params=record["params"], ratio=cell["ratio"],
-             calib=record["calib"], keep=record["kept_experts"],
-             extra={k: record[k] for k in ("n_experts", "keep_frequency", "skipping") if k in record}
-             ).save(os.path.join(folder, "plan.json"))
-    _write(folder, "cell.json", portable({"id": meta["id"], "study": meta["study"], "spec": cell, "metrics": metrics,
-                                          "env": environment(lm.model), "moebench": record}))
+    if not cell.is_baseline:  # the complete plan: kept sets, skip thresholds, selector state
+        plan = copy.deepcopy(lm.applied.plan)
+        plan.ratio = cell.ratio
+        plan.extra.update({k: record[k] for k in ("keep_frequency", "skipping") if k in record})
+        plan.save(os.path.join(folder, "plan.json"))
+    _write(folder, "cell.json", portable({"id": meta["id"], "study": meta["study"], "spec": cell.to_dict(),
+                                          "metrics": metrics, "env": environment(lm.model), "moebench": record}))
     atomic_write_text(os.path.join(folder, "DONE"), meta["id"] + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written)."""
-    from moebench.grid.runner import clean_partial, is_done
+    from moebench.grid.executors.base import is_done
+    from moebench.grid.runner import clean_partial
 
     folder = (argv or sys.argv[1:])[0]
     if is_done(folder):

@@ -14,38 +14,30 @@ import os
 import shutil
 import sys
 
-from moebench.grid.spec import Study, cell_id
+from moebench.grid.executors.base import is_done
+from moebench.grid.spec import Cell, Study
 from moebench.util import atomic_write_json
 
 
-def cell_dir(root: str, cell: dict) -> str:
+def cell_dir(root: str, cell: Cell) -> str:
     """The folder of a cell under a study's results folder."""
-    return os.path.join(root, "cells", cell_id(cell))
+    return os.path.join(root, "cells", cell.id)
 
 
 def prepare(study: Study, root: str) -> list[str]:
     """Create the study folder and each cell's ``spec.json`` (atomically); returns the cell folders."""
     os.makedirs(os.path.join(root, "cells"), exist_ok=True)
-    _write_json(os.path.join(root, "study.json"), {"name": study.name, "spec": study.spec, "path": study.path})
+    atomic_write_json(os.path.join(root, "study.json"), {"name": study.name, "spec": study.spec, "path": study.path})
     folders = []
     for cell in study.cells:
         folder = cell_dir(root, cell)
         os.makedirs(folder, exist_ok=True)
         spec_path = os.path.join(folder, "spec.json")
         if not os.path.exists(spec_path):
-            _write_json(spec_path, {"id": cell_id(cell), "study": study.name, "stats_dir": study.spec.get("stats_dir"),
-                                    "device": study.spec.get("device"), "spec": cell})
+            atomic_write_json(spec_path, {"id": cell.id, "study": study.name, "stats_dir": study.spec.get("stats_dir"),
+                                          "device": study.spec.get("device"), "spec": cell.to_dict()})
         folders.append(folder)
     return folders
-
-
-def _write_json(path: str, data: dict) -> None:
-    atomic_write_json(path, data)
-
-
-def is_done(folder: str) -> bool:
-    """Whether a cell folder holds a finished result."""
-    return os.path.exists(os.path.join(folder, "DONE"))
 
 
 def cell_state(folder: str) -> str:
@@ -55,7 +47,7 @@ def cell_state(folder: str) -> str:
     return "failed" if os.path.exists(os.path.join(folder, "failure.json")) else "pending"
 
 
-def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> dict[str, float]:
+def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> dict[str, float]:
     """Collect, for each (model, calibration) the pending cells use, the union of their statistic groups.
 
     Runs in this process before any cell starts, so concurrent cells only read the cache.
@@ -64,23 +56,20 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> di
     import time
 
     from moebench.moe.checkpoint import load_with_tokenizer
-    from moebench.method.registry import get_method
     from moebench.method.pipeline import PlanRequest, single_requests, statistics
 
     needs: dict[tuple[str, str], set[str]] = {}
     for cell in cells:
-        if cell["calib"]:
-            groups = set(get_method(cell["method"]).needs) if cell["method"] != "none" else set()
-            groups |= {"routing"} if cell["skip"] != "none" else set()
-            needs.setdefault((cell["model"], cell["calib"]), set()).update(groups or {"routing"})
+        if cell.calib:
+            needs.setdefault((cell.model, cell.calib), set()).update(cell.needs() or {"routing"})
     seconds = {}
     for (model_name, calib), groups in sorted(needs.items()):
         start = time.perf_counter()
         model, tokenizer = load_with_tokenizer(model_name, dtype=study.spec.get("dtype", "auto"),
                                                device=study.spec.get("device"))
-        first = next(c for c in cells if c["model"] == model_name and c["calib"] == calib)
-        request = PlanRequest(method="none", calib=calib, calib_samples=first["calib_samples"],
-                              calib_seq_len=_seq_len(model, first), seed=first["seed"],
+        first = next(c for c in cells if c.model == model_name and c.calib == calib)
+        request = PlanRequest(method="none", calib=calib, calib_samples=first.calib_samples,
+                              calib_seq_len=_seq_len(model, first), seed=first.seed,
                               stats_dir=study.spec.get("stats_dir"), model_id=model_name)
         for single in single_requests(request):  # several sources for select methods, cached apart
             statistics(model, tokenizer, single, sorted(groups), progress=progress)
@@ -89,11 +78,11 @@ def calibrate_once(study: Study, cells: list[dict], progress: bool = True) -> di
     return seconds
 
 
-def _seq_len(model, cell: dict) -> int:
+def _seq_len(model, cell: Cell) -> int:
     """The cell's calibration length, defaulting to what the model can take (at most 2048)."""
     from moebench.moe.view import MoEView
 
-    return cell["calib_seq_len"] or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
+    return cell.calib_seq_len or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
 
 
 def cell_command(folder: str) -> list[str]:
@@ -126,7 +115,7 @@ def _record_calibration(root: str, seconds: dict[str, float]) -> None:
     """Keep the first measured calibration time per (model, calibration) in ``calibration.json``."""
     path = os.path.join(root, "calibration.json")
     known = json.load(open(path)) if os.path.exists(path) else {}
-    _write_json(path, {**seconds, **known})
+    atomic_write_json(path, {**seconds, **known})
 
 
 def status(study: Study, root: str) -> dict[str, list[str]]:

@@ -24,14 +24,87 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import yaml
 
 from moebench.grid.validate import DEFAULT_MEASURE, as_list, method_entries, validate
+from moebench.method.registry import get_method
+
 
 class SpecError(ValueError):
     """A study spec with problems; the message lists every problem at once."""
+
+
+def cell_id(cell: dict) -> str:
+    """The id of a cell from its normalised spec dict (`Cell.to_dict`): a hash of its JSON."""
+    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a grid: a model, a method (its parameters and skip rule), a ratio, a calibration
+    set, the tasks and how they are evaluated and measured. Its id is a hash of `to_dict`.
+
+    ``lm_eval``: num_fewshot, batch_size, limit; ``measure``: the speed settings or None.
+    """
+
+    model: str
+    method: str
+    params: dict
+    skip: str
+    ratio: float
+    calib: str | None
+    tasks: tuple[str, ...]
+    lm_eval: dict
+    measure: dict | None
+    calib_samples: int
+    calib_seq_len: int | None
+    seed: int
+    apply: str
+    dtype: str
+    include_path: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def id(self) -> str:
+        """The cell's id: the hash of its normalised spec (its folder name)."""
+        return cell_id(self.to_dict())
+
+    def to_dict(self) -> dict:
+        """The normalised spec, as written to ``spec.json`` (JSON types only)."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        data["tasks"], data["include_path"] = list(self.tasks), list(self.include_path)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Cell:
+        """A cell from its ``spec.json`` form."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k in ("tasks", "include_path") else v) for k, v in data.items() if k in known})
+
+    @property
+    def is_baseline(self) -> bool:
+        """Whether this is the unpruned reference cell of its model."""
+        return get_method(self.method).is_identity
+
+    def model_args(self, stats_dir: str | None = None, device: str | None = None) -> dict:
+        """The ``pruned_moe`` model_args of this cell."""
+        args = {"pretrained": self.model, "method": self.method, "dtype": self.dtype,
+                "batch_size": self.lm_eval["batch_size"], "apply": self.apply, "skip": self.skip,
+                "seed": self.seed, **self.params}
+        if not self.is_baseline:
+            args.update(ratio=self.ratio, calib=self.calib, calib_samples=self.calib_samples,
+                        calib_seq_len=self.calib_seq_len, stats_dir=stats_dir)
+        args["device"] = device
+        return {k: v for k, v in args.items() if v is not None}
+
+    def needs(self) -> set[str]:
+        """Statistic groups this cell's calibration must provide (routing for measured skip thresholds)."""
+        groups = set(get_method(self.method).needs_for(self.params))
+        return groups | ({"routing"} if self.skip != "none" else set())
 
 
 @dataclass
@@ -40,17 +113,12 @@ class Study:
 
     name: str
     spec: dict
-    cells: list[dict] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
     path: str | None = None
 
     def calibrations(self) -> list[tuple[str, str]]:
         """Distinct (model, calibration source) pairs the cells calibrate on."""
-        return sorted({(c["model"], c["calib"]) for c in self.cells if c["calib"]})
-
-
-def cell_id(cell: dict) -> str:
-    """The id of a cell: a hash of its normalised spec."""
-    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:12]
+        return sorted({(c.model, c.calib) for c in self.cells if c.calib})
 
 
 def load_study(path: str) -> Study:
@@ -70,29 +138,26 @@ def parse_study(spec: dict) -> Study:
     return Study(spec["name"], spec, expand(spec))
 
 
-def expand(spec: dict) -> list[dict]:
+def expand(spec: dict) -> list[Cell]:
     """The cells of a valid spec, normalised (calibration-free methods get no calibration)."""
-    from moebench.method.registry import get_method
-
     lm = {"num_fewshot": 0, "batch_size": 8, "limit": None, **(spec.get("lm_eval") or {})}
     measure = spec.get("measure", DEFAULT_MEASURE)
     measure = {**DEFAULT_MEASURE, **measure} if isinstance(measure, dict) else None
-    common = {"tasks": sorted(as_list(spec["tasks"])), "lm_eval": lm, "measure": measure,
+    common = {"tasks": tuple(sorted(as_list(spec["tasks"]))), "lm_eval": lm, "measure": measure,
               "calib_samples": spec.get("calib_samples", 128), "calib_seq_len": spec.get("calib_seq_len"),
               "seed": spec.get("seed", 0), "apply": spec.get("apply", "physical"),
-              "dtype": spec.get("dtype", "auto"), "include_path": as_list(spec.get("include_path") or [])}
+              "dtype": spec.get("dtype", "auto"), "include_path": tuple(as_list(spec.get("include_path") or []))}
     cells, seen = [], set()
     for model in as_list(spec["models"]):
         if spec.get("baseline", True):
-            cells.append({**copy.deepcopy(common), "model": model, "method": "none", "params": {}, "skip": "none",
-                          "ratio": 0.0, "calib": None})
+            cells.append(Cell(**copy.deepcopy(common), model=model, method="none", params={}, skip="none",
+                              ratio=0.0, calib=None))
         for entry, ratio in itertools.product(method_entries(spec["methods"]), as_list(spec["ratios"])):
             for calib in entry["calibration"] or as_list(spec.get("calibration") or [None]):
-                needs_data = bool(get_method(entry["name"]).needs) or entry["skip"] != "none"
-                cell = {**copy.deepcopy(common), "model": model, "method": entry["name"],
-                        "params": entry["params"], "skip": entry["skip"], "ratio": float(ratio),
-                        "calib": calib if needs_data else None}
-                if cell_id(cell) not in seen:
-                    seen.add(cell_id(cell))
+                needs_data = bool(get_method(entry["name"]).needs_for(entry["params"])) or entry["skip"] != "none"
+                cell = Cell(**copy.deepcopy(common), model=model, method=entry["name"], params=entry["params"],
+                            skip=entry["skip"], ratio=float(ratio), calib=calib if needs_data else None)
+                if cell.id not in seen:
+                    seen.add(cell.id)
                     cells.append(cell)
     return cells

@@ -16,57 +16,13 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
-from moebench.measure.speed import Runner, _ids, decode_speed, prefill_speed, weight_bytes
-from moebench.moe.ops import prune, sample_mask
-from moebench.moe.offload import ExpertOffloader
+from moebench.measure.speed import _ids, decode_speed, prefill_speed, weight_bytes
+from moebench.method.apply import Applied, apply
 from moebench.method.pipeline import make_plan
-from moebench.method.select import context_signature, selector_from_plan
+from moebench.moe.ops import prune
 
 
-class Selecting(Runner):
-    """Runs prompts as `pruned_moe` does for a select method: select per row, then masked forward."""
-
-    def __init__(self, model, selector, offload: ExpertOffloader | None = None):
-        super().__init__(model)
-        self.selector, self.offload = selector, offload
-        self.select_s: list[float] = []
-
-    def keeps(self, ids: torch.Tensor) -> list[dict]:
-        import time
-
-        out = []
-        for row in ids:
-            start = time.perf_counter()
-            ctx = self.offload.cpu_side_pass() if self.offload else _null()
-            with ctx:
-                out.append(self.selector.select(context_signature(self.model, row.tolist())))
-            self.select_s.append(time.perf_counter() - start)
-        return out
-
-    def run(self, ids: torch.Tensor, new_tokens: int = 0, use_cache: bool = False):
-        keeps = self.keeps(ids)
-        batch_ctx = self.offload.batch(keeps) if self.offload else _null()
-        with torch.no_grad(), batch_ctx, sample_mask(self.model, keeps):
-            if not new_tokens:
-                return super().forward(ids, use_cache)
-            return super().generate(ids, new_tokens)
-
-    def forward(self, ids: torch.Tensor, use_cache: bool = False):
-        return self.run(ids, 0, use_cache)
-
-    def generate(self, ids: torch.Tensor, new_tokens: int):
-        return self.run(ids, new_tokens)
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
-def _speeds(runner: Selecting, model, a) -> tuple[dict, dict]:
+def _speeds(runner: Applied, model, a) -> tuple[dict, dict]:
     pre = prefill_speed(model, a.batch, a.prompt_len, a.reps, a.warmup, runner)
     dec = decode_speed(model, a.batch, min(32, a.prompt_len), max(a.new_tokens, 2), a.reps, 1, runner)
     return pre, dec
@@ -76,28 +32,26 @@ def measure_select(bench, request) -> list[str]:
     """Add the select, select + offload and static-prune rows to ``bench``; returns the notes to print."""
     model, a = bench.model, bench.settings
     plan = make_plan(model, bench.tokenizer, request)
-    selector = selector_from_plan(plan)
     label = f"{plan.method} {request.ratio if request.ratio is not None else f'keep {request.keep}'}"
     notes = []
-    runner = Selecting(model, selector)
+    runner = apply(model, plan)
     pre, dec = _speeds(runner, model, a)
     bench.rows.append({"variant": f"{label} select (mask)", **weight_bytes(model), "prefill": pre, "decode": dec,
                        "skip_rate": 0.0})
-    notes.append(f"{label}: selection per request {1e3 * statistics.median(runner.select_s):.2f} ms median "
-                 f"(signature pass over the prompt + selector), {len(runner.select_s)} requests")
-    offload = ExpertOffloader(model)
-    runner = Selecting(model, selector, offload)
+    notes.append(f"{label}: selection per request {1e3 * statistics.median(runner.select_seconds):.2f} ms median "
+                 f"(signature pass over the prompt + selector), {len(runner.select_seconds)} requests")
+    runner = apply(model, plan, offload=True)
     pre, dec = _speeds(runner, model, a)
-    c = dict(offload.counters)
-    requests = len(runner.select_s)
+    c = dict(runner.offloader.counters)
+    requests = len(runner.select_seconds)
     bench.rows.append({"variant": f"{label} select + offload", **weight_bytes(model),
                        "expert_bytes": c["resident_bytes_peak"], "prefill": pre, "decode": dec, "skip_rate": 0.0})
     notes.append(f"{label} + offload: resident expert bytes peak {c['resident_bytes_peak'] / 1e6:.2f} MB of "
                  f"{c['unpruned_expert_bytes'] / 1e6:.2f} MB unpruned; moved {c['bytes_moved'] / 1e6:.2f} MB "
                  f"({c['bytes_moved'] / max(requests, 1) / 1e6:.3f} MB per request); hit rate {c['hit_rate']:.3f}; "
-                 f"device {offload.device}")
-    offload.close()
-    keep = runner.keeps(_ids(model, 1, a.prompt_len))[0]
+                 f"device {runner.offloader.device}")
+    runner.close()
+    keep = runner.select(_ids(model, 1, a.prompt_len)[0].tolist())
     prune(model, keep)
     bench.measure(f"{label} static prune (first prompt's selection)")
     return notes

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from moebench.method.apply import Applied, unchanged
 from moebench.moe.view import MoEView
 
 
@@ -49,29 +50,11 @@ def summary(times: list[float], tokens: int) -> dict:
             "median_s": statistics.median(times), "reps": len(times)}
 
 
-class Runner:
-    """How a measured model runs a batch of prompts: a forward, or greedy generation.
-
-    The plain runner calls the model; per-request selection (`moebench.measure.select_bench.Selecting`)
-    provides the same two methods with its selection pass and routing masks around them.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def forward(self, ids: torch.Tensor, use_cache: bool = False):
-        return self.model(input_ids=ids, use_cache=use_cache)
-
-    def generate(self, ids: torch.Tensor, new_tokens: int):
-        return self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=self.model.config.get_text_config().pad_token_id or 0)
-
-
 @torch.no_grad()
 def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int = 5, warmup: int = 2,
-                  runner: Runner | None = None) -> dict:
+                  runner: Applied | None = None) -> dict:
     """Prefill throughput: one forward over ``batch x length`` tokens, no KV cache."""
-    runner = runner or Runner(model)
+    runner = runner or unchanged(model)
     ids = _ids(model, batch, length)
     device = ids.device
     times = _timed(lambda: runner.forward(ids), device, reps, warmup)
@@ -80,7 +63,7 @@ def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int
 
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens: int = 32, reps: int = 5,
-                 warmup: int = 1, runner: Runner | None = None) -> dict:
+                 warmup: int = 1, runner: Applied | None = None) -> dict:
     """Decode throughput: greedy generation of exactly ``new_tokens`` after a ``prompt``, per token.
 
     Generation = the prompt's forward (which yields the first new token) + ``new_tokens - 1`` decode
@@ -90,7 +73,7 @@ def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens:
     if new_tokens < 2:
         raise ValueError(f"decode speed needs new_tokens >= 2 (got {new_tokens}): the first new token comes "
                          "from the prompt's forward, decode steps are the rest")
-    runner = runner or Runner(model)
+    runner = runner or unchanged(model)
     ids = _ids(model, batch, prompt, seed=1)
     prefill = _timed(lambda: runner.forward(ids, use_cache=True), ids.device, reps, warmup)
     total = _timed(lambda: runner.generate(ids, new_tokens), ids.device, reps, warmup)
@@ -104,7 +87,7 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tokens: int = 32, reps: int = 5,
-                   warmup: int = 1, runner: Runner | None = None) -> tuple[list[dict], list[int]]:
+                   warmup: int = 1, runner: Applied | None = None) -> tuple[list[dict], list[int]]:
     """Per-token decode latency after prompts of each length in ``lengths``.
 
     Returns ``(rows, dropped)``: one row per measured length (``prompt_len``, ``batch``, ``new_tokens``,

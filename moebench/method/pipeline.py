@@ -1,18 +1,24 @@
-"""From a model and a method to a Plan: budget, cached statistics, the method, validation.
+"""From a model and a request to a Plan in effect: budget, cached statistics, the method, apply.
 
-``make_plan`` is the one path every front end uses (CLI, lm-eval model, grid).
+``prepare`` (= ``make_plan`` + `moebench.method.apply.apply` + skipping thresholds measured on the
+model as applied) is the one path every front end uses: ``moebench prune``, the lm-eval model and
+grid cells.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from moebench.method.registry import PlanContext, get_method, resolve_budget
-from moebench.moe.view import MoEView
-from moebench.moe.ops import validate_keep
-from moebench.method.plan import Plan
-from moebench.calib.stats import CollectSettings
 from moebench.calib.cache import cache_dir, default_stats_dir, get_stats, model_key
+from moebench.calib.stats import CollectSettings
+from moebench.method.apply import Applied, apply
+from moebench.method.plan import Plan
+from moebench.method.registry import MethodSpec, PlanContext, get_method, resolve_budget
+from moebench.moe.ops import validate_keep
+from moebench.moe.skipping import naee_betas
+from moebench.moe.view import MoEView
+
+SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (Lu et al. 2024)
 
 
 @dataclass
@@ -30,6 +36,20 @@ class PlanRequest:
     stats_dir: str | None = None
     model_id: str | None = None
     revision: str | None = None
+    skip: str = "none"
+    skip_beta: float | None = None
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The requested method's registration."""
+        return get_method(self.method)
+
+    def needs(self) -> tuple[str, ...]:
+        """Statistic groups this request calibrates: the method's, plus routing for measured skip thresholds."""
+        groups = self.spec.needs_for(self.params)
+        if self.skip != "none" and self.skip_beta is None:
+            groups = tuple(dict.fromkeys((*groups, "routing")))
+        return groups
 
 
 def calibration_for(request: PlanRequest):
@@ -44,8 +64,6 @@ def calibration_for(request: PlanRequest):
 
 def single_requests(request: PlanRequest) -> list[PlanRequest]:
     """One request per calibration source of a multi-source spec (``testbed:domains``, ``a+b``)."""
-    from dataclasses import replace
-
     from moebench.calib.sources import calibration_sources
 
     return [replace(request, calib=source) for source in calibration_sources(request.calib)]
@@ -75,20 +93,54 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
 
 def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> Plan:
     """Decide which experts to keep: the method's plan under the request's budget."""
-    spec = get_method(request.method)
+    spec = request.spec
     params = spec.parse_params(request.params)
+    if spec.is_identity:  # the unpruned model: no budget, no statistics, any model (MoE or not)
+        if request.keep is not None or request.ratio:
+            raise ValueError(f"method {spec.name} keeps every expert and takes no budget (ratio/keep); "
+                             "choose a method, e.g. method=reap,ratio=0.5 (moebench methods lists them)")
+        return Plan(spec.name, spec.kind, params=params, ratio=request.ratio)
+    needs = spec.needs_for(params)
     view = MoEView(model)
     budget = resolve_budget(view, ratio=request.ratio, keep=request.keep)
     extra = {}
-    if spec.kind == "select" and spec.needs:  # one statistics set per task / domain, each cached alone
-        domains = {r.calib: statistics(model, tokenizer, r, spec.needs, progress) for r in single_requests(request)}
+    if spec.kind == "select" and needs:  # one statistics set per task / domain, each cached alone
+        domains = {r.calib: statistics(model, tokenizer, r, needs, progress) for r in single_requests(request)}
         stats, extra["domain_stats"] = next(iter(domains.values())), domains
     else:
-        stats = statistics(model, tokenizer, request, spec.needs, progress) if spec.needs else {}
+        stats = statistics(model, tokenizer, request, needs, progress) if needs else {}
     plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
                            extra=extra)
-    plan.calib = calib_key(request, spec.kind) if spec.needs else None
+    plan.calib = calib_key(request, spec.kind) if needs else None
     return plan
+
+
+def skip_betas(model, tokenizer, request: PlanRequest, progress: bool = True) -> dict[int, float]:
+    """Per-layer skipping thresholds: ``skip_beta`` for every layer, or measured on the model as it is now.
+
+    Measured thresholds (NAEE's beta_l, the median second/first gate ratio on the calibration set)
+    come from the routing statistics of the model that will run, after pruning, as the paper pairs
+    r=6 pruning with skipping; they are cached like any other statistics.
+    """
+    if request.skip not in SKIP_RULES:
+        raise ValueError(f"skip={request.skip!r}: choose one of {', '.join(SKIP_RULES)}")
+    view = MoEView(model)
+    if request.skip_beta is not None:  # a fixed threshold for every layer (0 skips nothing)
+        return {index: float(request.skip_beta) for index in view.indices}
+    return naee_betas(statistics(model, tokenizer, request, ["routing"], progress))
+
+
+def prepare(model, tokenizer, request: PlanRequest, mode: str = "physical", offload: bool = False,
+            progress: bool = True) -> Applied:
+    """Make the request's plan, apply it to ``model`` (in place), switch on skipping if asked.
+
+    The returned `Applied` holds the complete plan (kept sets, skip thresholds, selector state).
+    """
+    plan = make_plan(model, tokenizer, request, progress)
+    applied = apply(model, plan, mode, offload)
+    if request.skip != "none":
+        applied.enable_skip(skip_betas(model, tokenizer, request, progress), request.skip)
+    return applied
 
 
 def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, int], stats: dict,

@@ -1,9 +1,11 @@
-"""Plans: what a method decided, as JSON-serialisable data.
+"""Plans: what a method decided, as JSON-serialisable data; `moebench.method.apply` puts one in effect.
 
-``plan.json`` holds ``method``, its ``params``, ``ratio``, the calibration key ``calib``, and
-``keep``: MoE decoder-layer index (a string in JSON) -> sorted kept expert ids. Methods that do
-more than keep a static set add their data under ``extra`` (per-layer skip thresholds, selector
-state, ...).
+``plan.json`` holds ``method``, ``kind``, its ``params``, ``ratio``, the calibration key ``calib``,
+``keep`` (MoE decoder-layer index, a string in JSON -> sorted kept expert ids; absent layers keep
+every expert), ``skip`` (dynamic skipping: ``{"rule": "naee", "betas": {layer: beta}}``, or null),
+``selector`` (select plans: ``{"name": "retrieval" | "predictive", ...}``, everything the per-input
+selector needs) and ``extra`` (bookkeeping for reports: ``n_experts``, ``keep_frequency``, ...).
+A plan is complete: applying a saved plan to the same base model gives the same model.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ class Plan:
     calib: str | None = None
     keep: dict[int, list[int]] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    skip: dict | None = None
+    selector: dict | None = None
 
     def __post_init__(self):
         self.keep = {int(k): sorted(int(i) for i in v) for k, v in self.keep.items()}
+        if self.skip is not None:
+            self.skip = {**self.skip, "betas": {int(k): float(v) for k, v in self.skip["betas"].items()}}
 
     def experts_kept(self) -> dict[int, int]:
         """Kept expert count per MoE layer."""
@@ -37,6 +43,8 @@ class Plan:
         """The plan as pretty JSON (layer keys as strings, sorted)."""
         data = asdict(self)
         data["keep"] = {str(i): ids for i, ids in sorted(self.keep.items())}
+        if self.skip is not None:
+            data["skip"] = {**self.skip, "betas": {str(i): b for i, b in sorted(self.skip["betas"].items())}}
         return json.dumps(data, indent=2, sort_keys=False)
 
     def save(self, path: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -29,16 +30,33 @@ STAT_GROUPS = ("routing", "norms", "logits", "outputs")
 
 @dataclass(frozen=True)
 class Param:
-    """One scalar parameter of a method: its type, default and allowed range."""
+    """One scalar parameter of a method: its type, default, allowed range or choices.
+
+    A parameter annotated ``Literal["a", "b"]`` takes only those values (``choices``).
+    """
 
     name: str
     type: type
     default: object
     low: float | None = None
     high: float | None = None
+    choices: tuple | None = None
+
+    def describe(self) -> str:
+        """``name=default`` with the choices or range, for listings (``search=auto (auto|beam)``)."""
+        text = f"{self.name}={self.default!r}"
+        if self.choices:
+            return f"{text} ({'|'.join(map(str, self.choices))})"
+        return text
 
     def parse(self, value, method: str):
-        """``value`` (possibly a string from the command line) converted and range-checked."""
+        """``value`` (possibly a string from the command line) converted and checked."""
+        if self.choices is not None:
+            value = value.strip() if isinstance(value, str) else value
+            if value not in self.choices:
+                raise ValueError(f"{method}: parameter {self.name}={value!r} must be one of "
+                                 f"{', '.join(map(repr, self.choices))}{did_you_mean(str(value), self.choices)}")
+            return value
         try:
             if self.type is bool and isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -67,6 +85,20 @@ class MethodSpec:
     module: str
     doc: str = ""
     global_budget: bool = False  # per-layer counts may differ; only the total follows the budget
+    takes_budget: bool = True  # False only for the identity method `none` (the unpruned model)
+    extra_needs: Callable[[dict], tuple[str, ...]] | None = None  # groups that depend on a parameter
+
+    def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
+        """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
+        if self.extra_needs is None:
+            return self.needs
+        extra = self.extra_needs(self.parse_params(params))
+        return tuple(dict.fromkeys((*self.needs, *extra)))
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether this is the method that changes nothing (`none`)."""
+        return not self.takes_budget
 
     def parse_params(self, given: dict | None) -> dict:
         """All parameters with defaults filled in; unknown names raise with a suggestion."""
@@ -83,21 +115,31 @@ _LOADED = False
 
 
 def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
+    """The keyword-only parameters of ``fn`` (``Literal[...]`` annotations become choices)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated: fall back to the defaults' types
+        hints = {}
     params = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind is not p.KEYWORD_ONLY:
             continue
         if p.default is p.empty:
             raise TypeError(f"{fn.__name__}: parameter {p.name} needs a default")
-        ptype = p.annotation if isinstance(p.annotation, type) else type(p.default)
+        hint = hints.get(p.name)
+        choices = tuple(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else None
+        if choices is not None and p.default not in choices:
+            raise TypeError(f"{fn.__name__}: default {p.name}={p.default!r} is not one of its choices {choices}")
+        ptype = hint if isinstance(hint, type) else type(p.default)
         low, high = bounds.get(p.name, (None, None))
-        params[p.name] = Param(p.name, ptype, p.default, low, high)
+        params[p.name] = Param(p.name, ptype, p.default, low, high, choices)
     return params
 
 
-def _register(name, kind, needs, paper, bounds, scoring, global_budget=False):
+def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
+    needs = tuple(needs)
     bad = set(needs) - set(STAT_GROUPS)
     if bad:
         raise ValueError(f"method {name}: unknown statistic groups {sorted(bad)}; known: {STAT_GROUPS}")
@@ -105,25 +147,33 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False):
     def decorate(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
-        _REGISTRY[name] = MethodSpec(name, kind, tuple(needs), paper, fn, _params_of(fn, bounds or {}),
-                                     scoring, fn.__module__, inspect.getdoc(fn) or "", global_budget)
+        _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
+                                     fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
+                                     extra_needs)
         return fn
 
     return decorate
 
 
-def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None):
-    """Register ``fn(ctx, layer, *, params) -> scores [E]``; the best experts of each layer are kept."""
-    return _register(name, "prune", needs, paper, bounds, scoring=True)
+def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None, extra_needs=None):
+    """Register ``fn(ctx, layer, *, params) -> scores [E]``; the best experts of each layer are kept.
+
+    ``needs``: the statistic groups; ``extra_needs(params) -> groups``: more groups where they
+    depend on a parameter.
+    """
+    return _register(name, "prune", needs, paper, bounds, scoring=True, extra_needs=extra_needs)
 
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
-            global_budget: bool = False):
+            global_budget: bool = False, takes_budget: bool = True, extra_needs=None):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
-    ``global_budget``: the method redistributes the total budget across layers.
+    ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
+    False only for the identity method (`none`), which takes no ratio or keep. ``needs`` and
+    ``extra_needs`` as for `score_method`.
     """
-    return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget)
+    return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
+                     takes_budget=takes_budget, extra_needs=extra_needs)
 
 
 def load_methods() -> dict[str, MethodSpec]:

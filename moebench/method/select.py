@@ -1,6 +1,6 @@
 """Input-aware expert selection at inference (method kind ``select``): signatures and selectors.
 
-A select method's plan stores, in ``Plan.extra``, everything the selector needs (JSON data only).
+A select method's plan stores, in ``Plan.selector``, everything the selector needs (JSON data only).
 At inference:
 
 1. `context_signature(model, tokens)`: one forward of the request *context* ``[T]`` (never a
@@ -150,12 +150,12 @@ SELECTORS = {"retrieval": RetrievalSelector, "predictive": PredictiveSelector}
 
 
 def selector_from_plan(plan: Plan):
-    """The selector object a select plan describes (``plan.extra["selector"]`` names its class)."""
-    kind = plan.extra.get("selector")
+    """The selector object a select plan describes (``plan.selector["name"]`` names its class)."""
+    kind = (plan.selector or {}).get("name")
     if kind not in SELECTORS:
-        raise ValueError(f"plan of {plan.method} has no selector (extra.selector={kind!r}); "
+        raise ValueError(f"plan of {plan.method} has no selector (selector.name={kind!r}); "
                          f"known: {', '.join(SELECTORS)}")
-    return SELECTORS[kind](plan.extra)
+    return SELECTORS[kind](plan.selector)
 
 
 def full_selection(view: MoEView) -> dict[int, list[int]]:

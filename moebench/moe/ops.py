@@ -286,6 +286,18 @@ def unmask(model: nn.Module) -> None:
     model._moebench_masks = {}
 
 
+def mask_signature(model: nn.Module) -> str | None:
+    """A short hash of the active routing mask (None without one): masked and unmasked weights are
+    the same tensors, so anything keyed by the weights (the statistics cache) must add this."""
+    masks = getattr(model, "_moebench_masks", None)
+    if not masks:
+        return None
+    import hashlib
+
+    text = ";".join(f"{i}:{m.allowed.nonzero().flatten().tolist()}" for i, m in sorted(masks.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def is_masked(model: nn.Module) -> bool:
     """Whether a routing mask is active on ``model``."""
     return bool(getattr(model, "_moebench_masks", None))
