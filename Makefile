@@ -1,4 +1,4 @@
-.PHONY: setup demo test
+.PHONY: setup demo lint test
 
 setup: .venv/.moebench-installed
 
@@ -8,6 +8,9 @@ setup: .venv/.moebench-installed
 
 demo: setup
 	.venv/bin/moebench demo
+
+lint: setup
+	.venv/bin/ruff check .
 
 test: setup
 	.venv/bin/python -m pytest -q tests

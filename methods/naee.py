@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 
 from moebench.method.registry import planner
-from moebench.moe.view import MoEError
 from moebench.moe.ops import layer_mask, row_mask
+from moebench.moe.view import MoEError
 
 CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subsets (128 MiB in fp32)
 
@@ -111,7 +111,7 @@ class Recombiner:
             part = subsets[start:start + self.per_call]
             routed = self._route(part)
             if routed is None:  # score-correction bias: one router call per subset
-                routed = tuple(torch.cat(parts) for parts in zip(*(self._route_one(s) for s in part)))
+                routed = tuple(torch.cat(parts) for parts in zip(*(self._route_one(s) for s in part), strict=True))
             sq = self._squared_errors(*routed)
             per_seq = torch.zeros(len(part), self.n_seq, dtype=torch.float64).index_add_(1, self.seq, sq)
             out.append(per_seq.sqrt().sum(1))
@@ -189,7 +189,7 @@ def beam(layer, stats, r: int, width: int) -> list[int]:
                 child = tuple(e for e in subset if e != drop)
                 if child not in children and (size > r or _valid(layer, child)) and len(child) >= layer.top_k:
                     children[child] = None
-        scored = dict(zip(children, recombiner.losses(list(children)).tolist()))
+        scored = dict(zip(children, recombiner.losses(list(children)).tolist(), strict=True))
         frontier = sorted(scored, key=lambda c: (scored[c], c))[:width]
     best = list(frontier[0])
     return _swap_refine(recombiner, best)

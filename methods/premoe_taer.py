@@ -7,8 +7,8 @@ v3 (PEU, 'Proactive Inference') changes the score, not the retrieval.
 
 from __future__ import annotations
 
-from moebench.method.registry import planner, select_top
 from moebench.method.plan import Plan
+from moebench.method.registry import planner, select_top
 from moebench.method.select import topk_marker
 
 PAPER = ("Pei et al., 'PreMoe: Lightening MoEs on Constrained Memory by Expert Pruning and Retrieval', "

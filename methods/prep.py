@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moebench.method.registry import planner
 from moebench.method.plan import Plan
+from moebench.method.registry import planner
 
 PAPER = "Zhang et al., 'PREP', Frontiers of Computer Science 2026 (abstract only; algorithm as implemented)"
 
@@ -74,8 +74,8 @@ def prep(ctx, *, points: int = 8, ridge: float = 1.0):
                              for j in range(len(centers))])
     dz, di = z - centers[assign], imp - point_imp[assign]  # [P, L, E]
     eye = torch.eye(n_exp, dtype=torch.float64)
-    jac = torch.stack([torch.linalg.solve(dz[:, l].T @ dz[:, l] + ridge * eye, dz[:, l].T @ di[:, l]).T
-                       for l in range(n_layers)])  # [L, E, E]: d I / d z
+    jac = torch.stack([torch.linalg.solve(dz[:, li].T @ dz[:, li] + ridge * eye, dz[:, li].T @ di[:, li]).T
+                       for li in range(n_layers)])  # [L, E, E]: d I / d z
     layers = ctx.view.layers
     selector = {"name": "predictive", "layers": [layer.index for layer in layers],
                 "top_k": {str(layer.index): layer.top_k for layer in layers},

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import FAMILIES, VOCAB, tiny_model  # noqa: E402
+from tiny_models import FAMILIES, VOCAB, tiny_model
 
 
 def build_tokenizer():

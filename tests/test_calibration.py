@@ -65,7 +65,7 @@ def test_special_token_text_never_becomes_a_special_id(tok, tmp_path):
 def test_key_is_readable_and_unique(txt):
     assert parse_calibration("c4").key == "c4-128x2048-s0"
     assert Calibration("C4", 64, 1024, 3).key == "c4-64x1024-s3"
-    keys = {Calibration(s, n, l, seed).key for s in ("c4", "gsm8k") for n in (1, 2) for l in (8, 9)
+    keys = {Calibration(s, n, length, seed).key for s in ("c4", "gsm8k") for n in (1, 2) for length in (8, 9)
             for seed in (0, 1)}
     assert len(keys) == 16
     hf = Calibration("hf:openai/gsm8k:main:train:Q: {question}").key
@@ -89,9 +89,9 @@ def test_file_sources_txt_and_jsonl(tmp_path, monkeypatch):
     assert sorted(parse_calibration("file:b.jsonl#{q} -> {a}").texts())[0] == "q0 -> a0"
     with pytest.raises(ValueError, match="no column 'missing'"):
         list(parse_calibration("file:b.jsonl#missing").texts())
-    with pytest.raises(ValueError, match="existing .txt or .jsonl"):
+    with pytest.raises(ValueError, match=r"existing \.txt or \.jsonl"):
         parse_calibration("file:nowhere.txt")
-    with pytest.raises(ValueError, match=".jsonl files only"):
+    with pytest.raises(ValueError, match=r"\.jsonl files only"):
         parse_calibration("file:a.txt#text")
 
 

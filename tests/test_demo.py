@@ -64,7 +64,8 @@ def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
     assert f"premoe_taer {by_method[('premoe_taer', 'none')]:.3f}" in f5 and "prep n/a" in f5
     best = max(by_method[(m, "none")] for m in ("frequency", "reap"))
     assert f"{best:.3f}" in f5.split("best static")[1]
-    verdict = "yes" if by_method[("premoe_taer", "none")] > best else ("tie" if by_method[("premoe_taer", "none")] == best else "no")
+    aware = by_method[("premoe_taer", "none")]
+    verdict = "yes" if aware > best else ("tie" if aware == best else "no")
     assert f5.endswith(f"-> {verdict}")
     f3 = next(line for line in findings.splitlines() if line.startswith("- F3"))
     rate = runs[(runs["method"] == "naee") & (runs["skip"] == "naee")]["skip_rate"].iloc[0]

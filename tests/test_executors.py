@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 from moebench.grid.executors import ExecutorResult, LocalExecutor, make_executor
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 # A tiny idempotent cell command: argv = [cell_dir, mode]. It records each run (start and end
 # times) in runs.txt and writes DONE last. Modes: ok, fail (exit 3), nodone (exit 0, no DONE),

@@ -10,16 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from tiny_models import VOCAB
 
 import moebench.calib.cache as stats_cache
+from moebench.grid.results import build_tables
 from moebench.grid.runner import run_grid, status
 from moebench.grid.spec import load_study
-from moebench.grid.results import build_tables
-from tiny_models import VOCAB
 
 TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
           "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha"]
@@ -65,9 +66,9 @@ def test_grid_runs_every_cell_with_one_calibration(study_file, tmp_path, monkeyp
     assert pruned["expert_bytes"].is_monotonic_decreasing
     assert set(scores["task"]) == {"testbed_logic"} and len(scores) == 6
     folder = os.path.join(root, "cells", runs["cell"][0])
-    cell = json.loads(open(os.path.join(folder, "cell.json")).read())
+    cell = json.loads(Path(os.path.join(folder, "cell.json")).read_text())
     assert {"torch_version", "lm_eval_version", "device", "dtype", "expert_kernel"} <= set(cell["env"])
-    plan = json.loads(open(os.path.join(folder, "plan.json")).read())
+    plan = json.loads(Path(os.path.join(folder, "plan.json")).read_text())
     assert plan["method"] == cell["spec"]["method"] and plan["keep"]
     again = run_grid(study, root, progress=False)  # all done: nothing re-runs
     assert again["done"] == 0 and again["skipped"] == 6
@@ -102,13 +103,13 @@ def test_kill_9_mid_grid_then_resume(tmp_path, saved_models):
     assert len(states["done"]) == 4 and not states["failed"] and not states["pending"]
     for folder, mtime in done_before.items():  # finished cells were not run again
         assert os.path.getmtime(os.path.join(folder, "DONE")) == mtime
-    for got, want in zip(tables_without_timing(root), tables_without_timing(reference)):
+    for got, want in zip(tables_without_timing(root), tables_without_timing(reference), strict=True):
         pd.testing.assert_frame_equal(got.drop(columns=["study"], errors="ignore"),
                                       want.drop(columns=["study"], errors="ignore"))
 
 
 def test_failed_cell_writes_failure_and_is_retried(study_file, tmp_path):
-    spec = yaml.safe_load(open(study_file))
+    spec = yaml.safe_load(Path(study_file).read_text())
     model = tmp_path / "model"
     shutil.copytree(spec["models"][0], model)  # a private copy we can take away
     spec.update(models=[str(model)], methods=["random"], ratios=[0.5], baseline=True)
@@ -119,7 +120,7 @@ def test_failed_cell_writes_failure_and_is_retried(study_file, tmp_path):
     root = str(tmp_path / "retry")
     summary = run_grid(study, root, progress=False)
     assert len(summary["failed"]) == 2
-    failure = json.loads(open(os.path.join(summary["failed"][0], "failure.json")).read())
+    failure = json.loads(Path(os.path.join(summary["failed"][0], "failure.json")).read_text())
     assert "Traceback" in failure["traceback"]
     os.rename(tmp_path / "away", model)
     summary = run_grid(study, root, progress=False)
@@ -144,7 +145,7 @@ def test_grid_measures_latency_per_prompt_length_into_a_table_and_figure(tmp_pat
     assert sorted(latency["prompt_len"].unique()) == [4, 16]
     assert (latency["ms_per_token"] > 0).all() and (latency["ms_per_token_p90"] >= latency["ms_per_token"]).all()
     assert (latency["new_tokens"] == 4).all() and (latency["prefill_ms"] > 0).all()
-    cell = json.loads(open(os.path.join(root, "cells", runs["cell"][0], "cell.json")).read())
+    cell = json.loads(Path(os.path.join(root, "cells", runs["cell"][0], "cell.json")).read_text())
     assert cell["metrics"]["latency_dropped"]["prompt_len"] == [200]
     assert "max_position_embeddings=128" in cell["metrics"]["latency_dropped"]["why"]
     (data,) = load_studies(root)

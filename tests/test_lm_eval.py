@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from tiny_models import VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,8 @@ def load(name, **_):
 '''
 TASKS = {
     "tiny_mc": "output_type: multiple_choice\ndoc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: label\n"
-               "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+               "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+               "    higher_is_better: true\n",
     "tiny_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n"
                 "metric_list:\n  - metric: word_perplexity\n",
     "tiny_gen": "output_type: generate_until\ndoc_to_text: query\ndoc_to_target: answer\n"
@@ -230,9 +230,9 @@ def test_output_folder_names_the_variant_and_results_keep_the_typed_args(env):
 
 
 def test_nothing_is_calibrated_or_changed_until_the_first_request(env, tmp_path, monkeypatch):
-    import moebench.calib.cache as stats_cache
     from lm_eval.api.instance import Instance
 
+    import moebench.calib.cache as stats_cache
     from moebench.eval.model import PrunedMoELM
     from moebench.moe.view import MoEView
 
@@ -350,7 +350,7 @@ def test_pth_line_installs_the_top_level_hook():
     from moebench._packaging import HOOK_MODULE, PTH_NAME, PTH_TEXT
 
     assert PTH_NAME[0].islower() and PTH_TEXT.startswith("import ") and PTH_TEXT.count("\n") == 1
-    assert f"__import__('{HOOK_MODULE}').install()" in PTH_TEXT and HOOK_MODULE == moebench_lm_eval_hook.__name__
+    assert f"__import__('{HOOK_MODULE}').install()" in PTH_TEXT and moebench_lm_eval_hook.__name__ == HOOK_MODULE
     assert "." not in HOOK_MODULE and callable(moebench_lm_eval_hook.install)
 
 
@@ -367,7 +367,8 @@ def test_testbed_smoke(tmp_path):
 
     result = lm_eval.simple_evaluate(
         model="pruned_moe", model_args=f"pretrained={names[0]},method=frequency,ratio=0.25,calib=testbed:mix,"
-                                       f"calib_samples=8,calib_seq_len=64,stats_dir={tmp_path}", tasks=["testbed_facts"], limit=8,
+                                       f"calib_samples=8,calib_seq_len=64,stats_dir={tmp_path}",
+        tasks=["testbed_facts"], limit=8,
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False), device="cpu",
         bootstrap_iters=0)
     assert 0.0 <= result["results"]["testbed_facts"]["acc,none"] <= 1.0
@@ -379,7 +380,7 @@ def test_skip_beta_zero_equals_no_skipping_and_median_skips_half(env):
     zero = evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},method=reap,ratio=0.25,"
                                        "skip=naee,skip_beta=0")
     for task, resps in responses(plain).items():
-        for got, want in zip(responses(zero)[task], resps):
+        for got, want in zip(responses(zero)[task], resps, strict=True):
             assert [float(r[0][0]) for r in got] == pytest.approx([float(r[0][0]) for r in want], abs=1e-4)
     assert zero["config"]["moebench"]["skipping"]["skipped"] == 0
     median = evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},method=reap,ratio=0.25,skip=naee")

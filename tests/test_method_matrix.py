@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES, sample_ids, tiny_model
 
 from moebench.calib.stats import GROUPS, CollectSettings, collect
 from moebench.method.apply import apply
@@ -20,7 +21,6 @@ from moebench.method.pipeline import plan_from_stats
 from moebench.method.plan import Plan
 from moebench.method.registry import get_method, load_methods, resolve_budget
 from moebench.moe.view import MoEView
-from tiny_models import FAMILIES, sample_ids, tiny_model
 
 METHODS = sorted(load_methods())
 RATIO = 0.25

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import sample_ids, tiny_model
 
+from moebench.calib.stats import GROUPS, CollectSettings, collect
+from moebench.method.pipeline import plan_from_stats
 from moebench.method.registry import get_method, load_methods, resolve_budget
 from moebench.moe.view import MoEError, MoEView
-from moebench.method.pipeline import plan_from_stats
-from moebench.calib.stats import GROUPS, CollectSettings, collect
-from tiny_models import FAMILIES, sample_ids, tiny_model
 
 _STATS = {}
 
@@ -25,7 +25,7 @@ def family_stats(family):
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_every_method_gives_valid_plans(family, ratio):
-    model, view, stats = family_stats(family)
+    _model, view, stats = family_stats(family)
     budget = resolve_budget(view, ratio=ratio)
     for name in sorted(load_methods()):
         spec = get_method(name)
@@ -43,7 +43,7 @@ def test_every_method_gives_valid_plans(family, ratio):
 
 
 def test_scores_pick_the_best_experts():
-    model, view, stats = family_stats("mixtral")
+    _model, view, stats = family_stats("mixtral")
     budget = resolve_budget(view, keep=4)
     plan = plan_from_stats(view, "frequency", {}, budget, stats)
     for index, ids in plan.keep.items():
@@ -70,7 +70,8 @@ def test_unknown_method_and_parameter_suggest():
 
 def test_impossible_budget_names_the_numbers():
     _, view, _ = family_stats("mixtral")
-    with pytest.raises(MoEError, match=r"ratio=0.9 leaves 1 experts but the router selects top_k=2; use ratio <= 0.750"):
+    with pytest.raises(MoEError,
+                       match=r"ratio=0.9 leaves 1 experts but the router selects top_k=2; use ratio <= 0.750"):
         resolve_budget(view, ratio=0.9)
     with pytest.raises(ValueError, match=r"ratio=1.2 must be in \[0, 1\)"):
         resolve_budget(view, ratio=1.2)
@@ -105,7 +106,7 @@ def test_grape_takes_more_from_the_more_redundant_layer():
     """A layer whose experts all behave alike (redundant) loses more experts than a diverse one."""
     from moebench.methods.grape import cka_similarity
 
-    model, view, stats = family_stats("mixtral")
+    _model, view, stats = family_stats("mixtral")
     stats = {i: dict(s) for i, s in stats.items()}
     first, second = view.indices
     base = stats[first]["all_outputs"][:, :1]

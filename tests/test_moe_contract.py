@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-
-from moebench.moe.view import MoEError, MoEView
-from moebench.moe.ops import is_masked, mask, prune, unmask
 from tiny_models import FAMILIES, observe_input, sample_ids, tiny_model
+
+from moebench.moe.ops import is_masked, mask, prune, unmask
+from moebench.moe.view import MoEError, MoEView
 
 KEEP6 = [0, 1, 3, 5, 6, 7]  # 3 of 4 in each of the 2 routing groups
 KEEP4 = [0, 3, 4, 7]  # 2 of 4 in each group
@@ -95,7 +95,7 @@ def test_prune_equals_mask_and_unmask_restores(family):
 def test_prune_updates_config_under_family_key(family):
     model = tiny_model(family)
     view = MoEView(model)
-    prune(model, {i: KEEP6 for i in view.indices})
+    prune(model, dict.fromkeys(view.indices, KEEP6))
     saved = model.config.to_dict()
     assert saved[view.family.count_key] == 6
     assert "moebench_experts_per_layer" not in saved
@@ -106,7 +106,7 @@ def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
     expected = {}
     for family in FAMILIES:
         model = tiny_model(family)
-        prune(model, {i: KEEP6 for i in MoEView(model).indices})
+        prune(model, dict.fromkeys(MoEView(model).indices, KEEP6))
         model.save_pretrained(tmp_path / family)
         expected[family] = logits(model).tolist()
     (tmp_path / "expected.json").write_text(json.dumps(expected))
@@ -170,7 +170,7 @@ def test_every_problem_is_listed_at_once():
 def test_model_without_moe_layers_is_an_error():
     model = tiny_model("qwen3_moe", mlp_only_layers=[0, 1, 2])
     with pytest.raises(MoEError, match="has no MoE layers"):
-        MoEView(model).layers
+        _ = MoEView(model).layers  # the layers are resolved on access
 
 
 def test_unsupported_family_is_an_error():
@@ -186,5 +186,5 @@ def test_transformers4_style_experts_are_an_error():
     model = tiny_model("mixtral")
     block = model.model.layers[0].mlp
     block.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(8)])
-    with pytest.raises(MoEError, match="transformers 4.x style"):
-        MoEView(model).layers
+    with pytest.raises(MoEError, match=r"transformers 4\.x style"):
+        _ = MoEView(model).layers  # the layers are resolved on access

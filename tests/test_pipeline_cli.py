@@ -7,15 +7,14 @@ import random
 
 import pytest
 import torch
+from conftest import build_tokenizer
+from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 import moebench.calib.cache as stats_cache
 from moebench.cli import main
-from moebench.moe.view import MoEView
 from moebench.method.pipeline import PlanRequest, make_plan
-from tiny_models import VOCAB, tiny_model
-
-from conftest import build_tokenizer
+from moebench.moe.view import MoEView
 
 
 @pytest.fixture
@@ -43,8 +42,8 @@ def passes(monkeypatch):
 
 
 def request(corpus, tmp_path, **kw):
-    base = dict(calib=f"file:{corpus}", calib_samples=4, calib_seq_len=16, stats_dir=str(tmp_path / "stats"),
-                model_id="tiny")
+    base = {"calib": f"file:{corpus}", "calib_samples": 4, "calib_seq_len": 16, "stats_dir": str(tmp_path / "stats"),
+            "model_id": "tiny"}
     return PlanRequest(**{**base, **kw})
 
 
@@ -77,7 +76,7 @@ def test_changed_model_does_not_read_another_models_statistics(corpus, tmp_path,
 
 
 def test_method_needing_statistics_without_calibration_is_an_error():
-    with pytest.raises(ValueError, match="needs calibration statistics .* give a calibration source"):
+    with pytest.raises(ValueError, match=r"needs calibration statistics .* give a calibration source"):
         make_plan(tiny_model("mixtral"), build_tokenizer(), PlanRequest(method="reap", ratio=0.5), progress=False)
 
 
@@ -99,7 +98,7 @@ def test_prune_cli_writes_a_plain_checkpoint_and_plan(family, saved_models, corp
 
 def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, capsys):
     args = ["prune", saved_models("mixtral"), "--calib", f"file:{corpus}", "--out", str(tmp_path / "o")]
-    assert main(args + ["--method", "reapp", "--ratio", "0.5"]) == 2
+    assert main([*args, "--method", "reapp", "--ratio", "0.5"]) == 2
     assert "did you mean 'reap'" in capsys.readouterr().err
-    assert main(args + ["--method", "reap", "--ratio", "0.9"]) == 2
+    assert main([*args, "--method", "reap", "--ratio", "0.9"]) == 2
     assert "leaves 1 experts but the router selects top_k=2" in capsys.readouterr().err

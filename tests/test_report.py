@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -35,11 +36,10 @@ def _acc(method: str, ratio: float, calib: str, task: str) -> float:
 
 def _plan(method: str, ratio: float, calib: str) -> dict:
     layers, kept = [0, 1, 2, 3], round(8 * (1 - ratio))
-    if method == "grape":  # non-uniform: first layer keeps more
-        counts = [min(8, kept + 1), kept, kept, max(2, kept - 1)]
-    else:
-        counts = [kept] * 4
-    keep = {str(layer): list(range(8 - n, 8)) if layer % 2 else list(range(n)) for layer, n in zip(layers, counts)}
+    # grape is non-uniform: the first layer keeps more
+    counts = [min(8, kept + 1), kept, kept, max(2, kept - 1)] if method == "grape" else [kept] * 4
+    keep = {str(layer): list(range(8 - n, 8)) if layer % 2 else list(range(n))
+            for layer, n in zip(layers, counts, strict=True)}
     return {"method": method, "kind": "prune", "params": {}, "ratio": ratio, "calib": calib, "keep": keep,
             "extra": {"n_experts": 8}}
 
@@ -51,7 +51,7 @@ def make_results(root, study="toy", small=False) -> str:
     """
     folder = os.path.join(root, study)
     runs, scores, latency = [], [], []
-    grid = [(("testbed-8e",) + g + (False,)) for g in GRID] + [("testbed-16e", "none", 0.0, "", False),
+    grid = [(("testbed-8e", *g, False)) for g in GRID] + [("testbed-16e", "none", 0.0, "", False),
                                                                 ("testbed-16e", "reap", 0.5, "testbed:mix", False),
                                                                 ("testbed-8e", "random", 0.5, "", True)]
     if small:
@@ -59,7 +59,7 @@ def make_results(root, study="toy", small=False) -> str:
     for i, (model, method, ratio, calib, limited) in enumerate(grid):
         cell = f"c{i:02d}"
         expert = int(4_000_000 * (1 - ratio)) * (2 if model == "testbed-16e" else 1)
-        row = {k: None for k in RUN_COLUMNS}
+        row = dict.fromkeys(RUN_COLUMNS)
         row.update(cell=cell, study=study, model=model, method=method, params="{}", skip="none", ratio=ratio,
                    calib=calib, apply="physical", tasks="testbed_mc", limit=20 if limited else None, limited=limited,
                    expert_bytes=expert, other_bytes=500_000, peak_memory_bytes=expert + 2_000_000,
@@ -106,7 +106,7 @@ def built(tmp_path_factory):
 
 def test_report_files_and_every_listed_figure_exist(built):
     report = built["report"]
-    text = open(os.path.join(report, "report.md")).read()
+    text = Path(os.path.join(report, "report.md")).read_text()
     assert os.path.getsize(os.path.join(report, "report.pdf")) > 10_000
     listed = re.findall(r"\]\((figures/[^)]+)\.png\)", text)
     expected = {"accuracy_vs_ratio", "recovery_vs_ratio", "memory_pareto", "speedup_vs_ratio", "latency_vs_input",
@@ -145,11 +145,11 @@ def test_latex_tables_use_booktabs(built):
     tables = sorted(glob.glob(os.path.join(built["report"], "tables", "*.tex")))
     assert [os.path.basename(t) for t in tables] == ["calibration_effect.tex", "main.tex", "per_task.tex"]
     for path in tables:
-        text = open(path).read()
+        text = Path(path).read_text()
         for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
             assert rule in text, (path, rule)
         assert "|" not in text.split(r"\begin{tabular}")[1].split("}")[0]  # no vertical rules
-    main_tex = open(os.path.join(built["report"], "tables", "main.tex")).read()
+    main_tex = Path(os.path.join(built["report"], "tables", "main.tex")).read_text()
     assert r"testbed:arithmetic" in main_tex and r"\_" not in "testbed-8e"
 
 
@@ -164,7 +164,7 @@ def test_recovery_equals_hand_computed(built):
     assert row["accuracy"] == pytest.approx(pruned)
     assert row["recovery"] == pytest.approx(100 * pruned / base)
     assert row["decode_speedup"] == pytest.approx(1.2)
-    text = open(os.path.join(built["report"], "report.md")).read()
+    text = Path(os.path.join(built["report"], "report.md")).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| testbed-8e | reap | testbed:mix | 0.50 |"))
     assert f"| {100 * pruned:.2f} | {100 * pruned / base:.1f} |" in line
     # acc_norm as the configured metric changes the average the same way for every task
@@ -173,12 +173,12 @@ def test_recovery_equals_hand_computed(built):
 
 
 def test_limited_runs_are_flagged_and_off_the_leaderboard(built):
-    text = open(os.path.join(built["report"], "report.md")).read()
+    text = Path(os.path.join(built["report"], "report.md")).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| testbed-8e | random |"))
     assert line.rstrip(" |").endswith("limited")
     assert "limited runs: 1 of 12" in text
-    board = open(os.path.join(built["out"], "leaderboard.md")).read()
-    page = open(os.path.join(built["out"], "leaderboard.html")).read()
+    board = Path(os.path.join(built["out"], "leaderboard.md")).read_text()
+    page = Path(os.path.join(built["out"], "leaderboard.html")).read_text()
     assert "random" not in board and "random" not in page
     assert "1 cells run with an lm-eval limit are left out" in board
     assert board.count("| toy | testbed-8e |") == 9 and "sortBy" in page and "<script>" in page
@@ -230,7 +230,7 @@ def test_measured_beside_published_and_figures_skipped_without_data(tmp_path):
     rte = scores[scores["task"] == "openbookqa"].assign(task="rte")
     pd.concat([scores, rte]).to_csv(f"{tables}/scores.csv", index=False)
     assert main(["report", folder, "--out", str(tmp_path / "reports")]) == 0
-    text = open(tmp_path / "reports" / "diep-mini" / "report.md").read()
+    text = (tmp_path / "reports" / "diep-mini" / "report.md").read_text()
     section = text.split("## Measured beside published")[1].split("## Figures")[0]
     measured = 100 * (0.80 + 0.90 + 0.70 + 0.70) / 4  # boolq, mmlu, openbookqa, rte of the unpruned cell
     assert (f"| Bai et al. 2025 (DiEP) | Table 1 | mistralai/Mixtral-8x7B-v0.1 | unpruned | 0.00 | - | average | "
@@ -239,7 +239,7 @@ def test_measured_beside_published_and_figures_skipped_without_data(tmp_path):
     assert "Lasby" not in section  # REAP's eight tasks were not run: no comparison
     assert "| Lu et al. 2024 | ACL 2024 (long papers) | Table 2 | mistralai/Mixtral-8x7B-v0.1 | unpruned |" in text
     assert "arXiv:2509.16105" in text  # sources cited in Appendix B
-    tex = open(tmp_path / "reports" / "diep-mini" / "tables" / "published.tex").read()
+    tex = (tmp_path / "reports" / "diep-mini" / "tables" / "published.tex").read_text()
     assert r"\toprule" in tex and "Bai et al. 2025 (DiEP)" in tex
     # figures whose data are missing are skipped, with the reason in the report
     assert "### Per-token latency vs input length (not drawn)" in text

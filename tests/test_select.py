@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from test_lm_eval import loglikelihoods, write_tasks
 from tiny_models import sample_ids, tiny_model
 
@@ -41,8 +40,8 @@ def senv(tmp_path_factory, saved_models):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_sample_mask_rows_equal_single_masks(model_type):
-    from moebench.moe.view import MoEView
     from moebench.moe.ops import mask, sample_mask, unmask
+    from moebench.moe.view import MoEView
 
     model = tiny_model(model_type)
     view = MoEView(model)
@@ -102,8 +101,8 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
     the selection the context + continuation would get (so reading the continuation would fail this).
     """
     import moebench.method.apply as ls
-    from moebench.moe.ops import sample_mask
     from moebench.method.select import context_signature
+    from moebench.moe.ops import sample_mask
 
     lm = _lm(senv, "premoe_taer")
     seen = []
@@ -146,9 +145,9 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
     """premoe_taer: the nearest stored pattern is the query's own calibration domain (testbed-8e)."""
     from transformers import AutoTokenizer
 
-    from moebench.moe.checkpoint import load_model
     from moebench.method.pipeline import PlanRequest, make_plan
     from moebench.method.select import context_signature, selector_from_plan
+    from moebench.moe.checkpoint import load_model
     from moebench.testbed.data import items
     from moebench.testbed.domains import DOMAINS
     from moebench.testbed.zoo import resolve_model
@@ -169,9 +168,9 @@ def test_retrieval_picks_the_query_domain_on_the_testbed(tmp_path):
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_offload_output_equals_on_device_output(model_type):
     from moebench.moe.kernels import KERNEL_NAME, register
-    from moebench.moe.view import MoEView
-    from moebench.moe.ops import sample_mask
     from moebench.moe.offload import ExpertOffloader
+    from moebench.moe.ops import sample_mask
+    from moebench.moe.view import MoEView
 
     model = tiny_model(model_type)
     view = MoEView(model)

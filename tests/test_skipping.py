@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from moebench.moe.kernels import observing
-from moebench.moe.view import MoEError, MoEView
-from moebench.moe.skipping import SkipRule, disable_skipping, enable_skipping, naee_betas, skip_report
-from moebench.calib.stats import collect
 from tiny_models import sample_ids, tiny_model
+
+from moebench.calib.stats import collect
+from moebench.moe.kernels import observing
+from moebench.moe.skipping import SkipRule, disable_skipping, enable_skipping, naee_betas, skip_report
+from moebench.moe.view import MoEError, MoEView
 
 IDS = sample_ids(4, 32)
 
@@ -25,7 +25,7 @@ def test_beta_zero_equals_no_skipping_and_median_skips_half(family):
     model = tiny_model(family)
     reference = logits(model)
     stats = collect(model, IDS, ["routing"], progress=False)
-    enable_skipping(model, {i: 0.0 for i in stats})
+    enable_skipping(model, dict.fromkeys(stats, 0.0))
     assert torch.allclose(logits(model), reference, atol=1e-5)
     assert skip_report(model)["skipped"] == 0
     enable_skipping(model, naee_betas(stats))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import observe_input, sample_ids, tiny_model
 
+from moebench.calib.stats import GROUPS, CollectSettings, collect
+from moebench.method.pipeline import plan_from_stats
 from moebench.method.registry import resolve_budget
 from moebench.moe.view import MoEView
-from moebench.method.pipeline import plan_from_stats
-from moebench.calib.stats import GROUPS, CollectSettings, collect
-from tiny_models import observe_input, sample_ids, tiny_model
 
 IDS = sample_ids(3, 10)
 

@@ -39,7 +39,7 @@ def test_splits_are_disjoint(domain):
 
 def test_world_is_fixed():
     assert len(domains.WORLD) == domains.N_PEOPLE
-    assert domains.WORLD == domains._build_world()
+    assert domains._build_world() == domains.WORLD
 
 
 def test_calibration_texts():

@@ -11,7 +11,7 @@ import torch
 
 from moebench.testbed.recipes import RECIPES
 
-MICRO = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=2)
+MICRO = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -39,7 +39,7 @@ def test_training_is_deterministic():
     first, again = next(batches(tok, 2, 64, seed=0)), next(batches(tok, 2, 64, seed=0))
     assert torch.equal(first, again)
     a, b = (build_model(RECIPES["testbed-8e"], len(tok), MICRO) for _ in range(2))
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_train_command(tmp_path):

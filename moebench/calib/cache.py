@@ -17,8 +17,8 @@ from dataclasses import asdict
 
 import torch
 
-from moebench.moe.ops import mask_signature
 from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
+from moebench.moe.ops import mask_signature
 from moebench.util import atomic_write
 
 # Collected whenever a pass runs: they cost little beside the forward pass itself.

@@ -111,7 +111,8 @@ class _LayerAccumulator:
 
     def _norms(self, outputs) -> None:
         n = self.layer.num_experts
-        sums = {k: torch.zeros(n, dtype=torch.float64) for k in ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count")}
+        sums = {k: torch.zeros(n, dtype=torch.float64)
+                for k in ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count")}
         for e, (token, gate, y) in outputs.items():
             norm = y.float().norm(dim=-1).double().cpu()
             sums["norm_sum"][e] += norm.sum()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from moebench.calib.stats import GROUPS
 from moebench.cli.common import add_calibration_arguments, load, request_from
 from moebench.method.pipeline import statistics
-from moebench.calib.stats import GROUPS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
     layer = next(iter(stats.values()))
     print(f"statistics for {len(stats)} MoE layers, groups {', '.join(groups)} "
           f"({int(layer['tokens'].item()) if 'tokens' in layer else '?'} tokens) in {time.perf_counter() - start:.1f}s")
-    print(f"cache: {request.stats_dir or 'default'} / {request.calib_samples}x{request.calib_seq_len} of {request.calib}")
+    print(f"cache: {request.stats_dir or 'default'} / "
+          f"{request.calib_samples}x{request.calib_seq_len} of {request.calib}")
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from moebench.method.pipeline import PlanRequest
 from moebench.moe.checkpoint import load_with_tokenizer
 from moebench.moe.view import MoEView
-from moebench.method.pipeline import PlanRequest
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from moebench.eval.args import EXECUTION_ARGS, PrunedMoESettings, split_model_args
+from moebench.eval.plugin import register as _register
 from moebench.eval.select import SelectMixin
 from moebench.method.pipeline import PlanRequest, calib_key, prepare
 from moebench.method.registry import resolve_budget
@@ -55,7 +56,7 @@ def pruned_sizes(view: MoEView, keep: dict[int, list[int]]) -> tuple[int, int]:
     for layer in view.layers:
         n = layer.num_experts
         dropped = n - len(keep.get(layer.index, range(n)))
-        per_expert = [t for t in layer.expert_tensors().values()]
+        per_expert = list(layer.expert_tensors().values())
         per_expert += [t for t, _ in layer.router_tensors().values()]
         params -= dropped * sum(t.numel() for t in per_expert if isinstance(t, torch.nn.Parameter)) // n
         expert_bytes -= dropped * layer.expert_bytes() // n
@@ -228,7 +229,5 @@ class PrunedMoELM(SelectMixin, HFLM):
 def _str_keys(mapping: dict) -> dict:
     return {str(k): v for k, v in sorted(mapping.items())}
 
-
-from moebench.eval.plugin import register as _register  # noqa: E402
 
 _register()  # importing this module directly also makes `pruned_moe` known to lm-eval

@@ -98,7 +98,7 @@ class SelectMixin:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.get("attention_mask")
         rows = [row[m.bool()] if mask is not None else row for row, m in zip(context, mask if mask is not None
-                                                                             else context)]
+                                                                             else context, strict=True)]
         keeps = [self._select_for(tuple(r.tolist())) for r in rows]
         with self.applied.batch(keeps):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)

@@ -63,7 +63,8 @@ def environment(model) -> dict:
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "lm_eval_version": lm_eval.__version__, "moebench_version": moebench.__version__, "git_sha": sha,
             "device": str(param.device), "dtype": str(param.dtype).replace("torch.", ""),
-            "expert_kernel": getattr(model.config, "_experts_implementation", None), "python": platform.python_version(),
+            "expert_kernel": getattr(model.config, "_experts_implementation", None),
+            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
 
 
@@ -73,8 +74,15 @@ def evaluate(folder: str) -> None:
     from lm_eval.tasks import TaskManager
 
     from moebench.eval.model import PrunedMoELM
-    from moebench.measure.speed import (decode_latency, decode_speed, max_positions, peak_memory, prefill_speed,
-                                        reset_peak_memory, weight_bytes)
+    from moebench.measure.speed import (
+        decode_latency,
+        decode_speed,
+        max_positions,
+        peak_memory,
+        prefill_speed,
+        reset_peak_memory,
+        weight_bytes,
+    )
     from moebench.moe.checkpoint import default_device
     from moebench.tasks import task_dir
 

@@ -54,7 +54,8 @@ def run_row(folder: str) -> dict:
     row.update({k: env.get(k) for k in RUN_COLUMNS if k in env})
     calibration = os.path.join(os.path.dirname(os.path.dirname(folder)), "calibration.json")
     if spec["calib"] and os.path.exists(calibration):
-        row["calibration_s"] = _read(os.path.dirname(calibration), "calibration.json").get(f"{spec['model']}|{spec['calib']}")
+        row["calibration_s"] = _read(os.path.dirname(calibration), "calibration.json").get(
+            f"{spec['model']}|{spec['calib']}")
     return {k: row.get(k) for k in RUN_COLUMNS}
 
 
@@ -103,7 +104,8 @@ def build_tables(results_dir: str, allow_mixed: bool = False) -> tuple[pd.DataFr
         raise ValueError(f"{results_dir}: cells differ in {', '.join(mixed)}; their scores are not comparable. "
                          "Re-run the old cells, or pass --allow-mixed to write the tables with a 'mixed_versions' flag")
     runs["mixed_versions"] = bool(mixed)
-    runs = runs.sort_values(["study", "model", "method", "params", "skip", "calib", "ratio", "cell"]).reset_index(drop=True)
+    runs = (runs.sort_values(["study", "model", "method", "params", "skip", "calib", "ratio", "cell"])
+            .reset_index(drop=True))
     scores = scores.sort_values(["cell", "task", "metric", "filter"]).reset_index(drop=True)
     return runs, scores
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from moebench.grid.executors.base import is_done
 from moebench.grid.spec import Cell, Study
@@ -55,8 +56,8 @@ def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> di
     """
     import time
 
-    from moebench.moe.checkpoint import load_with_tokenizer
     from moebench.method.pipeline import PlanRequest, single_requests, statistics
+    from moebench.moe.checkpoint import load_with_tokenizer
 
     needs: dict[tuple[str, str], set[str]] = {}
     for cell in cells:
@@ -98,7 +99,7 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
     folders = prepare(study, root)
     pending = [f for f in folders if not is_done(f)]
     skipped = len(folders) - len(pending)
-    by_folder = dict(zip(folders, study.cells))
+    by_folder = dict(zip(folders, study.cells, strict=True))
     seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
     _record_calibration(root, seconds)
     if executor is None:
@@ -114,7 +115,7 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
 def _record_calibration(root: str, seconds: dict[str, float]) -> None:
     """Keep the first measured calibration time per (model, calibration) in ``calibration.json``."""
     path = os.path.join(root, "calibration.json")
-    known = json.load(open(path)) if os.path.exists(path) else {}
+    known = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     atomic_write_json(path, {**seconds, **known})
 
 

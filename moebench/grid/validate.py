@@ -28,7 +28,7 @@ def method_entries(raw) -> list[dict]:
         keys = sorted(entry["params"])
         values = [as_list(entry["params"][k]) for k in keys]
         for combo in itertools.product(*values):
-            out.append({**entry, "params": dict(zip(keys, combo))})
+            out.append({**entry, "params": dict(zip(keys, combo, strict=True))})
     return out
 
 
@@ -86,7 +86,8 @@ def _check_measure(spec) -> list[str]:
         return []
     if not isinstance(measure, dict):
         return [f"measure={measure!r} must be false or a mapping of {sorted(DEFAULT_MEASURE)}"]
-    problems = [f"measure: unknown key {k!r}{did_you_mean(k, DEFAULT_MEASURE)}" for k in measure if k not in DEFAULT_MEASURE]
+    problems = [f"measure: unknown key {k!r}{did_you_mean(k, DEFAULT_MEASURE)}"
+                for k in measure if k not in DEFAULT_MEASURE]
     for key in ("batch", "prompt_len", "new_tokens", "reps"):
         value = measure.get(key, DEFAULT_MEASURE[key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -125,15 +126,15 @@ def _check_tasks(spec) -> list[str]:
 
 
 def _check_models(spec) -> list[str]:
-    from moebench.moe.checkpoint import load_structure
     from moebench.method.registry import resolve_budget
+    from moebench.moe.checkpoint import load_structure
     from moebench.moe.view import MoEError, MoEView
 
     problems = []
     for model in as_list(spec["models"]):
         try:
             view = MoEView(load_structure(model))
-            view.layers
+            _ = view.layers  # resolving the layers raises MoEError for an unsupported structure
         except (MoEError, OSError, ValueError) as err:
             problems.append(f"model {model!r}: {str(err).splitlines()[0]}")
             continue

@@ -9,7 +9,8 @@ Variants, all on the same seeded prompts ``[batch, prompt_len]``:
 - ``static prune``: the experts the first prompt selects removed physically (the same ratio).
 
 Prefill tokens/s include the selection (signature pass + selector); decode tokens/s are per decode
-step (generation minus the prompt's forward, both with the selection, see `moebench.measure`). Selection time per request, bytes moved and hit rate are printed below the table.
+step (generation minus the prompt's forward, both with the selection, see `moebench.measure`). Selection
+time per request, bytes moved and hit rate are printed below the table.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _timed(fn, device, reps: int, warmup: int) -> list[float]:
 def summary(times: list[float], tokens: int) -> dict:
     """Tokens/s at the median and at the p90 (slow end) of the measured times."""
     ordered = sorted(times)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return {"tokens_per_s": tokens / statistics.median(times), "tokens_per_s_p90": tokens / p90,
             "median_s": statistics.median(times), "reps": len(times)}
 

@@ -52,7 +52,7 @@ class Plan:
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str) -> "Plan":
+    def load(cls, path: str) -> Plan:
         """Read a plan written by `save`."""
         with open(path) as f:
             return cls(**json.load(f))

@@ -239,14 +239,16 @@ def resolve_budget(view: MoEView, ratio: float | None = None, keep: int | None =
     budget, problems = {}, []
     for layer in view.layers:
         n = layer.num_experts
-        kept = keep if keep is not None else n - int(round(ratio * n))
+        kept = keep if keep is not None else n - round(ratio * n)
         if layer.groups:
-            kept = max(layer.groups[0], int(round(kept / layer.groups[0])) * layer.groups[0])
+            kept = max(layer.groups[0], round(kept / layer.groups[0]) * layer.groups[0])
         if kept > n:
             problems.append(f"layer {layer.index}: keep={kept} exceeds its {n} experts")
         elif kept < layer.top_k:
             largest = (n - layer.top_k) / n
-            problems.append(f"layer {layer.index}: {'ratio=%g' % ratio if ratio is not None else 'keep=%d' % keep} "
+            # int(keep): what "%d" printed, also for a float keep
+            requested = f"ratio={ratio:g}" if ratio is not None else f"keep={int(keep)}"
+            problems.append(f"layer {layer.index}: {requested} "
                             f"leaves {kept} experts but the router selects top_k={layer.top_k}; "
                             f"use ratio <= {largest:.3f} or keep >= {layer.top_k}")
         budget[layer.index] = kept

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from moebench.method.plan import Plan
 from moebench.method.registry import select_top
 from moebench.moe.view import MoEView
-from moebench.method.plan import Plan
 
 
 @torch.no_grad()
@@ -130,7 +130,7 @@ def allocate(scores: torch.Tensor, top_k: list[int], budget: list[int], groups: 
     with group-limited routing keep their uniform budget (equal drops per group).
     """
     n_layers, n_exp = scores.shape
-    counts = [b if g else k for k, b, g in zip(top_k, budget, groups)]
+    counts = [b if g else k for k, b, g in zip(top_k, budget, groups, strict=True)]
     left = sum(budget) - sum(counts)
     share = scores.clamp_min(0)
     share = share / share.sum(1, keepdim=True).clamp_min(1e-12)

@@ -19,9 +19,9 @@ import warnings
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
 from moebench.util import load_plugins
-from moebench.moe.ops import _prune_layer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     Extra keyword arguments go to ``from_pretrained`` (revision, device_map, trust_remote_code, ...).
     """
     path = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
+    config = AutoConfig.from_pretrained(
+        path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
     counts = per_layer_counts(config)
     if counts is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()

@@ -111,7 +111,7 @@ def use_moebench_kernel(model: nn.Module):
 @contextmanager
 def observing(experts_modules: list[nn.Module], observers: list[Observer]):
     """Attach one observer per experts module for the duration of the block."""
-    for module, observer in zip(experts_modules, observers):
+    for module, observer in zip(experts_modules, observers, strict=True):
         setattr(module, _OBSERVER_ATTR, observer)
     try:
         yield

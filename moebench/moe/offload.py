@@ -15,7 +15,8 @@ kernel needs but that is not resident (no selection known) is fetched on demand,
 
 Counters (`counters`, JSON data): ``resident_bytes`` now and ``resident_bytes_peak``,
 ``bytes_moved``, ``hits`` (needed experts already resident) and ``fetches`` (copied in: ``prefetched``
-while the previous layer runs, ``at_entry`` of their layer, ``on_demand`` inside the kernel), ``hit_rate`` = hits / (hits + fetches).
+while the previous layer runs, ``at_entry`` of their layer, ``on_demand`` inside the kernel),
+``hit_rate`` = hits / (hits + fetches).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from contextlib import contextmanager
 import torch
 
 from moebench.moe.kernels import KERNEL_NAME, PROVIDER_ATTR, expert_forward, register
-from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.moe.ops import _replace_tensor
+from moebench.moe.view import MoEError, MoELayer, MoEView
 
 
 class _LayerStore:
     """One layer's experts: the CPU store ``{name: [E, ...]}`` and the device-resident working set."""
 
-    def __init__(self, layer: MoELayer, device: torch.device, owner: "ExpertOffloader"):
+    def __init__(self, layer: MoELayer, device: torch.device, owner: ExpertOffloader):
         self.layer, self.device, self.owner = layer, device, owner
         pin = torch.cuda.is_available()
         self.cpu = {name: (t.detach().cpu().pin_memory() if pin else t.detach().cpu())
@@ -101,8 +102,8 @@ class ExpertOffloader:
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.counters = {"resident_bytes": 0, "resident_bytes_peak": 0, "bytes_moved": 0, "hits": 0,
-                         "fetches": 0, "prefetched": 0, "at_entry": 0, "on_demand": 0, "cpu_computed": 0, "hit_rate": None,
-                         "unpruned_expert_bytes": self.view.expert_bytes()}
+                         "fetches": 0, "prefetched": 0, "at_entry": 0, "on_demand": 0, "cpu_computed": 0,
+                         "hit_rate": None, "unpruned_expert_bytes": self.view.expert_bytes()}
         self.stores = []
         for layer in self.view.layers:
             store = _LayerStore(layer, self.device, self)

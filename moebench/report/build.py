@@ -14,9 +14,9 @@ import shutil
 
 from moebench.report import figures as F
 from moebench.report import latex, maps, pdf, published, style
-from moebench.report.domains import calibration_effect, parse_overrides
+from moebench.report.domains import calibration_effect
 from moebench.report.markdown import report_markdown, section_texts
-from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, load_studies, per_task, summary
+from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, per_task, summary
 from moebench.report.textfmt import main_rows, num
 
 GENERATED = ("report.md", "report.pdf", "figures", "tables")
@@ -42,10 +42,11 @@ def _clean(folder: str) -> None:
 def _latex(folder: str, study: StudyData, table, tasks_frame, used, effect, comparison) -> list[str]:
     header, rows = main_rows(table)
     paths = [latex.write(os.path.join(folder, "tables", "main.tex"), latex.booktabs(
-        header[:-1] + ["limited"], [r[:-1] + ["yes" if r[-1] != "-" else ""] for r in rows],
+        [*header[:-1], "limited"], [[*r[:-1], "yes" if r[-1] != "-" else ""] for r in rows],
         f"{study.name}: average accuracy, recovery, memory and speed per model, method and ratio.",
         f"tab:{study.name}-main", numeric_from=3))]
-    cells = dict(zip(table["cell"], zip(table["model"], table["method"], table["calib"], table["ratio"])))
+    cells = dict(zip(table["cell"], zip(table["model"], table["method"], table["calib"], table["ratio"], strict=True),
+                     strict=True))
     task_rows = [[m, meth, c or "-", num(r, 2)] + [num(tasks_frame.at[cell, t], 2, 100) for t in used]
                  for cell, (m, meth, c, r) in cells.items()]
     paths.append(latex.write(os.path.join(folder, "tables", "per_task.tex"), latex.booktabs(
@@ -85,8 +86,9 @@ def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overr
             if isinstance(item, F.Figure):
                 item.paths = style.save_figure(item.fig, os.path.join(folder, "figures", item.name))
         tex = _latex(folder, study, table, tasks_frame, used, effect, comparison)
-        context = dict(study=study, table=table, tasks=tasks, spec=spec, tasks_frame=tasks_frame, used=used,
-                       effect=effect, comparison=comparison, references=refs, figures=drawn, tex=tex, folder=folder)
+        context = {"study": study, "table": table, "tasks": tasks, "spec": spec, "tasks_frame": tasks_frame,
+                   "used": used, "effect": effect, "comparison": comparison, "references": refs, "figures": drawn,
+                   "tex": tex, "folder": folder}
         with open(os.path.join(folder, "report.md"), "w") as f:
             f.write(report_markdown(**context))
         numbered = [x for x in drawn if isinstance(x, F.Figure)]

@@ -61,7 +61,7 @@ def calibration_effect(study: StudyData, table: pd.DataFrame, spec: MetricSpec,
     rows = []
     pruned = table[~table["baseline"] & (table["calib"] != "")]
     for (model, method, ratio), group in pruned.groupby(["model", "method", "ratio"], sort=True):
-        by_calib = dict(zip(group["calib"], group["cell"]))
+        by_calib = dict(zip(group["calib"], group["cell"], strict=True))
         generic = [c for c in sorted(by_calib) if c in GENERIC_SOURCES]
         for domain in sorted(c for c in by_calib if c not in GENERIC_SOURCES):
             for task in domain_tasks(domain, tasks, overrides):

@@ -100,7 +100,7 @@ def shared_legend(fig, axes) -> None:
     """One legend below all panels (labels deduplicated, in first-seen order), then a tight layout."""
     handles, labels = {}, []
     for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
@@ -116,7 +116,7 @@ def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, re
     series = Series(table)
     models = sorted(table["model"].unique())
     fig, axes = panels(len(models))
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=False):
         part = table[table["model"] == model]
         base = part[part["baseline"]]
         base_value = base[column].iloc[0] * scale if len(base) and pd.notna(base[column].iloc[0]) else None
@@ -129,7 +129,7 @@ def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, re
             group = group.sort_values("ratio")
             x, y = list(group["ratio"]), list(group[column] * scale)
             if base_value is not None and 0.0 not in x:
-                x, y = [0.0] + x, [reference if reference is not None else base_value] + y
+                x, y = [0.0, *x], [reference if reference is not None else base_value, *y]
             kw = series.style(method, calib)
             ax.plot(x, y, label=series.label(method, calib), **kw)
             limited = group[group["limited"]]
@@ -188,7 +188,7 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
     div, unit = byte_unit(data[column])
     series, models = Series(table), sorted(data["model"].unique())
     fig, axes = panels(len(models))
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=False):
         part = data[data["model"] == model].reset_index(drop=True)
         mem, acc = list(part[column] / div), list(part["accuracy"] * 100)
         front = pareto_front(mem, acc)
@@ -220,9 +220,9 @@ def recovery_heatmap(table: pd.DataFrame) -> Figure | Skipped:
     series, models = Series(table), sorted(pruned["model"].unique())
     lo, hi = float(pruned["recovery"].min()), max(100.0, float(pruned["recovery"].max()))
     fig, axes = panels(len(models), ncols=2, width=4.2, height=0.45 * pruned.groupby(["method", "calib"]).ngroups + 1.4)
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=False):
         part = pruned[pruned["model"] == model]
-        keys = sorted(set(zip(part["method"], part["calib"])))
+        keys = sorted(set(zip(part["method"], part["calib"], strict=True)))
         ratios = sorted(part["ratio"].unique())
         grid = np.full((len(keys), len(ratios)), np.nan)
         for r in part.itertuples(index=False):
@@ -250,18 +250,18 @@ def calibration_effect(effect: pd.DataFrame, table: pd.DataFrame) -> Figure | Sk
         return Skipped("calibration_effect", "Calibration-domain effect",
                        "no method and ratio has cells with both a generic (c4, testbed:mix) and a domain calibration")
     series = Series(table)
-    keys = sorted(set(zip(effect["model"], effect["ratio"])))
+    keys = sorted(set(zip(effect["model"], effect["ratio"], strict=True)))
     fig, axes = panels(len(keys), ncols=2, width=4.2, height=2.6)
     many_generic = effect["generic_calib"].nunique() > 1
-    for ax, (model, ratio) in zip(axes, keys):
+    for ax, (model, ratio) in zip(axes, keys, strict=False):
         part = effect[(effect["model"] == model) & (effect["ratio"] == ratio)]
-        cats = sorted(set(zip(part["task"], part["generic_calib"])))
+        cats = sorted(set(zip(part["task"], part["generic_calib"], strict=True)))
         methods = sorted(part["method"].unique())
         width = 0.8 / len(methods)
         for k, method in enumerate(methods):
             rows = part[part["method"] == method]
             xs = [cats.index((t, g)) + (k - (len(methods) - 1) / 2) * width
-                  for t, g in zip(rows["task"], rows["generic_calib"])]
+                  for t, g in zip(rows["task"], rows["generic_calib"], strict=True)]
             ax.bar(xs, rows["delta"], width=width, color=series.colour(method), label=method)
         ax.axhline(0, color=style.REFERENCE_COLOUR, linewidth=0.8)
         ax.set_xticks(range(len(cats)), [f"{t}\nvs {g}" if many_generic else t for t, g in cats],

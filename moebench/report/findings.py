@@ -15,7 +15,8 @@ from moebench.report.tables import MetricSpec, StudyData, summary
 GENERIC = ("testbed:mix", "c4")
 
 
-def _acc(table: pd.DataFrame, method: str, ratio: float, calib_generic: bool = True, skip: str = "none") -> float | None:
+def _acc(table: pd.DataFrame, method: str, ratio: float, calib_generic: bool = True,
+         skip: str = "none") -> float | None:
     rows = table[(table["method_id"] == method) & (table["ratio"] == ratio) & (table["skip"] == skip)]
     if calib_generic:
         rows = rows[rows["calib"].isin(GENERIC) | (rows["calib"] == "")]
@@ -60,7 +61,7 @@ def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
 
 def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
     """What accuracy does skipping trade for what speed (and at what realised skip rate)?"""
-    rates = {} if runs is None or "skip_rate" not in runs else dict(zip(runs["cell"], runs["skip_rate"]))
+    rates = {} if runs is None or "skip_rate" not in runs else dict(zip(runs["cell"], runs["skip_rate"], strict=True))
     skipped = table[table["skip"] != "none"]
     if skipped.empty:
         return "F3 (dynamic skipping): not measured"
@@ -91,7 +92,8 @@ def f5(table: pd.DataFrame) -> str:
     static = table[(table["ratio"] == 0.75) & table["method_id"].isin(
         ["frequency", "reap", "naee", "ean", "soft_activation", "premoe", "grape"]) & (table["skip"] == "none")]
     best = static.sort_values("accuracy", ascending=False).head(1)
-    best_text = f"best static {best['method'].iloc[0]} {best['accuracy'].iloc[0]:.3f}" if len(best) else "no static cell"
+    best_text = (f"best static {best['method'].iloc[0]} {best['accuracy'].iloc[0]:.3f}" if len(best)
+                 else "no static cell")
     # input-aware methods calibrate on one source per task (testbed:domains, a+b), never a generic one
     aware = {m: _acc(table, m, 0.75, calib_generic=False) for m in ("premoe_taer", "prep")}
     parts = [f"{m} {_fmt(v)}" for m, v in aware.items()]

@@ -68,9 +68,9 @@ def leaderboard_table(results_dir: str, spec: MetricSpec) -> tuple[pd.DataFrame,
 def _html(header: list[str], rows: list[list[str]], values: list[list], intro: list[str]) -> str:
     head = "".join(f'<th onclick="sortBy(this)">{html.escape(h)}</th>' for h in header)
     body = []
-    for text_row, value_row in zip(rows, values):
+    for text_row, value_row in zip(rows, values, strict=True):
         cells = []
-        for i, (text, value) in enumerate(zip(text_row, value_row)):
+        for i, (text, value) in enumerate(zip(text_row, value_row, strict=True)):
             if i >= NUMERIC_FROM:
                 v = "" if value is None or pd.isna(value) else repr(float(value))
                 cells.append(f'<td class="n" data-v="{v}">{html.escape(text)}</td>')

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.colors import ListedColormap
 
 from moebench.report import style
-from moebench.report.figures import Figure, Series, Skipped, shared_legend, panels
+from moebench.report.figures import Figure, Series, Skipped, panels, shared_legend
 from moebench.report.tables import LATENCY_COLUMNS
 
 MAX_MAP_CALIBS = 4  # rows of panels per kept-expert map
@@ -44,11 +44,12 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
     lat = lat[lat["batch"] == lat.groupby("model")["batch"].transform("min")]
     series = Series(table)
     pruned = lat[~lat["baseline"]]
-    keys = sorted(k for k in set(zip(pruned["model"], pruned["method"], pruned["calib"])) if series.shown(*k[1:]))
+    keys = sorted(k for k in set(zip(pruned["model"], pruned["method"], pruned["calib"], strict=True))
+                  if series.shown(*k[1:]))
     keys = keys or sorted({(m, "unpruned", "") for m in lat["model"]})
     ratios = sorted(r for r in lat["ratio"].unique() if r > 0)
     fig, axes = panels(len(keys))
-    for ax, (model, method, calib) in zip(axes, keys):
+    for ax, (model, method, calib) in zip(axes, keys, strict=False):
         part = lat[lat["model"] == model]
         base = part[part["baseline"]].sort_values("prompt_len")
         if len(base):
@@ -126,7 +127,7 @@ def kept_expert_maps(plans: dict, table: pd.DataFrame) -> list[Figure] | Skipped
         ratios = group["ratio"].nunique()
         n_experts = _expert_count([plans[c] for c in table.loc[table["model"] == model, "cell"] if c in plans])
         fig, axes = panels(len(cells), ncols=ratios if ratios > 1 else min(4, len(cells)), width=2.4, height=2.6)
-        for ax, cell in zip(axes, cells):
+        for ax, cell in zip(axes, cells, strict=False):
             row = group[group["cell"] == cell].iloc[0]
             layers, grid, freq = keep_matrix(plans[cell], n_experts)
             cmap = style.SEQUENTIAL_CMAP if freq else ListedColormap(["#FFFFFF", style.OKABE_ITO["blue"]])

@@ -112,7 +112,7 @@ def report_markdown(study, table, tasks, spec, tasks_frame, used, effect, compar
              "Published numbers are the papers' (see Appendix B for sources); measured numbers are computed the "
              "paper's way (its metric and tasks) from this study's cells.", ""] if not comparison.empty else
             ["No cell of this study matches a published setting (model, method, ratio, calibration).", ""])
-    out += ["## Figures", ""] + _figure_lines(figures, folder)
+    out += ["## Figures", "", *_figure_lines(figures, folder)]
     out += ["## Calibration-domain effect", "",
             f"Generic calibration sources: {', '.join(GENERIC_SOURCES)}; every other source is a domain source, "
             "compared on its own domain tasks (tasks whose name contains the domain, e.g. testbed:arithmetic -> "
@@ -139,7 +139,7 @@ def section_texts(study, table, tasks, spec, tasks_frame, used, effect, comparis
     items += [f"  not drawn: {f.title}: {f.note}" for f in figures if not isinstance(f, Figure)]
     head = [part for line in items for part in (textwrap.wrap(line, 130, subsequent_indent="    ") or [""])]
     sections = [(f"moebench report: {study.name}", head),
-                ("Main table", plain_table(*main_rows(table)) + ["", LIMITED_NOTE.replace("`", "")])]
+                ("Main table", [*plain_table(*main_rows(table)), "", LIMITED_NOTE.replace("`", "")])]
     if not comparison.empty:
         sections.append(("Measured beside published", plain_table(*comparison_rows(comparison))))
     if not effect.empty:

@@ -180,7 +180,7 @@ def averaged_tasks(scores: pd.DataFrame, spec: MetricSpec) -> list[str]:
         if missing:
             raise ValueError(f"tasks {missing} are not in the scores table")
         return sorted(spec.tasks)
-    have = set(zip(scores["task"], scores["metric"]))
+    have = set(zip(scores["task"], scores["metric"], strict=True))
     return [t for t in leaf_tasks(scores) if (t, spec.metric_for(t)) in have]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from moebench.testbed.recipes import get_recipe
 
 SUBSET_LIMIT = 24  # items per task in the fixed subset the tests reproduce
-MC_TASKS = ("testbed_arithmetic", "testbed_facts", "testbed_grammar", "testbed_code", "testbed_logic", "testbed_sequences")
+MC_TASKS = ("testbed_arithmetic", "testbed_facts", "testbed_grammar", "testbed_code", "testbed_logic",
+            "testbed_sequences")
 
 
 def evaluate(folder: str | Path, limit: int | None = None, tasks: tuple[str, ...] = ("testbed",),
@@ -64,8 +65,9 @@ def _card_text(name: str, folder: Path, scores: dict, spec: dict, usage_rows: li
     mc = [scores["full"][t]["acc,none"] for t in MC_TASKS]
     training = scores["training"]
     size_mb = (folder / "model.safetensors").stat().st_size / 1e6
-    specialists = "\n".join(f"- layer {layer}: " + (", ".join(f"e{e} {d} ({s:.0%})" for e, (d, s) in experts.items()) or "none")
-                            for layer, experts in spec["specialists_per_layer"].items())
+    specialists = "\n".join(
+        f"- layer {layer}: " + (", ".join(f"e{e} {d} ({s:.0%})" for e, (d, s) in experts.items()) or "none")
+        for layer, experts in spec["specialists_per_layer"].items())
     arch = ", ".join(f"{k}={v}" for k, v in sorted(recipe.arch.items()) if k != "output_router_logits")
     return f"""# {name}
 
@@ -89,7 +91,8 @@ tokenizer are deterministic; bit-exact equality also needs the same thread count
   (coefficient {recipe.arch['router_aux_loss_coef']}).
 - Batches: {recipe.batch_size} rows x {recipe.seq_len} tokens of whole training-split instances.
 - Run: {training.get('steps', recipe.steps)} steps, {training.get('tokens', 0):,} tokens, \
-{training.get('seconds', 0) / 60:.1f} min on {training.get('threads', '?')} CPU thread(s), final loss {training.get('final_loss', float('nan'))}.
+{training.get('seconds', 0) / 60:.1f} min on {training.get('threads', '?')} CPU thread(s), \
+final loss {training.get('final_loss', float('nan'))}.
   {training.get('note', '')}
 
 ## Data
@@ -105,7 +108,8 @@ Average multiple-choice accuracy: **{sum(mc) / len(mc):.4f}** (chance 0.25).
 
 {chr(10).join(_scores_table(scores['full']))}
 
-Reproduce: `lm_eval --model hf --model_args pretrained=<this folder> --include_path <moebench.tasks.task_dir()> --tasks testbed`.
+Reproduce: `lm_eval --model hf --model_args pretrained=<this folder> \
+--include_path <moebench.tasks.task_dir()> --tasks testbed`.
 `scores.json` also holds the scores on a fixed subset (`--limit {SUBSET_LIMIT}`) that the test suite reproduces.
 
 ## Expert usage per domain
@@ -117,7 +121,8 @@ Share of each domain's top-k selections taken by its two most used experts, per 
 
 Specialisation: splitting each expert's traffic between domains weighted equally, the top domain
 brings on average {spec['mean_top_domain_share']:.1%} of an expert's traffic (no specialisation:
-{spec['uniform_share']:.1%}); {spec['specialist_fraction']:.1%} of experts get at least half their traffic from one domain:
+{spec['uniform_share']:.1%}); {spec['specialist_fraction']:.1%} of experts get at least half their traffic \
+from one domain:
 
 {specialists}
 """

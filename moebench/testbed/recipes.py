@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-_COMMON = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-               max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
-               output_router_logits=True, router_aux_loss_coef=0.02)
+_COMMON = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "max_position_embeddings": 256, "tie_word_embeddings": True, "rope_theta": 10000.0,
+           "output_router_logits": True, "router_aux_loss_coef": 0.02}
 
 
 @dataclass(frozen=True)

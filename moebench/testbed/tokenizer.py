@@ -19,7 +19,7 @@ VOCAB_SIZE = 800
 
 def train_tokenizer(n_items: int = 40_000, vocab_size: int = VOCAB_SIZE, seed: int = 0) -> PreTrainedTokenizerFast:
     """Train the BPE tokenizer on `n_items` training-split instances of all domains."""
-    source = mixed_stream("train", seed, weights={d: 1.0 for d in DOMAINS})
+    source = mixed_stream("train", seed, weights=dict.fromkeys(DOMAINS, 1.0))
     texts = [next(source).text + SEPARATOR for _ in range(n_items)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

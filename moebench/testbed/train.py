@@ -21,9 +21,10 @@ from moebench.testbed.data import SEPARATOR, mixed_stream
 from moebench.testbed.recipes import Recipe, get_recipe
 from moebench.testbed.tokenizer import train_tokenizer
 
+
 def build_model(recipe: Recipe, vocab_size: int, overrides: dict | None = None) -> torch.nn.Module:
     """A freshly initialised model for `recipe` (seeded by the recipe's seed)."""
-    special = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # <|endoftext|> is token 0
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # <|endoftext|> is token 0
     config = AutoConfig.for_model(recipe.model_type, vocab_size=vocab_size,
                                   **{**special, **recipe.arch, **(overrides or {})})
     torch.manual_seed(recipe.seed)

@@ -28,7 +28,7 @@ def expert_usage(model, tok, n_items: int = 200, seed: int = 3, batch: int = 8) 
             logits = model(input_ids=ids, output_router_logits=True).router_logits  # per layer [T, E]
             top = torch.stack([lg.topk(k, dim=-1).indices for lg in logits])  # [layers, T, k]
             hist = torch.stack([torch.bincount(t.flatten(), minlength=lg.shape[-1])
-                                for t, lg in zip(top, logits)]).double()  # [layers, experts]
+                                for t, lg in zip(top, logits, strict=True)]).double()  # [layers, experts]
             counts = hist if counts is None else counts + hist
         out[domain] = counts / counts.sum(dim=-1, keepdim=True)
     return out
@@ -67,6 +67,6 @@ def usage_table(usage: dict[str, torch.Tensor], top: int = 2) -> list[str]:
         cells = []
         for layer in range(layers):
             shares, experts = u[layer].topk(top)
-            cells.append(", ".join(f"e{int(e)} {float(s):.0%}" for s, e in zip(shares, experts)))
+            cells.append(", ".join(f"e{int(e)} {float(s):.0%}" for s, e in zip(shares, experts, strict=True)))
         rows.append(f"| {domain} | " + " | ".join(cells) + " |")
     return rows

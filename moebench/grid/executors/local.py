@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -95,10 +96,8 @@ class LocalExecutor:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             alive = [p for p in procs if p.poll() is None]
             for p in alive:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
             deadline = time.monotonic() + self.kill_after_s
             while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -13,6 +13,7 @@ accounting (``sacct``/slurmdbd) is needed: a task that left the queue without wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,10 +71,8 @@ class CellTask(Checkpointable):
               file=sys.stderr, flush=True)
         self._terminating = True
         if self._proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def checkpoint(self, *args, **kwargs):
         """Called on preemption or time-out: stop the running cell command, requeue the call."""
@@ -88,10 +87,8 @@ def _stop_group(pid: int, kill_after_s: float) -> None:
     Uses os.waitpid directly: this runs inside a signal handler that may have interrupted Popen.
     """
     for sig, wait_s in ((signal.SIGTERM, kill_after_s), (signal.SIGKILL, 10.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             try:
@@ -153,10 +150,10 @@ class SlurmExecutor:
         import submitit
 
         ex = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=self.max_num_timeout)
-        params = dict(job_name=desc, time=int(self.time_min), cpus_per_task=int(self.cpus_per_task),
-                      signal_delay_s=int(self.signal_delay_s),
-                      array_parallelism=int(self.max_parallel or n),
-                      additional_parameters=dict(self.additional or {}))
+        params = {"job_name": desc, "time": int(self.time_min), "cpus_per_task": int(self.cpus_per_task),
+                  "signal_delay_s": int(self.signal_delay_s),
+                  "array_parallelism": int(self.max_parallel or n),
+                  "additional_parameters": dict(self.additional or {})}
         if self.partition:
             params["partition"] = self.partition
         if self.mem_gb:
@@ -176,7 +173,7 @@ class SlurmExecutor:
         os.makedirs(log_dir, exist_ok=True)
         ex = self._submitit_executor(log_dir, desc, len(cells))
         jobs = ex.map_array(CellTask(), cells, [list(command(c)) for c in cells])
-        pending = dict(zip(cells, jobs))
+        pending = dict(zip(cells, jobs, strict=True))
         gone_since: dict[str, float] = {}
         shown: dict = {}
         with progress_bar(len(cells), desc) as bar:
@@ -212,8 +209,8 @@ class SlurmExecutor:
                         bar.update(1)
                     if queue is not None:
                         states = [queue.get(j.job_id, "") for j in pending.values()]
-                        postfix = dict(running=states.count("RUNNING"), queued=states.count("PENDING"),
-                                       failed=len(result.failed))
+                        postfix = {"running": states.count("RUNNING"), "queued": states.count("PENDING"),
+                                   "failed": len(result.failed)}
                         if postfix != shown:
                             bar.set_postfix(ordered_dict=postfix)
                             shown = postfix
@@ -222,12 +219,10 @@ class SlurmExecutor:
             except BaseException:
                 if self.cancel_on_interrupt:
                     for job in pending.values():
-                        try:
+                        with contextlib.suppress(Exception):  # best effort while interrupted
                             job.cancel(check=False)
-                        except Exception:  # noqa: BLE001 - best effort while interrupted
-                            pass
                 raise
-        order = {c: d for c, d in zip(cells, cell_dirs)}
+        order = dict(zip(cells, cell_dirs, strict=True))
         result.done = [order[c] for c in result.done]
         result.failed = [order[c] for c in result.failed]
         result.errors = {order[c]: e for c, e in result.errors.items()}
