@@ -18,7 +18,7 @@ import yaml
 from moebench.cli import main
 from moebench.grid.results import RUN_COLUMNS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/report/ -> the repository
 MC_TASKS = ["testbed_arithmetic", "testbed_facts", "testbed_logic"]
 # (method, ratio, calib) -> accuracy drop per task, a plausible pattern: more pruning costs more,
 # arithmetic calibration helps arithmetic.

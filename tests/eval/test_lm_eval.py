@@ -22,52 +22,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import VOCAB
+from tiny_lm_eval import loglikelihoods, responses, words, write_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/eval/ -> the repository
 BIN = Path(sys.executable).parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-LOADER = '''"""Data of the tiny test tasks: <name>.jsonl next to this file."""
-import json
-from pathlib import Path
-
-import datasets
-
-
-def load(name, **_):
-    lines = (Path(__file__).parent / f"{name}.jsonl").read_text().splitlines()
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list([json.loads(x) for x in lines if x])})
-'''
-TASKS = {
-    "tiny_mc": "output_type: multiple_choice\ndoc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: label\n"
-               "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
-               "    higher_is_better: true\n",
-    "tiny_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n"
-                "metric_list:\n  - metric: word_perplexity\n",
-    "tiny_gen": "output_type: generate_until\ndoc_to_text: query\ndoc_to_target: answer\n"
-                "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 3\n  do_sample: false\n"
-                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n",
-}
-
-
-def _words(rng, n):
-    return " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(n))
-
-
-def write_tasks(folder: Path) -> None:
-    """Three local tasks (one per request type) with their data, loaded without any download."""
-    folder.mkdir(parents=True)
-    (folder / "tiny_tasks.py").write_text(LOADER)
-    rng = random.Random(1)
-    rows = {"tiny_mc": [{"query": _words(rng, 8), "choices": [_words(rng, 1) for _ in range(4)],
-                         "label": rng.randrange(4)} for _ in range(16)],
-            "tiny_ppl": [{"text": _words(rng, 24)} for _ in range(4)],
-            "tiny_gen": [{"query": _words(rng, 6), "answer": _words(rng, 1)} for _ in range(3)]}
-    for name, body in TASKS.items():
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
-        (folder / f"{name}.yaml").write_text(
-            f"task: {name}\ncustom_dataset: !function tiny_tasks.load\ndataset_kwargs:\n  name: {name}\n"
-            f"test_split: test\n{body}metadata:\n  version: 1.0\n")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +34,7 @@ def env(tmp_path_factory, saved_models):
     root = tmp_path_factory.mktemp("lm_eval")
     write_tasks(root / "tasks")
     rng = random.Random(0)
-    (root / "calib.txt").write_text("\n\n".join(_words(rng, 40) for _ in range(20)))
+    (root / "calib.txt").write_text("\n\n".join(words(rng, 40) for _ in range(20)))
     model = saved_models("mixtral")
     calib = f"calib=file:{root / 'calib.txt'},calib_samples=4,calib_seq_len=16,stats_dir={root / 'stats'}"
     return SimpleNamespace(root=root, tasks=str(root / "tasks"), model=model, calib=calib)
@@ -89,16 +48,6 @@ def evaluate(env, model: str, model_args, tasks=("tiny_mc",), limit=8, **kwargs)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), limit=limit,
                                    task_manager=TaskManager(include_path=env.tasks, include_defaults=False),
                                    device="cpu", batch_size=4, bootstrap_iters=0, log_samples=True, **kwargs)
-
-
-def responses(results: dict) -> dict:
-    """Per task, every sample's raw model responses, in document order."""
-    return {task: [s["resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
-            for task, samples in results["samples"].items()}
-
-
-def loglikelihoods(results: dict, task="tiny_mc") -> list[float]:
-    return [float(r[0][0]) for sample in responses(results)[task] for r in sample]
 
 
 def metrics(results: dict) -> dict:
@@ -126,6 +75,7 @@ def _results(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_literal_lm_eval_command_runs_pruned_moe(env, cli_runs):
     run = cli_runs["pruned"]
     assert run.returncode == 0, run.stderr[-3000:]
@@ -137,6 +87,7 @@ def test_literal_lm_eval_command_runs_pruned_moe(env, cli_runs):
     assert info["parameters"]["after"] < info["parameters"]["before"]
 
 
+@pytest.mark.slow
 def test_literal_lm_eval_command_still_runs_hf_with_moebench_installed(env, cli_runs):
     run = cli_runs["hf"]
     assert run.returncode == 0, run.stderr[-3000:]
@@ -145,6 +96,7 @@ def test_literal_lm_eval_command_still_runs_hf_with_moebench_installed(env, cli_
     assert "moebench" not in results["config"] and 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
 
 
+@pytest.mark.slow
 def test_variants_get_their_own_output_folder_and_cache_table(env, cli_runs):
     assert all(run.returncode == 0 for run in cli_runs.values())
     assert len(list((env.root / "out").iterdir())) == 2
@@ -389,6 +341,7 @@ def test_skip_beta_zero_equals_no_skipping_and_median_skips_half(env):
     assert skipping["pairs"] > 0 and median["config"]["moebench"]["skip"] == "naee"
 
 
+@pytest.mark.slow
 def test_bench_overhead_command_prints_the_wall_time_ratio_and_equal_scores():
     out = subprocess.run([str(BIN / "moebench"), "bench-overhead", "testbed-8e", "--tasks", "testbed_logic_quick",
                           "--limit", "8", "--reps", "1", "--device", "cpu"], capture_output=True, text=True,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_lm_eval import loglikelihoods, write_tasks
+from tiny_lm_eval import loglikelihoods, write_tasks
 from tiny_models import sample_ids, tiny_model
 
 METHODS = ("premoe_taer", "prep")

@@ -13,7 +13,7 @@ import pytest
 from moebench.tasks import task_dir
 from moebench.testbed.domains import DOMAINS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/testbed/ -> the repository
 MC = [f"testbed_{d}" for d in DOMAINS]
 
 
@@ -82,6 +82,7 @@ def test_tasks_load_from_a_non_editable_install(tmp_path):
     assert all(available), "package-data must ship the testbed checkpoints"
 
 
+@pytest.mark.slow
 def test_literal_lm_eval_command_finds_the_testbed_tasks_without_include_path(tmp_path):
     """The install's start-up hook adds moebench's task folder to every lm-eval TaskManager."""
     from moebench.testbed import zoo

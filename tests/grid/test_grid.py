@@ -22,6 +22,8 @@ from moebench.grid.results import build_tables
 from moebench.grid.runner import run_grid, status
 from moebench.grid.spec import load_study
 
+pytestmark = pytest.mark.slow  # every test runs a grid: one cell subprocess per cell
+
 TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
           "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha"]
 

@@ -118,7 +118,8 @@ def test_local_sigterm_stops_running_cells(tmp_path):
     driver = textwrap.dedent(f"""
         import sys
         from moebench.grid.executors import make_executor
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r},  # this file
+                        {str(Path(__file__).resolve().parents[1])!r}]  # the tests root: slurm_cluster
         from test_executors import cell_command
         make_executor("local", parallel=2).run({cells!r}, cell_command)
     """)
@@ -147,6 +148,7 @@ def test_unknown_executor_and_option_say_did_you_mean():
 
 # --- slurm (a real single-node cluster) ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_slurm_four_cell_grid(tmp_path, slurm_cluster, capsys):  # noqa: F811
     cells = make_cells(tmp_path / "cells", ["ok-0", "ok-1", "ok-2", "ok-3"])
     ex = make_executor("slurm", partition="debug", time_min=5, cpus_per_task=1, mem_gb=0.25,
@@ -163,6 +165,7 @@ def test_slurm_four_cell_grid(tmp_path, slurm_cluster, capsys):  # noqa: F811
     assert "4/4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_slurm_failures_are_reported(tmp_path, slurm_cluster):  # noqa: F811
     cells = make_cells(tmp_path / "cells", ["fail-a", "nodone-b", "ok-c"])
     ex = make_executor("slurm", time_min=5, log_dir=str(tmp_path / "slurm"), poll_s=0.5)
@@ -174,6 +177,7 @@ def test_slurm_failures_are_reported(tmp_path, slurm_cluster):  # noqa: F811
     assert "log:" in result.errors[cells[0]]
 
 
+@pytest.mark.slow
 def test_slurm_requeues_on_preemption_and_time_limit(tmp_path, slurm_cluster):  # noqa: F811
     # time_min=1, signal_delay_s=45: Slurm signals the coming time-out ~15-30 s into the run.
     cells = make_cells(tmp_path / "cells", ["preempt-a", "timeout-b"])
@@ -189,6 +193,7 @@ def test_slurm_requeues_on_preemption_and_time_limit(tmp_path, slurm_cluster):  
     assert len(logs) == 2 and all("Requeued job" in p.read_text() for p in logs)
 
 
+@pytest.mark.slow
 def test_slurm_real_preemption_requeues_without_reporting_a_failure(tmp_path, slurm_cluster):  # noqa: F811
     # The urgent job preempts the cell's job: SIGTERM, 5 s of grace, killed, requeued by Slurm.
     cells = make_cells(tmp_path / "cells", ["urgent-a"])

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cli/ -> the repository
 
 
 def mini_spec(tmp_path) -> str:
@@ -30,6 +30,7 @@ def mini_spec(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
     results, reports = tmp_path / "results", tmp_path / "reports"
     cmd = [sys.executable, "-m", "moebench.cli", "demo", "--spec", mini_spec(tmp_path), "--results", str(results),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_uniform_prune_reloads_with_plain_transformers(tmp_path):
     script = f"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})  # the tests root: tiny_models
 from tiny_models import sample_ids
 expected = json.load(open({str(tmp_path / 'expected.json')!r}))
 worst = {{}}
