@@ -15,13 +15,14 @@ import glob
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
-from moebench.util import load_plugins
+from moebench.util import load_plugins, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,24 @@ def resolve(name_or_path: str) -> str:
     return name
 
 
+@contextmanager
+def loading_bars():
+    """transformers' per-tensor bars (``Loading weights``, ``Writing model shards``) on a terminal only.
+
+    With stderr redirected to a file they are switched off for the duration and on again after.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if on_terminal() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def per_layer_counts(config) -> dict[int, int] | None:
     """Expert count per MoE decoder layer recorded by moebench in a config, or None if uniform."""
     text = getattr(config, "text_config", None) or config
@@ -69,13 +88,15 @@ def save_pruned(model, out_dir: str, **save_kwargs) -> None:
     """Save a (pruned) model; non-uniform counts are saved in moebench's loadable form, with a warning."""
     counts = per_layer_counts(model.config)
     if counts is None:
-        model.save_pretrained(out_dir, **save_kwargs)
+        with loading_bars():
+            model.save_pretrained(out_dir, **save_kwargs)
         return
     warnings.warn(
         f"experts per layer differ ({sorted(set(counts.values()))}): plain transformers cannot load this "
         f"checkpoint (its config holds one expert count); load it with moebench.moe.checkpoint.load_model("
         f"'{out_dir}') or any moebench command", NonUniformCheckpointWarning, stacklevel=2)
-    model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
+    with loading_bars():
+        model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
 
 
 def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):
@@ -110,7 +131,8 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
         path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
     counts = per_layer_counts(config)
     if counts is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+        with loading_bars():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     if not os.path.isdir(path):
         raise ValueError(f"{name_or_path}: non-uniform moebench checkpoints load from a local folder only")
     model = _build_skeleton(config, counts, dtype=_config_dtype(config) if dtype == "auto" else dtype)
