@@ -35,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
                          f"{'the unpruned model' if spec.is_identity else f'a {spec.kind} method'}: evaluate it "
                          f"with lm_eval --model pruned_moe --model_args ...,method={args.method} instead")
+    params = parse_params(args.param)
+    needs = spec.needs_for(spec.parse_params(params))
+    if needs and not args.calib:  # before the (possibly long) load
+        raise ValueError(f"method {spec.name} needs calibration statistics ({', '.join(needs)}); give a "
+                         "calibration source, e.g. --calib c4 or --calib testbed:mix")
     model, tokenizer = load(args)
     before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
-    request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep,
-                           params=parse_params(args.param))
+    request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep, params=params)
     start = time.perf_counter()
     plan = prepare(model, tokenizer, request).plan
     after = MoEView(model).expert_bytes()
