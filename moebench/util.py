@@ -9,6 +9,7 @@ import difflib
 import importlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
@@ -26,6 +27,13 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 1, cutoff: float = 
     """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""`` when none is close."""
     close = close_matches(name, choices, n, cutoff)
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def on_terminal() -> bool:
+    """Whether stderr, where progress bars go, is a terminal. Inner bars (per batch, per tensor)
+    are shown only there: redirected to a log, each update would add to the file."""
+    stream = getattr(sys, "stderr", None)
+    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:

@@ -1,8 +1,10 @@
 """The on-disk cache of calibration statistics, one file per statistic group.
 
 Path: ``<stats_dir>/<model key>/<calibration key>/v<format>-<settings hash>/<group>.pt``. The model
-key is a readable name plus a fingerprint of the weights, so a changed (or pruned) model never
-reads another model's statistics. A method needing groups the cache lacks triggers one pass
+key is a readable name of the model's canonical identity (`model_identity`) plus a fingerprint of
+the weights, so every front end (``moebench prune``, lm-eval's ``pruned_moe``, grid cells) finds the
+same folder for the same model, and a changed (or pruned) model never reads another model's
+statistics. A method needing groups the cache lacks triggers one pass
 that collects only those groups.
 """
 
@@ -42,14 +44,39 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def model_identity(name_or_path: str, revision: str | None = None) -> str:
+    """The canonical identity of a model as a user names it.
+
+    A registered name (``testbed-8e``) or a local folder (relative, absolute, through a link) ->
+    the folder's real path; a hub id stays itself, with ``@revision`` when one is given (a local
+    folder has no revisions).
+    """
+    from moebench.moe.checkpoint import resolve
+
+    try:
+        path = resolve(name_or_path)
+    except FileNotFoundError:  # a folder that is gone (a model built in memory, say): its name as given
+        path = name_or_path
+    if os.path.isdir(path):
+        return os.path.realpath(path)
+    return f"{name_or_path}@{revision}" if revision else name_or_path
+
+
 def model_key(model, name_or_path: str | None, revision: str | None = None) -> str:
-    """A readable, filesystem-safe identity: last two path parts of the name, revision, fingerprint."""
-    name = name_or_path or getattr(model.config, "_name_or_path", "") or "model"
-    readable = "--".join(name.rstrip("/").split("/")[-2:])
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable) or "model"
+    """The statistics folder name of a model: readable name of its identity, fingerprint, mask.
+
+    The readable part is the folder name for a local model, ``org--name[@revision]`` for a hub
+    id; the fingerprint of the weights tells apart folders of the same name.
+    """
+    identity = model_identity(name_or_path or getattr(model.config, "_name_or_path", "") or "model", revision)
+    if os.path.isabs(identity):
+        readable = os.path.basename(identity.rstrip(os.sep))
+    else:  # a hub id: org/name, then the revision (which may hold slashes: refs/pr/1)
+        repo, _, rev = identity.partition("@")
+        readable = "--".join(repo.rstrip("/").split("/")[-2:]) + (f"@{rev.replace('/', '-')}" if rev else "")
+    readable = re.sub(r"[^A-Za-z0-9@._-]+", "_", readable) or "model"
     masked = mask_signature(model)
-    return f"{readable}{'@' + revision if revision else ''}-{model_fingerprint(model)}" + (
-        f"-mask{masked}" if masked else "")
+    return f"{readable}-{model_fingerprint(model)}" + (f"-mask{masked}" if masked else "")
 
 
 def _settings_hash(settings: CollectSettings) -> str:

@@ -25,6 +25,8 @@ runs the same per-expert function.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
 from moebench.moe.view import MoELayer, MoEView
+from moebench.util import on_terminal
 
 GROUP_STATS = {
     "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "coact", "ratio_samples"),
@@ -164,6 +167,20 @@ def _block_observer(acc: _LayerAccumulator):
     return hook
 
 
+def _forward_batches(model, tokens: torch.Tensor, batch_size: int, device, groups, progress: bool) -> None:
+    """The calibration forward passes; a bar per batch on a terminal, one line at start and end otherwise."""
+    batches = range(0, tokens.shape[0], batch_size)
+    bar = progress and on_terminal()
+    if progress and not bar:
+        print(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens, groups {', '.join(sorted(groups))}, "
+              f"{len(batches)} batches ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
+    for start in tqdm(batches, desc="calibration", unit="batch", disable=not bar):
+        model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+    if progress and not bar:
+        print(f"calibration: done in {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
+
+
 def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | None = None,
             progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Run the calibration ``tokens [S, L]`` through ``model`` once; statistics per MoE layer.
@@ -187,9 +204,7 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), use_moebench_kernel(model), observing([a.layer.experts for a in slot], slot):
-            batches = range(0, tokens.shape[0], settings.batch_size)
-            for start in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                model(input_ids=tokens[start:start + settings.batch_size].to(device), use_cache=False)
+            _forward_batches(model, tokens, settings.batch_size, device, groups, progress)
     finally:
         for hook in hooks:
             hook.remove()

@@ -28,7 +28,8 @@ def request_from(args, model, method: str = "none", **extra) -> PlanRequest:
     """A PlanRequest from parsed arguments; seq_len defaults to what the model can take."""
     seq_len = args.seq_len or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
     return PlanRequest(method=method, calib=args.calib, calib_samples=args.samples, calib_seq_len=seq_len,
-                       seed=args.seed, stats_dir=args.stats_dir, model_id=args.model, revision=args.revision, **extra)
+                       seed=args.seed, stats_dir=args.stats_dir, model_id=args.model, revision=args.revision,
+                       front_end="cli", **extra)
 
 
 def load(args):

@@ -9,6 +9,7 @@ import time
 from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
 from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method
+from moebench.moe.card import provenance, record_provenance, write_card
 from moebench.moe.checkpoint import save_pruned
 from moebench.moe.view import MoEView
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Make the method's plan, prune physically, save checkpoint, tokenizer and plan.json."""
+    """Make the method's plan, prune physically, save checkpoint, tokenizer, plan.json and the model card."""
     if os.path.exists(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
     spec = get_method(args.method)
@@ -34,18 +35,27 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
                          f"{'the unpruned model' if spec.is_identity else f'a {spec.kind} method'}: evaluate it "
                          f"with lm_eval --model pruned_moe --model_args ...,method={args.method} instead")
+    params = parse_params(args.param)
+    needs = spec.needs_for(spec.parse_params(params))
+    if needs and not args.calib:  # before the (possibly long) load
+        raise ValueError(f"method {spec.name} needs calibration statistics ({', '.join(needs)}); give a "
+                         "calibration source, e.g. --calib c4 or --calib testbed:mix")
     model, tokenizer = load(args)
-    before = MoEView(model).expert_bytes()
-    request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep,
-                           params=parse_params(args.param))
+    before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
+    request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep, params=params)
     start = time.perf_counter()
     plan = prepare(model, tokenizer, request).plan
+    after = MoEView(model).expert_bytes()
+    record = provenance(args.model, plan.method, paper=spec.paper, params=plan.params, ratio=args.ratio,
+                        keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,
+                        expert_bytes=(before, after), revision=args.revision)
+    record_provenance(model, record)  # config.json's "moebench" key
     os.makedirs(args.out, exist_ok=True)
     save_pruned(model, args.out)
     tokenizer.save_pretrained(args.out)
     plan.save(os.path.join(args.out, "plan.json"))
-    after = MoEView(model).expert_bytes()
+    write_card(args.out, record)
     print(f"{plan.method}: kept {sorted(set(plan.experts_kept().values()))} experts per layer; expert bytes "
           f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB; planned in {time.perf_counter() - start:.1f}s")
-    print(f"saved to {args.out} (plan.json beside the checkpoint)")
+    print(f"saved to {args.out} (plan.json and a model card, README.md, beside the checkpoint)")
     return 0

@@ -34,7 +34,7 @@ from moebench.eval.plugin import register as _register
 from moebench.eval.select import SelectMixin
 from moebench.method.pipeline import PlanRequest, calib_key, prepare
 from moebench.method.registry import resolve_budget
-from moebench.moe.checkpoint import resolve
+from moebench.moe.checkpoint import loading_bars, resolve
 from moebench.moe.skipping import skip_report
 from moebench.moe.view import MoEView
 
@@ -78,7 +78,8 @@ class PrunedMoELM(SelectMixin, HFLM):
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
         self.settings = PrunedMoESettings.from_args(own, params)
         hf.pop("pretrained")
-        super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
+        with loading_bars():
+            super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
         self.pretrained_id = self._pretrained_id(pretrained)
         self.request = self._plan_request(hf.get("revision"))
         s = self.settings

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from moebench.grid.executors.base import is_done
+from moebench.grid.index import write_index
 from moebench.grid.spec import Cell, Study
 from moebench.util import atomic_write_json
 
@@ -97,6 +98,7 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
     from moebench.grid.results import write_tables
 
     folders = prepare(study, root)
+    _write_index(study, root)
     pending = [f for f in folders if not is_done(f)]
     skipped = len(folders) - len(pending)
     by_folder = dict(zip(folders, study.cells, strict=True))
@@ -108,8 +110,14 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
     result = executor.run(pending, cell_command, desc=study.name) if pending else None
     done = len(result.done) if result else 0
     failed = sorted(result.failed) if result else []
+    _write_index(study, root)
     tables = write_tables(root) if any(is_done(f) for f in folders) else {}
     return {"cells": len(folders), "done": done, "skipped": skipped, "failed": failed, "tables": tables}
+
+
+def _write_index(study: Study, root: str) -> None:
+    """``cells/index.csv``: which hash-named folder holds which cell, and its state now."""
+    write_index(root, [(cell, cell_state(cell_dir(root, cell))) for cell in study.cells])
 
 
 def _record_calibration(root: str, seconds: dict[str, float]) -> None:

@@ -20,6 +20,9 @@ from moebench.moe.view import MoEView
 
 SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (Lu et al. 2024)
 
+# How the command line spells a request's fields where its flag is not ``--<field with dashes>``.
+CLI_FLAGS = {"calib_samples": "--samples", "calib_seq_len": "--seq-len"}
+
 
 @dataclass
 class PlanRequest:
@@ -38,6 +41,13 @@ class PlanRequest:
     revision: str | None = None
     skip: str = "none"
     skip_beta: float | None = None
+    front_end: str = "model_args"  # how error messages spell arguments: "model_args" (lm-eval) or "cli"
+
+    def spell(self, **pairs) -> str:
+        """Arguments as the user's front end writes them: ``calib=c4,ratio=0.5`` or ``--calib c4 --ratio 0.5``."""
+        if self.front_end == "cli":
+            return " ".join(f"{CLI_FLAGS.get(k, '--' + k.replace('_', '-'))} {v}" for k, v in pairs.items())
+        return ",".join(f"{k}={v}" for k, v in pairs.items())
 
     @property
     def spec(self) -> MethodSpec:
@@ -83,7 +93,8 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
     calib = calibration_for(request)
     if calib is None:
         raise ValueError(f"method {request.method} needs calibration statistics ({', '.join(groups)}); "
-                         "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
+                         f"give a calibration source, e.g. {request.spell(calib='c4')} or "
+                         f"{request.spell(calib='testbed:mix')}")
     settings = CollectSettings(seed=request.seed)
     folder = cache_dir(request.stats_dir or default_stats_dir(),
                        model_key(model, request.model_id, request.revision), calib.key, settings)
@@ -97,8 +108,8 @@ def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> 
     params = spec.parse_params(request.params)
     if spec.is_identity:  # the unpruned model: no budget, no statistics, any model (MoE or not)
         if request.keep is not None or request.ratio:
-            raise ValueError(f"method {spec.name} keeps every expert and takes no budget (ratio/keep); "
-                             "choose a method, e.g. method=reap,ratio=0.5 (moebench methods lists them)")
+            raise ValueError(f"method {spec.name} keeps every expert and takes no budget (ratio/keep); choose a "
+                             f"method, e.g. {request.spell(method='reap', ratio=0.5)} (moebench methods lists them)")
         return Plan(spec.name, spec.kind, params=params, ratio=request.ratio)
     needs = spec.needs_for(params)
     view = MoEView(model)
@@ -123,7 +134,7 @@ def skip_betas(model, tokenizer, request: PlanRequest, progress: bool = True) ->
     r=6 pruning with skipping; they are cached like any other statistics.
     """
     if request.skip not in SKIP_RULES:
-        raise ValueError(f"skip={request.skip!r}: choose one of {', '.join(SKIP_RULES)}")
+        raise ValueError(f"{request.spell(skip=request.skip)}: choose one of {', '.join(SKIP_RULES)}")
     view = MoEView(model)
     if request.skip_beta is not None:  # a fixed threshold for every layer (0 skips nothing)
         return {index: float(request.skip_beta) for index in view.indices}

@@ -15,13 +15,14 @@ import glob
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
-from moebench.util import load_plugins
+from moebench.util import load_plugins, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,68 @@ def resolve(name_or_path: str) -> str:
     return name
 
 
+@contextmanager
+def loading_bars():
+    """transformers' per-tensor bars (``Loading weights``, ``Writing model shards``) on a terminal only.
+
+    With stderr redirected to a file they are switched off for the duration and on again after.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if on_terminal() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+class HubUnreachable(OSError):
+    """A hub id whose config.json is neither in the local cache nor reachable on the Hub now."""
+
+
+def check_hub_config(repo_id: str, revision: str | None = None, config_only: bool = False) -> None:
+    """Fail at once, saying what to do, when ``repo_id``'s config.json is neither cached nor reachable on the Hub.
+
+    huggingface_hub retries an unreachable Hub for about half a minute when nothing is cached;
+    that helps a flaky connection and costs a machine without one its time. A cached config.json
+    passes at once (transformers then falls back to the cache after one try); otherwise one HEAD
+    request without retries, under the Hub's own timeout (``HF_HUB_ETAG_TIMEOUT``), decides. An
+    answer from the Hub (a missing or gated repository, say) is left for transformers to explain.
+    ``config_only``: the caller reads config.json alone (`load_structure`), and the message says so.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    if huggingface_hub.is_offline_mode():
+        raise HubUnreachable(_hub_help(repo_id, "HF_HUB_OFFLINE is set", config_only))
+    url = huggingface_hub.hf_hub_url(repo_id, "config.json", revision=revision)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        return
+    except Exception as err:  # no connection (DNS, refused, timed out, proxy): said below, with the cause
+        why = f"the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached: {err}"
+        raise HubUnreachable(_hub_help(repo_id, why, config_only)) from err
+
+
+def _hub_help(repo_id: str, why: str, config_only: bool) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    hint = "" if "/" in repo_id else " (it is no testbed model either: `moebench zoo list` names those)"
+    needs = ("moebench inspect needs only config.json, no weights" if config_only
+             else "loading the model needs config.json and the weights")
+    return (f"{repo_id} is not a local folder, so it is read as a hub id{hint}; {why}, and its config.json is not "
+            f"in the local cache ({HF_HUB_CACHE}). {needs}: download {'it' if config_only else 'them'} where the "
+            f"Hub is reachable (`hf download {repo_id}{' config.json' if config_only else ''}`) and run again with "
+            "HF_HUB_OFFLINE=1 to read the cache, or give a local folder that holds "
+            f"{'it' if config_only else 'the model'}")
+
+
 def per_layer_counts(config) -> dict[int, int] | None:
     """Expert count per MoE decoder layer recorded by moebench in a config, or None if uniform."""
     text = getattr(config, "text_config", None) or config
@@ -69,13 +132,15 @@ def save_pruned(model, out_dir: str, **save_kwargs) -> None:
     """Save a (pruned) model; non-uniform counts are saved in moebench's loadable form, with a warning."""
     counts = per_layer_counts(model.config)
     if counts is None:
-        model.save_pretrained(out_dir, **save_kwargs)
+        with loading_bars():
+            model.save_pretrained(out_dir, **save_kwargs)
         return
     warnings.warn(
         f"experts per layer differ ({sorted(set(counts.values()))}): plain transformers cannot load this "
         f"checkpoint (its config holds one expert count); load it with moebench.moe.checkpoint.load_model("
         f"'{out_dir}') or any moebench command", NonUniformCheckpointWarning, stacklevel=2)
-    model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
+    with loading_bars():
+        model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
 
 
 def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):
@@ -106,11 +171,14 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     Extra keyword arguments go to ``from_pretrained`` (revision, device_map, trust_remote_code, ...).
     """
     path = resolve(name_or_path)
+    if not os.path.isdir(path):
+        check_hub_config(path, kwargs.get("revision"))
     config = AutoConfig.from_pretrained(
         path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
     counts = per_layer_counts(config)
     if counts is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+        with loading_bars():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     if not os.path.isdir(path):
         raise ValueError(f"{name_or_path}: non-uniform moebench checkpoints load from a local folder only")
     model = _build_skeleton(config, counts, dtype=_config_dtype(config) if dtype == "auto" else dtype)
@@ -127,6 +195,8 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
 def load_structure(name_or_path: str, **kwargs):
     """The model built on the meta device from its config alone (no weights read): for inspection."""
     path = resolve(name_or_path)
+    if not os.path.isdir(path):
+        check_hub_config(path, kwargs.get("revision"), config_only=True)
     config = AutoConfig.from_pretrained(path, **kwargs)
     with torch.device("meta"):
         return _build_skeleton(config, per_layer_counts(config) or {}, dtype=_config_dtype(config))

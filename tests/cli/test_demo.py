@@ -32,13 +32,18 @@ def mini_spec(tmp_path) -> str:
 
 @pytest.mark.slow
 def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
-    results, reports = tmp_path / "results", tmp_path / "reports"
-    cmd = [sys.executable, "-m", "moebench.cli", "demo", "--spec", mini_spec(tmp_path), "--results", str(results),
-           "--reports", str(reports)]
+    # as `make demo` runs it: no folders given, so a fresh folder of its own, never ./results
+    results, reports = tmp_path / "demo-run" / "results", tmp_path / "demo-run" / "reports"
+    cmd = [sys.executable, "-m", "moebench.cli", "demo", "--spec", mini_spec(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    root = os.path.join("demo-run", "results", "mini")
+    assert lines[0] == f"moebench demo: 6 cells on testbed-8e -> {root} (a fresh run)"
     assert "grid: 6 cells run now, 0 already done, 0 failed" in out.stdout
+    assert re.fullmatch(r"elapsed: (\d+ min \d\d|\d+) s", lines[-1]), lines[-1]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
     folder = reports / "mini"
     assert (folder / "report.pdf").stat().st_size > 10_000 and (reports / "leaderboard.html").exists()
     for figure in ("accuracy_vs_ratio", "latency_vs_input", "kept_experts_testbed-8e_premoe-taer"):
@@ -75,8 +80,10 @@ def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
                      rf"decode speed x[\d.]+, skip rate {rate:.3f} of routed pairs", f3), f3
     assert "F2 (domain vs generic calibration): not measured" in findings  # no domain-calibrated cell here
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # resumable like any grid
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)  # resumable
     assert again.returncode == 0 and "grid: 0 cells run now, 6 already done, 0 failed" in again.stdout
+    first = again.stdout.splitlines()[0]  # says plainly, first, that nothing new runs and how to run it again
+    assert "6 of 6 cells are already finished there" in first and "reused" in first and "remove" in first
 
 
 def test_demo_rejects_a_missing_spec_file(tmp_path):

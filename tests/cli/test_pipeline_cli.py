@@ -102,3 +102,18 @@ def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, ca
     assert "did you mean 'reap'" in capsys.readouterr().err
     assert main([*args, "--method", "reap", "--ratio", "0.9"]) == 2
     assert "leaves 1 experts but the router selects top_k=2" in capsys.readouterr().err
+
+
+def test_errors_are_spelled_in_the_syntax_of_the_front_end_that_raised_them(saved_models, tmp_path, capsys):
+    assert main(["prune", saved_models("mixtral"), "--method", "reap", "--ratio", "0.5", "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--calib c4" in err and "calib=" not in err
+    cli = PlanRequest(method="reap", ratio=0.5, front_end="cli")
+    with pytest.raises(ValueError, match="--calib c4 or --calib testbed:mix") as caught:
+        make_plan(tiny_model("mixtral"), build_tokenizer(), cli, progress=False)
+    assert "calib=" not in str(caught.value)
+    assert cli.spell(calib_samples=16, calib_seq_len=64) == "--samples 16 --seq-len 64"
+    lm_eval_style = PlanRequest(method="reap", ratio=0.5)  # the lm-eval model's requests: model_args
+    with pytest.raises(ValueError, match="calib=c4 or calib=testbed:mix"):
+        make_plan(tiny_model("mixtral"), build_tokenizer(), lm_eval_style, progress=False)
