@@ -25,7 +25,7 @@ from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.util import did_you_mean
 
 KINDS = ("prune", "skip", "select", "merge")
-STAT_GROUPS = ("routing", "norms", "logits", "outputs")
+STAT_GROUPS = ("routing", "norms", "logits", "outputs", "router_gram", "expert_means")
 
 
 @dataclass(frozen=True)
