@@ -12,7 +12,9 @@ from moebench.method.registry import planner
 
 @planner("hc_smoe", kind="merge", needs=("routing", "expert_means"),
          paper="Chen et al. 2024, 'Retraining-Free Merging of Sparse MoE via Hierarchical Clustering', "
-               "arXiv 2410.08589 (ICML 2025); code: wazenmai/HC-SMoE")
+               "arXiv 2410.08589 (ICML 2025); code: wazenmai/HC-SMoE",
+         ours="the router keeps one row per cluster, its most-selected expert's (router=dominant) or the "
+              "frequency-weighted average (router=average); the authors keep all E rows pointing at shared weights")
 def hc_smoe(ctx, *, linkage: Literal["average", "single", "complete"] = "average",
             router: Literal["dominant", "average"] = "dominant"):
     """Cluster each layer's experts by their average outputs, merge each cluster by frequency.
