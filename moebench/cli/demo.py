@@ -2,7 +2,7 @@
 
 Runs the packaged study (`demo_study.yaml`) as a resumable grid into ``results/demo``, writes the
 tidy tables, the report into ``reports/demo`` and the leaderboard into ``reports/``, and states
-the findings F1-F5 with their numbers (also in ``reports/demo/findings.md``).
+the findings F1-F6 with their numbers (also in ``reports/demo/findings.md``).
 """
 
 from __future__ import annotations
