@@ -1,6 +1,6 @@
 """Calibration statistics of every MoE layer, collected in one forward pass per calibration set.
 
-Statistics come in four groups, collected together or separately (a method names the groups it
+Statistics come in six groups, collected together or separately (a method names the groups it
 needs; the cache collects only the groups it lacks):
 
 ``routing`` (per layer, float64 accumulators)
@@ -17,6 +17,12 @@ needs; the cache collects only the groups it lacks):
 ``outputs`` (a seeded subsample of ``subsample_tokens`` tokens)
     ``inputs [n, H]`` router inputs, ``logits [n, E]``, ``all_outputs [n, E, H]`` every expert's
     output on each token (for reconstruction and similarity), ``sample_ids [n]``.
+``router_gram`` (every token, float64; for merging by router-logit similarity)
+    ``logit_gram [E, E]`` sum over tokens of l l^T, l the router logits: cosine similarity of two
+    experts' logit columns is ``G_ij / sqrt(G_ii G_jj)`` with no per-token data kept.
+``expert_means`` (every token, float64; for merging by expert outputs)
+    ``output_sum [E, H]`` sum over all tokens of every expert's output y_e(x), routed or not;
+    ``output_tokens [1]`` tokens summed (the mean output is their ratio). One ``[E, H]`` per layer.
 
 Expert outputs are observed through moebench's kernel in transformers' experts-implementation
 slot (`moebench.moe.kernels`); families without that slot (Llama4) are observed by a block hook that
@@ -41,6 +47,8 @@ GROUP_STATS = {
     "norms": ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count"),
     "logits": ("topk_logits", "topk_ids", "sample_ids"),
     "outputs": ("inputs", "logits", "all_outputs", "outputs_sample_ids"),
+    "router_gram": ("logit_gram",),
+    "expert_means": ("output_sum", "output_tokens"),
 }
 GROUPS = tuple(GROUP_STATS)
 FORMAT_VERSION = 1
@@ -88,6 +96,11 @@ class _LayerAccumulator:
             self._logits(logits, positions)
         if "outputs" in self.groups:
             self._outputs(experts, inputs, logits, positions)
+        if "router_gram" in self.groups:
+            finite = logits.masked_fill(~torch.isfinite(logits), 0.0).double()  # masked routers give -inf
+            self._add("logit_gram", finite.T @ finite)
+        if "expert_means" in self.groups:
+            self._expert_means(experts, inputs)
         self.offset += t
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -144,6 +157,17 @@ class _LayerAccumulator:
         self._append("sub_logits", logits[rows])
         self._append("all_outputs", ys.float())
         self._append("sub_sample_ids", positions[keep] // self.seq_len)
+
+    def _expert_means(self, experts, inputs, chunk: int = 2048) -> None:
+        """Add every expert's summed output over the batch's tokens (computed ``chunk`` tokens at a time)."""
+        total = torch.zeros(self.layer.num_experts, inputs.shape[-1], dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], chunk):
+                x = inputs[start:start + chunk]
+                for e in range(self.layer.num_experts):
+                    total[e] += expert_forward(experts, e, x).double().sum(0).cpu()
+        self._add("output_sum", total)
+        self._add("output_tokens", torch.tensor([inputs.shape[0]]))
 
     def result(self) -> dict[str, torch.Tensor]:
         """The finished statistics of this layer (lists concatenated, names as documented)."""

@@ -20,4 +20,9 @@ def run(args: argparse.Namespace) -> int:
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.params.values()) or "-"
         rows.append((name, spec.kind, ",".join(spec.needs) or "none (data-free)", params, spec.paper[:70]))
     print(tabulate(rows, headers=["method", "kind", "statistics", "parameters", "paper"]))
+    ours = [(name, spec.ours) for name, spec in sorted(load_methods().items()) if spec.ours]
+    if ours:
+        print("\nChoices of ours, where a paper leaves them open:")
+        for name, text in ours:
+            print(f"  {name}: {text}")
     return 0

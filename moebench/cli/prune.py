@@ -1,4 +1,4 @@
-"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune, save."""
+"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune (or merge), save."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Make the method's plan, prune physically, save checkpoint, tokenizer, plan.json and the model card."""
+    """Make the method's plan, prune (or merge) physically, save checkpoint, tokenizer, plan.json and the model card."""
     if os.path.exists(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
     spec = get_method(args.method)
-    if spec.kind != "prune" or spec.is_identity:
+    if spec.kind not in ("prune", "merge") or spec.is_identity:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
                          f"{'the unpruned model' if spec.is_identity else f'a {spec.kind} method'}: evaluate it "
                          f"with lm_eval --model pruned_moe --model_args ...,method={args.method} instead")

@@ -170,9 +170,12 @@ class PrunedMoESettings:
 
     def _check_method(self, spec: MethodSpec) -> None:
         """The method's kind and the budget."""
-        if spec.kind not in ("prune", "select"):
-            raise ValueError(f"method {self.method} is a {spec.kind} method; pruned_moe applies prune and select "
-                             "methods")
+        if spec.kind not in ("prune", "select", "merge"):
+            raise ValueError(f"method {self.method} is a {spec.kind} method; pruned_moe applies prune, select "
+                             "and merge methods")
+        if spec.kind == "merge" and self.apply != "physical":
+            raise ValueError(f"method {self.method} merges experts (new expert weights), which apply=mask cannot "
+                             "express: use apply=physical")
         if (self.ratio is None) == (self.keep is None):
             raise ValueError(f"method={self.method} needs exactly one budget: ratio (fraction of routed experts "
                              "removed, e.g. ratio=0.5) or keep (experts kept per MoE layer)")

@@ -14,14 +14,13 @@ Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit), ``calib_samples``, 
 ``measure`` (false, or settings of `moebench.measure`), ``executor`` (kind and options),
 ``include_path`` (extra lm-eval task folders), ``dtype``, ``device``.
 A method's parameter given as a list expands into one method entry per value; a method entry may
-name its own ``calibration`` list instead of the study's.
+name its own ``calibration`` and ``ratios`` lists instead of the study's.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -152,7 +151,8 @@ def expand(spec: dict) -> list[Cell]:
         if spec.get("baseline", True):
             cells.append(Cell(**copy.deepcopy(common), model=model, method="none", params={}, skip="none",
                               ratio=0.0, calib=None))
-        for entry, ratio in itertools.product(method_entries(spec["methods"]), as_list(spec["ratios"])):
+        for entry, ratio in ((e, r) for e in method_entries(spec["methods"])
+                             for r in e["ratios"] or as_list(spec["ratios"])):
             for calib in entry["calibration"] or as_list(spec.get("calibration") or [None]):
                 needs_data = bool(get_method(entry["name"]).needs_for(entry["params"])) or entry["skip"] != "none"
                 cell = Cell(**copy.deepcopy(common), model=model, method=entry["name"], params=entry["params"],

@@ -19,12 +19,14 @@ def as_list(value) -> list:
 
 
 def method_entries(raw) -> list[dict]:
-    """Methods as dicts {name, params, skip}; list-valued parameters expand to one entry per value."""
+    """Methods as dicts {name, params, skip, calibration, ratios}; list-valued parameters expand to one entry
+    per value. ``calibration`` / ``ratios``: the entry's own lists instead of the study's (None: the study's)."""
     out = []
     for item in as_list(raw):
-        entry = {"name": item, "params": {}, "skip": "none", "calibration": None} if isinstance(item, str) else {
-            "name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
-            "calibration": as_list(item["calibration"]) if item.get("calibration") else None}
+        item = {"name": item} if isinstance(item, str) else item
+        entry = {"name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
+                 "calibration": as_list(item["calibration"]) if item.get("calibration") else None,
+                 "ratios": as_list(item["ratios"]) if item.get("ratios") else None}
         keys = sorted(entry["params"])
         values = [as_list(entry["params"][k]) for k in keys]
         for combo in itertools.product(*values):
@@ -108,7 +110,8 @@ def _check_measure(spec) -> list[str]:
 
 
 def _check_ratios(spec) -> list[str]:
-    return [f"ratio {r!r} must be a number in [0, 1)" for r in as_list(spec["ratios"])
+    ratios = as_list(spec["ratios"]) + [r for e in method_entries(spec["methods"]) for r in (e["ratios"] or [])]
+    return [f"ratio {r!r} must be a number in [0, 1)" for r in dict.fromkeys(ratios)
             if not isinstance(r, (int, float)) or not 0 <= r < 1]
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from tabulate import tabulate
 
 from moebench.measure.speed import decode_speed, expert_share, prefill_speed, weight_bytes
+from moebench.method.apply import apply
 from moebench.method.pipeline import PlanRequest, make_plan, statistics
 from moebench.method.registry import get_method
 from moebench.moe.kernels import KERNEL_NAME, register
-from moebench.moe.ops import prune
 from moebench.moe.skipping import disable_skipping, enable_skipping, naee_betas, skip_report
 
 
@@ -103,7 +103,7 @@ def bench_variants(model, tokenizer, base: PlanRequest, settings: BenchSettings,
     elif method:
         model.set_experts_implementation(default_kernel)
         request = replace(base, method=method)
-        prune(model, make_plan(model, tokenizer, request).keep)
+        apply(model, make_plan(model, tokenizer, request))  # pruned, or merged for merge methods
         bench.measure(f"{method} {base.ratio if base.ratio is not None else f'keep {base.keep}'}")
         if skip == "naee":
             lines.append(bench.skip_pair(method))

@@ -5,6 +5,8 @@
 - ``select`` plans: nothing is removed; the returned `Applied` chooses kept sets per input from its
   context (`Applied.select`) and runs a batch under per-row routing masks (`Applied.batch`);
   ``offload=True`` keeps the routed experts in CPU memory and streams each layer's working set.
+- ``merge`` plans: each group's experts are merged into one (weights, router rows), the others
+  removed (`moebench.moe.merge`); ``mode="physical"`` only, since a merge changes weights.
 - ``plan.skip`` (any kind): dynamic skipping with the plan's per-layer thresholds.
 
 `Applied` runs prompts the way every front end does (`forward`, `generate`: the per-request selection
@@ -23,6 +25,7 @@ from torch import nn
 
 from moebench.method.plan import Plan
 from moebench.method.select import context_signature, selector_from_plan
+from moebench.moe.merge import merge
 from moebench.moe.ops import mask, prune, sample_mask
 from moebench.moe.skipping import enable_skipping
 from moebench.moe.view import MoEError
@@ -117,8 +120,8 @@ def unchanged(model: nn.Module) -> Applied:
 def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload: bool = False) -> Applied:
     """Put ``plan`` in effect on ``model`` (in place) and return the `Applied` model.
 
-    Raises `MoEError` for an unknown mode, ``offload`` with a plan that is not a select plan, or a
-    kind that cannot be applied.
+    Raises `MoEError` for an unknown mode, ``offload`` with a plan that is not a select plan, a merge
+    plan with ``mode="mask"``, or a kind that cannot be applied.
     """
     if mode not in MODES:
         raise MoEError(f"apply mode {mode!r}: choose physical (remove the experts) or mask (route around them)")
@@ -133,8 +136,15 @@ def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload: bool = 
         if plan.keep:
             (prune if mode == "physical" else mask)(model, plan.keep)
         applied = Applied(model, plan, mode)
+    elif plan.kind == "merge":
+        if mode != "physical":
+            raise MoEError(f"{plan.method} merges experts: it writes new expert weights, which routing around "
+                           "experts (apply=mask) cannot express; use apply=physical")
+        merge(model, plan.merge or {})
+        applied = Applied(model, plan, mode)
     else:
-        raise MoEError(f"plans of kind {plan.kind!r} ({plan.method}) cannot be applied; kinds applied: prune, select")
+        raise MoEError(f"plans of kind {plan.kind!r} ({plan.method}) cannot be applied; kinds applied: prune, "
+                       "select, merge")
     if plan.skip:
         enable_skipping(model, plan.skip["betas"])
     return applied

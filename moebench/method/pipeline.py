@@ -14,6 +14,7 @@ from moebench.calib.stats import CollectSettings
 from moebench.method.apply import Applied, apply
 from moebench.method.plan import Plan
 from moebench.method.registry import MethodSpec, PlanContext, get_method, resolve_budget
+from moebench.moe.merge import validate_merge
 from moebench.moe.ops import validate_keep
 from moebench.moe.skipping import naee_betas
 from moebench.moe.view import MoEView
@@ -169,5 +170,7 @@ def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, 
         result = spec.fn(ctx, **params)
     plan = result if isinstance(result, Plan) else Plan(spec.name, spec.kind, keep=result)
     plan.method, plan.kind, plan.params, plan.ratio = spec.name, spec.kind, params, ratio
+    if plan.kind == "merge":  # the kept experts are the groups' `into` experts
+        plan.merge, plan.keep = validate_merge(view, plan.merge or {})
     plan.keep = validate_keep(view, plan.keep)
     return plan

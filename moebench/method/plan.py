@@ -4,8 +4,10 @@
 ``keep`` (MoE decoder-layer index, a string in JSON -> sorted kept expert ids; absent layers keep
 every expert), ``skip`` (dynamic skipping: ``{"rule": "naee", "betas": {layer: beta}}``, or null),
 ``selector`` (select plans: ``{"name": "retrieval" | "predictive", ...}``, everything the per-input
-selector needs) and ``extra`` (bookkeeping for reports: ``n_experts``, ``keep_frequency``, ...).
-A plan is complete: applying a saved plan to the same base model gives the same model.
+selector needs), ``merge`` (merge plans: MoE layer -> groups ``{"into", "experts", "weights",
+"router"?, "perms"?}``, see `moebench.moe.merge`; ``keep`` then holds the ``into`` experts) and
+``extra`` (bookkeeping for reports: ``n_experts``, ``keep_frequency``, ...). A plan is complete:
+applying a saved plan to the same base model gives the same model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from moebench.moe.merge import normalise_group
 from moebench.util import atomic_write_text
 
 
@@ -29,9 +32,12 @@ class Plan:
     extra: dict = field(default_factory=dict)
     skip: dict | None = None
     selector: dict | None = None
+    merge: dict[int, list[dict]] | None = None
 
     def __post_init__(self):
         self.keep = {int(k): sorted(int(i) for i in v) for k, v in self.keep.items()}
+        if self.merge is not None:
+            self.merge = {int(k): [normalise_group(g) for g in v] for k, v in self.merge.items()}
         if self.skip is not None:
             self.skip = {**self.skip, "betas": {int(k): float(v) for k, v in self.skip["betas"].items()}}
 
@@ -45,6 +51,8 @@ class Plan:
         data["keep"] = {str(i): ids for i, ids in sorted(self.keep.items())}
         if self.skip is not None:
             data["skip"] = {**self.skip, "betas": {str(i): b for i, b in sorted(self.skip["betas"].items())}}
+        if self.merge is not None:
+            data["merge"] = {str(i): groups for i, groups in sorted(self.merge.items())}
         return json.dumps(data, indent=2, sort_keys=False)
 
     def save(self, path: str) -> None:

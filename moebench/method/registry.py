@@ -25,7 +25,7 @@ from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.util import did_you_mean
 
 KINDS = ("prune", "skip", "select", "merge")
-STAT_GROUPS = ("routing", "norms", "logits", "outputs")
+STAT_GROUPS = ("routing", "norms", "logits", "outputs", "router_gram", "expert_means")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class MethodSpec:
     global_budget: bool = False  # per-layer counts may differ; only the total follows the budget
     takes_budget: bool = True  # False only for the identity method `none` (the unpruned model)
     extra_needs: Callable[[dict], tuple[str, ...]] | None = None  # groups that depend on a parameter
+    ours: str = ""  # choices of moebench's own where the paper is ambiguous (listed by `moebench methods`)
 
     def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
         """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
@@ -136,7 +137,8 @@ def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
     return params
 
 
-def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None):
+def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None,
+              ours=""):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     needs = tuple(needs)
@@ -149,7 +151,7 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, ta
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
                                      fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
-                                     extra_needs)
+                                     extra_needs, ours)
         return fn
 
     return decorate
@@ -165,15 +167,16 @@ def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None,
 
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
-            global_budget: bool = False, takes_budget: bool = True, extra_needs=None):
+            global_budget: bool = False, takes_budget: bool = True, extra_needs=None, ours: str = ""):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
     ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
     False only for the identity method (`none`), which takes no ratio or keep. ``needs`` and
-    ``extra_needs`` as for `score_method`.
+    ``extra_needs`` as for `score_method`. ``ours``: the choices moebench made where the paper is
+    ambiguous (one sentence; `moebench methods` lists it).
     """
     return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
-                     takes_budget=takes_budget, extra_needs=extra_needs)
+                     takes_budget=takes_budget, extra_needs=extra_needs, ours=ours)
 
 
 def load_methods() -> dict[str, MethodSpec]:

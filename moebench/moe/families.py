@@ -38,6 +38,9 @@ class Family:
             ``"dense_scores"`` for Llama4's ``(scores [T,E], logits)``.
         experts_slot: whether the experts module dispatches through transformers'
             experts-implementation slot (``set_experts_implementation``).
+        gate_up_interleaved: whether ``gate_up_proj`` interleaves gate and up units along the
+            intermediate axis (gate at even, up at odd positions) instead of gate then up halves;
+            permuting an expert's intermediate units must follow it.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Family:
     scaling_key: str | None = None
     router_output: str = "triple"
     experts_slot: bool = True
+    gate_up_interleaved: bool = False
     notes: tuple[str, ...] = field(default=())
 
 
@@ -78,7 +82,7 @@ FAMILIES: tuple[Family, ...] = (
            correction_bias="e_score_correction_bias", scoring="sigmoid",
            group_keys=("n_group", "topk_group"), group_score_top=2, scaling_key="routed_scaling_factor"),
     Family("GPT-OSS", ("gpt_oss",), count_key="num_local_experts", router="router",
-           scoring="softmax_topk", renormalise=False,
+           scoring="softmax_topk", renormalise=False, gate_up_interleaved=True,
            notes=("experts stored transposed with gate/up interleaved and biases",)),
     Family("PhiMoE", ("phimoe",), count_key="num_local_experts", router="router",
            scoring="sparsemixer", renormalise=False),

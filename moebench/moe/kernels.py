@@ -30,6 +30,14 @@ class Observer(Protocol):
         """``outputs[e] = (token ids [n], gate values [n], expert outputs [n, H])`` for each hit expert."""
 
 
+def is_transposed(experts: nn.Module) -> bool:
+    """Whether the fused expert tensors are stored ``[E, in, out]`` (``x @ W``) rather than ``[E, out, in]``.
+
+    Modules without the flag (Llama4) are transposed.
+    """
+    return bool(getattr(experts, "is_transposed", not hasattr(experts, "has_gate")))
+
+
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
     """Output ``[n, H]`` of expert ``e`` of a fused experts module on inputs ``x [n, H]`` (no gate).
 
@@ -37,7 +45,7 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | 
     transformers kernels do; modules without those flags (Llama4) are transposed, bias-free and gated.
     ``weights``: expert e's tensors by name (from an offloading provider) instead of the module's.
     """
-    transposed = getattr(experts, "is_transposed", not hasattr(experts, "has_gate"))
+    transposed = is_transposed(experts)
     bias = getattr(experts, "has_bias", False)
 
     def w(name):

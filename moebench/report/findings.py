@@ -1,4 +1,4 @@
-"""The demo's findings (F1-F5), stated with the measured numbers whichever way they come out.
+"""The demo's findings (F1-F6), stated with the measured numbers whichever way they come out.
 
 Every number comes from the study's tidy tables through `moebench.report.tables.summary`
 (average accuracy over the multiple-choice tasks) and `moebench.report.domains`. A finding whose
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from moebench.method.registry import load_methods
 from moebench.report.domains import calibration_effect
 from moebench.report.tables import MetricSpec, StudyData, summary
 
@@ -102,8 +103,33 @@ def f5(table: pd.DataFrame) -> str:
     return f"F5 (input-aware vs static at 75%): {', '.join(parts)}; {best_text} -> {verdict}"
 
 
+def _best(table: pd.DataFrame, methods, ratio: float) -> tuple[str, float] | None:
+    """The best (method, accuracy) among ``methods`` at ``ratio`` (generic calibration, no skipping)."""
+    found = [(v, m) for m in methods if (v := _acc(table, m, ratio)) is not None]
+    return (max(found)[1], max(found)[0]) if found else None
+
+
+def f6(table: pd.DataFrame) -> str:
+    """Pruning vs merging at equal budget (REAP's claim: pruning prevails for one-shot compression)."""
+    kinds = {name: spec.kind for name, spec in load_methods().items() if not spec.is_identity}
+    pruning = sorted(m for m, k in kinds.items() if k == "prune")
+    merging = sorted(m for m, k in kinds.items() if k == "merge")
+    parts = []
+    for ratio in (0.25, 0.5):
+        named = ", ".join(f"{m} {_fmt(_acc(table, m, ratio))}" for m in (*merging, "reap", "frequency"))
+        prune_best, merge_best = _best(table, pruning, ratio), _best(table, merging, ratio)
+        if prune_best is None or merge_best is None:
+            parts.append(f"at {ratio:.0%}: {named} -> not measured")
+            continue
+        gap = 100 * (prune_best[1] - merge_best[1])
+        verdict = "tie" if gap == 0 else f"{'pruning' if gap > 0 else 'merging'} ahead by {abs(gap):.1f} points"
+        parts.append(f"at {ratio:.0%}: {named}; best pruning {prune_best[0]} {prune_best[1]:.3f} vs best merging "
+                     f"{merge_best[0]} {merge_best[1]:.3f} -> {verdict}")
+    return "F6 (pruning vs merging, same experts kept): " + "; ".join(parts)
+
+
 def findings(study: StudyData, spec: MetricSpec | None = None) -> list[str]:
-    """F1-F5 as sentences with numbers."""
+    """F1-F6 as sentences with numbers."""
     spec = spec or MetricSpec()
     table = summary(study, spec)
-    return [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table)]
+    return [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table), f6(table)]

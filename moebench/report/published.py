@@ -2,8 +2,8 @@
 
 A file holds one paper: ``paper``, ``short``, ``venue``, ``year``, ``source`` (arXiv id / DOI),
 ``defaults`` merged into each of its ``entries``. An entry's fields (`ENTRY_FIELDS`): ``table``,
-``model`` (hub id), ``method`` (moebench's name; ``none`` = unpruned; names moebench lacks, e.g.
-``hc_smoe``, stay references), ``params``, ``skip``, ``ratio`` or ``experts_kept`` with
+``model`` (hub id), ``method`` (moebench's name, e.g. ``reap``, ``hc_smoe``; ``none`` = unpruned;
+names moebench lacks stay references), ``params``, ``skip``, ``ratio`` or ``experts_kept`` with
 ``experts_total`` (ratio = 1 - kept / total), ``calibration`` (moebench source name; null = none or
 not stated), ``quantity`` (`QUANTITIES`), ``metric`` / ``task_metrics`` / ``filter`` / ``tasks``
 (the average's definition; ``tasks: []`` when the paper's set is not restated), ``num_fewshot``,

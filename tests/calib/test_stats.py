@@ -69,6 +69,23 @@ def test_statistics_match_an_independent_computation():
         assert s["topk_ids"][:, :2].sort(-1).values.tolist() == top_i.sort(-1).values.tolist()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
+def test_merging_statistics_match_an_independent_computation(family):
+    """router_gram = sum of l l^T over every token; expert_means = every expert's summed output on every token."""
+    model = tiny_model(family)
+    view, inputs = block_inputs(model)
+    stats = collect(model, IDS, ["router_gram", "expert_means", "outputs"],
+                    CollectSettings(batch_size=2, subsample_tokens=1000), progress=False)
+    for layer in view.layers:
+        x, s = inputs[layer.index], stats[layer.index]
+        with torch.no_grad():
+            logits = F.linear(x, layer.router.weight, getattr(layer.router, "bias", None)).double()
+        torch.testing.assert_close(s["logit_gram"], logits.T @ logits, rtol=1e-5, atol=1e-5)
+        assert s["output_tokens"].item() == 30
+        # 1000 >= 30 tokens: `outputs` holds every expert's output on every token
+        torch.testing.assert_close(s["output_sum"], s["all_outputs"].double().sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_observing_does_not_change_the_model_output():
     model = tiny_model("qwen2_moe")
     with torch.no_grad():

@@ -96,6 +96,27 @@ def test_prune_cli_writes_a_plain_checkpoint_and_plan(family, saved_models, corp
     assert "expert bytes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_prune_cli_merges_into_a_plain_checkpoint(family, saved_models, corpus, tmp_path):
+    """`moebench prune --method hc_smoe`: plain transformers loads the merged checkpoint, and its logits are
+    those of plan.json applied to the base model."""
+    from moebench.method.apply import apply
+    from moebench.method.plan import Plan
+
+    out = tmp_path / "merged"
+    assert main(["prune", saved_models(family), "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
+    plan = Plan.load(str(out / "plan.json"))
+    assert plan.kind == "merge" and any(len(g["experts"]) > 1 for groups in plan.merge.values() for g in groups)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(saved_models(family)).eval()
+    apply(base, plan)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    assert set(MoEView(model).experts_per_layer.values()) == {4}
+
+
 def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, capsys):
     args = ["prune", saved_models("mixtral"), "--calib", f"file:{corpus}", "--out", str(tmp_path / "o")]
     assert main([*args, "--method", "reapp", "--ratio", "0.5"]) == 2

@@ -217,10 +217,29 @@ def test_nothing_is_calibrated_or_changed_until_the_first_request(env, tmp_path,
     ("ratio=0.5", r"ratio/keep need a method"),
     ("method=reap,ratio=0.5,apply=soft", r"apply=soft: choose apply=physical"),
     ("method=reap,ratio=0.5,calib=c5", r"unknown calibration source 'c5' \(did you mean 'c4'"),
+    ("method=m_smoe,ratio=0.5,apply=mask", r"merges experts .*apply=mask cannot express: use apply=physical"),
 ])
 def test_bad_model_args_are_clear_errors(env, extra, message):
     with pytest.raises(ValueError, match=message):
         evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},{extra}")  # later keys win
+
+
+def test_merge_methods_run_and_equal_their_saved_checkpoints(env, tmp_path):
+    """pruned_moe with hc_smoe computes what plain hf computes on `moebench prune`'s merged checkpoint."""
+    from moebench.cli import main
+
+    merged = evaluate(env, "pruned_moe", f"pretrained={env.model},method=hc_smoe,ratio=0.5,{env.calib}")
+    out = tmp_path / "hc_smoe"
+    assert main(["prune", env.model, "--method", "hc_smoe", "--ratio", "0.5", "--calib",
+                 f"file:{env.root / 'calib.txt'}", "--samples", "4", "--seq-len", "16",
+                 "--stats-dir", str(env.root / "stats"), "--out", str(out)]) == 0
+    plain = evaluate(env, "hf", {"pretrained": str(out)})
+    assert loglikelihoods(merged) == pytest.approx(loglikelihoods(plain), abs=1e-5)
+    assert merged["config"]["moebench"]["experts_per_layer"] == {"0": 4, "1": 4}
+    m_smoe = evaluate(env, "pruned_moe", f"pretrained={env.model},method=m_smoe,ratio=0.5,{env.calib}")
+    assert sum(m_smoe["config"]["moebench"]["experts_per_layer"].values()) == 8  # global budget: the total
+    unpruned = evaluate(env, "hf", {"pretrained": env.model})
+    assert loglikelihoods(m_smoe) != pytest.approx(loglikelihoods(unpruned), abs=1e-3)
 
 
 def test_method_parameters_come_from_model_args(env):

@@ -55,3 +55,14 @@ def test_expansion_dedupes_data_free_methods_and_expands_parameter_lists(saved_m
     assert all(c.id == cell_id(c.to_dict()) and Cell.from_dict(c.to_dict()) == c for c in study.cells)
     assert study.calibrations() == [(saved_models("mixtral"), "testbed:arithmetic"),
                                     (saved_models("mixtral"), "testbed:mix")]
+
+
+def test_a_method_entry_may_name_its_own_ratios(saved_models):
+    spec = {"name": "ok", "models": [saved_models("mixtral")], "ratios": [0.25, 0.5, 0.75],
+            "methods": ["frequency", {"name": "hc_smoe", "ratios": [0.25, 0.5]}],
+            "calibration": ["testbed:mix"], "tasks": ["testbed_logic"]}
+    study = parse_study(spec)
+    assert sorted(c.ratio for c in study.cells if c.method == "hc_smoe") == [0.25, 0.5]
+    assert sorted(c.ratio for c in study.cells if c.method == "frequency") == [0.25, 0.5, 0.75]
+    with pytest.raises(SpecError, match=r"ratio 1.5 must be a number in \[0, 1\)"):
+        parse_study({**spec, "methods": [{"name": "hc_smoe", "ratios": [1.5]}]})

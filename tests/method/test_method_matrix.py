@@ -3,8 +3,12 @@
 For each (method, family) the plan is made from real statistics of a tiny model, checked against the
 budget, saved and loaded as JSON, applied with `moebench.method.apply.apply`, and the applied model
 is run: finite logits of the right shape; a pruned model holds exactly the kept experts and computes
-what the masked model computes; a select plan keeps the budget for each input; the identity leaves the
-logits unchanged; the same plan applied from its JSON to a fresh copy gives the same logits.
+what the masked model computes; a merged model holds one expert per group whose tensors are the
+group's weighted (aligned) average of the base model's experts; a select plan keeps the budget for
+each input; the identity leaves the logits unchanged; the same plan applied from its JSON to a fresh
+copy gives the same logits. Merge methods apply to all 12 families: with group-limited routing
+(DeepSeek, GLM) groups stay inside one routing group; GPT-OSS's interleaved gate/up units and
+Llama4's transposed experts are permuted along their own axes (tests/moe/test_merge.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from moebench.method.apply import apply
 from moebench.method.pipeline import plan_from_stats
 from moebench.method.plan import Plan
 from moebench.method.registry import get_method, load_methods, resolve_budget
+from moebench.moe.merge import permuted
 from moebench.moe.view import MoEView
 
 METHODS = sorted(load_methods())
@@ -49,6 +54,22 @@ def make(family: str, name: str) -> Plan:
     return plan_from_stats(view, name, {}, budget, stats_of(family), ratio=None if spec.is_identity else RATIO)
 
 
+def check_merged(base, merged, plan: Plan) -> None:
+    """Every kept expert of ``merged`` is its group's weighted average of ``base``'s (aligned) experts;
+    the groups partition each layer's experts."""
+    base_view, merged_view = MoEView(base), MoEView(merged)
+    for index, groups in plan.merge.items():
+        assert sorted(e for g in groups for e in g["experts"]) == list(range(base_view.layer(index).num_experts))
+        layer, out = base_view.layer(index), merged_view.layer(index).expert_tensors()
+        for g in groups:
+            perms = g.get("perms") or [None] * len(g["experts"])
+            slot = plan.keep[index].index(g["into"])
+            for name, tensor in out.items():
+                expected = sum(w * permuted(layer, e, p)[name].double()
+                               for e, w, p in zip(g["experts"], g["weights"], perms, strict=True))
+                torch.testing.assert_close(tensor[slot].double(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", METHODS)
 def test_method_on_family(name, family):
@@ -67,7 +88,7 @@ def test_method_on_family(name, family):
         assert torch.equal(logits(model, ids), reference)
         return
     budget = resolve_budget(MoEView(tiny_model(family)), ratio=RATIO)
-    if spec.kind == "prune":
+    if spec.kind in ("prune", "merge"):
         kept = plan.experts_kept()
         assert sum(kept.values()) == sum(budget.values())
         if not spec.global_budget:
@@ -85,7 +106,10 @@ def test_method_on_family(name, family):
         apply(masked, plan, mode="mask")
         torch.testing.assert_close(logits(masked, ids), out, rtol=1e-5, atol=1e-5)
 
+    if spec.kind == "merge":
+        check_merged(tiny_model(family), model, plan)
+
     again = tiny_model(family)
     replay = apply(again, Plan(**json.loads(plan.to_json())))
-    replayed = logits(again, ids) if spec.kind == "prune" else replay.forward(ids).logits
+    replayed = logits(again, ids) if spec.kind in ("prune", "merge") else replay.forward(ids).logits
     assert torch.equal(replayed, out)  # applying the saved plan gives the same model

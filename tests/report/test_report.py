@@ -315,3 +315,35 @@ def test_committed_leaderboard_regenerates_identically(tmp_path):
         for text_file in ["report.md", *glob.glob("tables/*.tex", root_dir=os.path.dirname(committed))]:
             assert filecmp.cmp(tmp_path / study / text_file, os.path.join(REPO, "reports", study, text_file),
                                shallow=False), (study, text_file)
+
+
+def _summary_rows(values: dict) -> pd.DataFrame:
+    """A main table (`tables.summary` columns that findings read): (method, ratio) -> accuracy."""
+    return pd.DataFrame([{"method_id": m, "method": m, "ratio": r, "skip": "none", "calib": "testbed:mix",
+                          "accuracy": a, "cell": f"{m}-{r}"} for (m, r), a in values.items()])
+
+
+def test_f6_states_pruning_vs_merging_whichever_way_it_falls():
+    from moebench.report.findings import f6
+
+    table = _summary_rows({("reap", 0.25): 0.80, ("frequency", 0.25): 0.78, ("hc_smoe", 0.25): 0.70,
+                           ("m_smoe", 0.25): 0.60, ("reap", 0.5): 0.50, ("hc_smoe", 0.5): 0.62})
+    text = f6(table)
+    assert text.startswith("F6 (pruning vs merging, same experts kept): ")
+    assert ("at 25%: hc_smoe 0.700, m_smoe 0.600, reap 0.800, frequency 0.780; best pruning reap 0.800 vs best "
+            "merging hc_smoe 0.700 -> pruning ahead by 10.0 points") in text
+    assert "best pruning reap 0.500 vs best merging hc_smoe 0.620 -> merging ahead by 12.0 points" in text
+    absent = f6(_summary_rows({("reap", 0.25): 0.8}))
+    assert absent.count("-> not measured") == 2 and "hc_smoe n/a" in absent
+
+
+def test_published_merging_numbers_match_merge_cells():
+    from moebench.report.published import load_published, matches
+
+    entries = [e for e in load_published() if e.method in ("hc_smoe", "m_smoe")]
+    assert {(e.method, e.ratio, e.calibration) for e in entries} == {
+        (m, r, c) for m in ("hc_smoe", "m_smoe") for r in (0.25, 0.5) for c in ("code", "c4")}
+    row = {"model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "method_id": "hc_smoe", "skip": "none", "ratio": 0.5,
+           "calib": "c4", "params": json.dumps({"linkage": "average", "router": "dominant"})}
+    hc = [e for e in entries if matches(e, row)]
+    assert [(e.method, e.value) for e in hc] == [("hc_smoe", 0.667)]
