@@ -85,9 +85,9 @@ def _disk_full(err: BaseException, folder: str) -> bool:
     return isinstance(err, Exception) and free is not None and free < 2**20
 
 
-def _disk_full_error(err: BaseException, folder: str, what: str) -> OSError:
-    return OSError(errno.ENOSPC, f"no space left on the device holding {folder} while writing {what} "
-                                 f"({type(err).__name__}: {str(err)[:200]}); free space there and run again")
+def _disk_full_error(folder: str, what: str) -> OSError:
+    return OSError(errno.ENOSPC, f"no space left on the device holding {folder} while writing {what}; "
+                                 "free space there and run again")
 
 
 def _remove(path: str) -> None:
@@ -114,7 +114,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         full = _disk_full(err, folder)
         _remove(tmp)
         if full:
-            raise _disk_full_error(err, folder, os.path.basename(path)) from err
+            raise _disk_full_error(folder, os.path.basename(path)) from err
         raise
 
 
@@ -188,7 +188,7 @@ def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
         full = _disk_full(err, parent)
         _remove(tmp)
         if full:
-            raise _disk_full_error(err, parent, os.path.basename(path)) from err
+            raise _disk_full_error(parent, os.path.basename(path)) from err
         raise
     return removed
 

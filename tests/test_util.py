@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     atomic_write_text(str(path), "old")
 
     def broken(tmp):
-        open(tmp, "w").write("half")
+        Path(tmp).write_text("half")
         raise RuntimeError("writer failed")
 
     with pytest.raises(RuntimeError, match="writer failed"):
@@ -74,14 +75,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_atomic_folder_is_all_or_nothing(tmp_path, small_disk):
     out = tmp_path / "out"
-    atomic_folder(str(out), lambda d: open(os.path.join(d, "a"), "w").write("a"))
+    atomic_folder(str(out), lambda d: Path(d, "a").write_text("a"))
     assert os.listdir(out) == ["a"] and not partial_folders(str(out))
     with pytest.raises(ValueError, match="exists and is not empty"):
         atomic_folder(str(out), lambda d: None)
     fill_disk(small_disk)
     full = small_disk / "model"
     with pytest.raises(OSError, match=f"no space left on the device holding {small_disk} while writing model"):
-        atomic_folder(str(full), lambda d: open(os.path.join(d, "w.bin"), "wb").write(b"x" * 100_000))
+        atomic_folder(str(full), lambda d: Path(d, "w.bin").write_bytes(b"x" * 100_000))
     assert sorted(os.listdir(small_disk)) == ["filler"]
 
 

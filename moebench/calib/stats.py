@@ -40,7 +40,7 @@ GROUP_STATS = {
     "outputs": ("inputs", "logits", "all_outputs", "outputs_sample_ids"),
 }
 GROUPS = tuple(GROUP_STATS)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cache files carry their format, group and layers (validated on load)
 
 
 @dataclass
