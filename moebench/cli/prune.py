@@ -1,4 +1,8 @@
-"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune, save."""
+"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune, save.
+
+``DIR`` appears complete or not at all: the files are written into a temporary sibling folder
+that is renamed into place at the end (`moebench.moe.checkpoint.save_folder`).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import time
 from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
 from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method
-from moebench.moe.checkpoint import save_pruned
+from moebench.moe.checkpoint import save_folder, save_pruned
 from moebench.moe.view import MoEView
+from moebench.util import check_new_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     """Make the method's plan, prune physically, save checkpoint, tokenizer and plan.json."""
     if os.path.exists(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
+    for leftover in check_new_folder(os.path.abspath(args.out)):  # before any work
+        print(f"removed {leftover}, left by an interrupted run")
     spec = get_method(args.method)
     if spec.kind != "prune" or spec.is_identity:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
@@ -40,10 +47,9 @@ def run(args: argparse.Namespace) -> int:
                            params=parse_params(args.param))
     start = time.perf_counter()
     plan = prepare(model, tokenizer, request).plan
-    os.makedirs(args.out, exist_ok=True)
-    save_pruned(model, args.out)
-    tokenizer.save_pretrained(args.out)
-    plan.save(os.path.join(args.out, "plan.json"))
+    save_folder(args.out, {"checkpoint": lambda d: save_pruned(model, d, shown_as=args.out),
+                           "tokenizer": tokenizer.save_pretrained,
+                           "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})
     after = MoEView(model).expert_bytes()
     print(f"{plan.method}: kept {sorted(set(plan.experts_kept().values()))} experts per layer; expert bytes "
           f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB; planned in {time.perf_counter() - start:.1f}s")
