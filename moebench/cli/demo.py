@@ -14,7 +14,7 @@ from importlib.resources import files
 
 import yaml
 
-from moebench.grid.runner import run_grid
+from moebench.grid.runner import run_grid, study_root
 from moebench.grid.spec import parse_study
 
 SPEC = "demo_study.yaml"
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if spec.get("executor", {}).get("parallel", 1) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per cell process, no oversubscription
     study = parse_study(spec)
-    root = os.path.join(args.results, study.name)
+    root = study_root(args.results, study)
     print(f"moebench demo: {len(study.cells)} cells on {', '.join(spec['models'])} -> {root}")
     summary = run_grid(study, root)
     print(f"grid: {summary['done']} cells run now, {summary['skipped']} already done, {len(summary['failed'])} failed")
