@@ -1,9 +1,14 @@
-"""Validation of a study spec before any work: every problem found, listed at once."""
+"""Validation of a study spec before any work: every problem found, listed at once.
+
+Types and ranges of the values come first (`moebench.grid.checks`); methods, calibration sources,
+tasks, models and budgets are checked once the lists are well formed.
+"""
 
 from __future__ import annotations
 
 import itertools
 
+from moebench.grid.checks import check_values, list_problems
 from moebench.util import did_you_mean
 
 SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
@@ -40,8 +45,10 @@ def validate(spec: dict) -> list[str]:
     problems += [f"missing key {k!r}" for k in REQUIRED if not spec.get(k)]
     if problems and any(p.startswith("missing") for p in problems):
         return problems
+    problems += check_values(spec)
+    if list_problems(spec):  # the checks below read models, methods, ratios and tasks as names
+        return problems
     problems += _check_methods(spec)
-    problems += _check_ratios(spec)
     problems += _check_tasks(spec)
     problems += _check_models(spec)
     problems += _check_measure(spec)
@@ -105,11 +112,6 @@ def _check_measure(spec) -> list[str]:
         problems.append(f"measure: latency_lengths={lengths!r} must be a list of prompt lengths >= 1 "
                         "(an empty list measures no latency)")
     return problems
-
-
-def _check_ratios(spec) -> list[str]:
-    return [f"ratio {r!r} must be a number in [0, 1)" for r in as_list(spec["ratios"])
-            if not isinstance(r, (int, float)) or not 0 <= r < 1]
 
 
 def _check_tasks(spec) -> list[str]:
