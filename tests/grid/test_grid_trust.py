@@ -54,8 +54,8 @@ def test_two_concurrent_runs_of_one_study_run_each_cell_once(tmp_path, saved_mod
     states = status(load_study(spec), os.path.join(results, "tiny"))
     assert len(states["done"]) == 6
     assert [starts(f) for f in states["done"]] == [1] * 6  # no cell ran twice
-    lines = [out.splitlines()[0] for out, _ in outputs]
-    assert any("running elsewhere" in out for out, _ in outputs), lines  # they really overlapped
+    lines = [next(line for line in out.splitlines() if line.startswith("tiny: 6 cells")) for out, _ in outputs]
+    assert any("running elsewhere: " in out for out, _ in outputs), lines  # they really overlapped
     assert all(", 0 failed, " in line for line in lines), lines
 
 
