@@ -1,4 +1,5 @@
-"""Small helpers every layer uses: "did you mean" suggestions, atomic writes, extension plugins.
+"""Small helpers every layer uses: "did you mean" suggestions, names that become paths, atomic
+writes of files and folders, extension plugins.
 
 Standard library only; the bottom of the import order (nothing in moebench is imported here).
 """
@@ -6,9 +7,12 @@ Standard library only; the bottom of the import order (nothing in moebench is im
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -36,12 +40,77 @@ def on_terminal() -> bool:
     return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
 
 
+NAME_RULE = r"^[A-Za-z0-9._-]+$"
+
+
+def check_name(value, what: str = "name") -> str:
+    """``value`` if it may become one folder name: letters, digits, ``.``, ``_``, ``-``, not ``.`` or ``..``.
+
+    Anything else (a ``/``, ``..``, an absolute path, markup, a number from YAML) raises ValueError
+    naming the value, the rule and a name that would do.
+    """
+    if isinstance(value, str) and re.fullmatch(NAME_RULE, value) and value not in (".", ".."):
+        return value
+    suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", str(value)).strip("-.") or "my-study"
+    kind = "" if isinstance(value, str) else f" (read as {type(value).__name__}, not text: quote it in YAML)"
+    raise ValueError(f"{what} {value!r}{kind} cannot be a folder name: use only letters, digits, '.', '_' "
+                     f"and '-' ({NAME_RULE}), not '.' or '..', e.g. {suggestion!r}")
+
+
+def path_under(root: str, *parts: str) -> str:
+    """``os.path.join(root, *parts)``, refused (ValueError) unless it resolves inside ``root``.
+
+    Symbolic links are followed on both sides, so a link that points elsewhere is refused too.
+    """
+    path = os.path.join(root, *parts)
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(f"{path} resolves to {real}, outside {root}; moebench writes only inside the folder "
+                         "you name: remove the link or choose another name")
+    return path
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _disk_full(err: BaseException, folder: str) -> bool:
+    """Whether ``err`` (or an error it came from) means the device holding ``folder`` is full.
+
+    Some writers (torch.save) report a full disk without an errno: then less than 1 MiB left
+    on the device counts as full.
+    """
+    seen = err
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = _free_bytes(folder)
+    return isinstance(err, Exception) and free is not None and free < 2**20
+
+
+def _disk_full_error(folder: str, what: str) -> OSError:
+    return OSError(errno.ENOSPC, f"no space left on the device holding {folder} while writing {what}; "
+                                 "free space there and run again")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     Readers see the old file or the complete new one, never a partial one. When ``write`` fails
-    (a full disk, say) the temporary file is removed and the error is raised again, naming the
-    folder when it is a disk-full error.
+    (a full disk, say) the temporary file is removed and the error is raised again; a full disk
+    raises OSError(ENOSPC) naming the folder.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -50,12 +119,86 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
-            raise OSError(err.errno, f"no space left on the device holding {folder} while writing "
-                                     f"{os.path.basename(path)}; free space there and run again") from err
+        full = _disk_full(err, folder)
+        _remove(tmp)
+        if full:
+            raise _disk_full_error(folder, os.path.basename(path)) from err
         raise
+
+
+PARTIAL = ".partial-"
+
+
+def partial_folders(path: str) -> list[str]:
+    """Temporary siblings ``.<name>.partial-<pid>`` that `atomic_folder` left for ``path``."""
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}{PARTIAL}"
+    try:
+        return sorted(os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_partial_folders(path: str) -> list[str]:
+    """Remove the temporary siblings of ``path`` whose writer has died; returns what was removed.
+
+    A sibling whose writer (the pid in its name) still runs raises ValueError naming it.
+    """
+    removed = []
+    for folder in partial_folders(path):
+        pid = folder.rsplit(PARTIAL, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            raise ValueError(f"process {pid} is writing {path} (into {folder}); wait for it to finish, "
+                             "or stop it and run again")
+        _remove(folder)
+        removed.append(folder)
+    return removed
+
+
+def check_new_folder(path: str) -> list[str]:
+    """Refuse ``path`` as a folder to write unless it is new or empty; clear dead leftovers of killed
+    writes (`clear_partial_folders`) and return them. Raises ValueError naming the problem."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise ValueError(f"{path} exists and is not empty; choose a new or empty folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a folder; choose a new or empty folder")
+    return clear_partial_folders(path)
+
+
+def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
+    """Call ``write(tmp)`` on an empty temporary folder beside ``path``, then rename it to ``path``.
+
+    ``path`` either does not exist afterwards or holds everything ``write`` wrote. ``path`` may exist
+    as an empty folder; a non-empty one raises ValueError before anything is written. Leftover
+    temporary folders of killed runs are removed first (and returned); on failure the temporary
+    folder is removed and a full disk raises OSError(ENOSPC) naming the folder.
+    """
+    path = os.path.abspath(path)
+    removed = check_new_folder(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}{PARTIAL}{os.getpid()}")
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        os.rename(tmp, path)  # atomic; replaces an empty folder, fails on a non-empty one
+    except BaseException as err:
+        full = _disk_full(err, parent)
+        _remove(tmp)
+        if full:
+            raise _disk_full_error(parent, os.path.basename(path)) from err
+        raise
+    return removed
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -49,3 +51,25 @@ def pytest_generate_tests(metafunc):
     already = any("family" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
     if "family" in metafunc.fixturenames and not already:
         metafunc.parametrize("family", FAMILIES)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 2 MiB tmpfs of its own: a disk that really fills up. Skipped where mounting is refused."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is simulated by mounting a 2 MiB tmpfs, which needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs was refused here: {done.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder, leave: int = 16 * 1024) -> None:
+    """Fill the device holding ``folder`` until about ``leave`` bytes are free (a file ``filler``)."""
+    stat = os.statvfs(folder)
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))

@@ -28,6 +28,8 @@ import torch
 from moebench.util import did_you_mean, load_plugins
 
 DATA_DIR_ENV = "MOEBENCH_DATA_DIR"
+# Calibration token totals above this are refused as a typo: 380x the papers' 128 x 2048 protocol.
+MAX_CALIB_TOKENS = 100_000_000
 SHUFFLE_BUFFER = 10_000  # documents held by the seeded shuffle of streamed sources
 _MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                   "number_theory", "prealgebra", "precalculus")
@@ -127,9 +129,9 @@ class Calibration:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.seq_len < 1:
-            raise ValueError(f"calibration needs samples >= 1 and seq_len >= 1, got "
-                             f"samples={self.samples}, seq_len={self.seq_len}")
+        problem = calibration_size_problem(self.samples, self.seq_len)
+        if problem:
+            raise ValueError(problem)
         object.__setattr__(self, "source", _normalise(self.source))
 
     @property
@@ -169,6 +171,23 @@ class Calibration:
             raise ValueError(f"calibration source {self.source!r} holds {len(ids)} tokens; "
                              f"{self.samples} x {self.seq_len} = {need} are needed")
         return torch.tensor(ids[:need], dtype=torch.long).view(self.samples, self.seq_len)
+
+
+def calibration_size_problem(samples, seq_len, names: tuple[str, str] = ("samples", "seq_len")) -> str | None:
+    """Why ``samples`` windows of ``seq_len`` tokens cannot be a calibration set, or None when they can.
+
+    Both must be whole numbers >= 1, and their product at most `MAX_CALIB_TOKENS`. ``names`` are
+    what the caller calls them (``("--samples", "--seq-len")``, ``("calib_samples", "calib_seq_len")``).
+    """
+    for name, value in zip(names, (samples, seq_len), strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{name}={value!r} must be a whole number >= 1"
+    total = samples * seq_len
+    if total > MAX_CALIB_TOKENS:
+        return (f"{names[0]} x {names[1]} = {samples:,} x {seq_len:,} = {total:,} calibration tokens, more than "
+                f"moebench's limit of {MAX_CALIB_TOKENS:,} (the papers use 128 x 2048 = 262,144): "
+                f"lower {names[0]} or {names[1]}")
+    return None
 
 
 def calibration_sources(spec: str) -> list[str]:
@@ -213,6 +232,7 @@ def _normalise(source: str) -> str:
             raise ValueError(f"calibration file {str(path)!r} must be an existing .txt or .jsonl file")
         if field and path.suffix != ".jsonl":
             raise ValueError(f"calibration file {str(path)!r}: a #field applies to .jsonl files only")
+        _read_text(str(path))  # a binary or non-UTF-8 file fails here, before any work
         return f"file:{path}" + (f"#{field}" if field else "")
     registered = registered_sources().get(kind.lower()) if sep else None
     if registered is not None and rest.lower() in registered.names:
@@ -274,13 +294,37 @@ def _render(row: dict, field: str, where: str) -> str:
         raise ValueError(f"{where}: no column {err} in a row with columns {sorted(row)}") from None
 
 
+def _read_text(path: str) -> str:
+    """The UTF-8 text of a calibration file; a binary or otherwise undecodable file raises naming it."""
+    raw = Path(path).read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"calibration file {path!r} is binary (it holds NUL bytes at offset {raw.index(0)}); "
+                         "give a UTF-8 .txt (documents separated by blank lines) or .jsonl file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"calibration file {path!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                         f"{err.start}); convert it, e.g. iconv -t utf-8, or give another file") from None
+
+
+def _json_line(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not JSON ({err.msg}, column {err.colno}); a .jsonl file holds one JSON "
+                         "object per line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} holds a {type(row).__name__}, not a JSON object with a text field")
+    return row
+
+
 def _file_texts(path: str, field: str | None, seed: int) -> Iterator[str]:
     """Documents of a .txt (blank-line separated) or .jsonl file, shuffled by `seed`."""
-    raw = Path(path).read_text(encoding="utf-8")
+    raw = _read_text(path)
     if path.endswith(".txt"):
         docs = [d.strip() for d in re.split(r"\n\s*\n", raw) if d.strip()]
     else:
-        docs = [_render(json.loads(line), field or "text", f"file:{path} line {n}")
+        docs = [_render(_json_line(line, f"file:{path} line {n}"), field or "text", f"file:{path} line {n}")
                 for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
     random.Random(seed).shuffle(docs)
     return iter(docs)

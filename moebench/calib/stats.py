@@ -51,7 +51,7 @@ GROUP_STATS = {
     "expert_means": ("output_sum", "output_tokens"),
 }
 GROUPS = tuple(GROUP_STATS)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cache files carry their format, group and layers (validated on load)
 
 
 @dataclass

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from moebench.grid.results import write_tables
+from moebench.grid.runner import collect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,10 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results_dir", help="a study's results folder (results/<study>) or a folder of studies")
     parser.add_argument("--allow-mixed", action="store_true",
                         help="write tables even when cells differ in lm-eval or task versions (flagged)")
+    parser.add_argument("--skip-broken", action="store_true",
+                        help="write the tables without finished cells whose files are broken (named on stderr)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write runs/scores as CSV and Parquet and print their paths."""
-    for name, path in sorted(write_tables(args.results_dir, args.allow_mixed).items()):
+    """Write runs/scores as CSV and Parquet and print their paths; broken cells are named by path."""
+    paths, broken = collect(args.results_dir, args.allow_mixed, args.skip_broken)
+    for folder, problem in sorted(broken.items()):
+        print(f"skipped broken cell {folder}: {problem} (its DONE was removed: the next grid run redoes it)",
+              file=sys.stderr)
+    for name, path in sorted(paths.items()):
         print(f"{name}: {path}")
     return 0

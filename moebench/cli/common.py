@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from moebench.calib.sources import calibration_size_problem
 from moebench.method.pipeline import PlanRequest
 from moebench.moe.checkpoint import load_with_tokenizer
 from moebench.moe.view import MoEView
@@ -32,8 +33,20 @@ def request_from(args, model, method: str = "none", **extra) -> PlanRequest:
                        front_end="cli", **extra)
 
 
+def check_calibration_size(args) -> None:
+    """Refuse bad or absurd ``--samples`` / ``--seq-len`` before any model is loaded.
+
+    Without ``--seq-len`` the length is at most 2048 (the default is min(2048, the model's positions)).
+    """
+    problem = calibration_size_problem(args.samples, args.seq_len if args.seq_len is not None else 2048,
+                                       ("--samples", "--seq-len"))
+    if problem:
+        raise ValueError(problem + ("" if args.seq_len is not None else " (--seq-len defaults to at most 2048)"))
+
+
 def load(args):
-    """Model and tokenizer named by the parsed arguments."""
+    """Model and tokenizer named by the parsed arguments (calibration sizes are checked first)."""
+    check_calibration_size(args)
     return load_with_tokenizer(args.model, dtype=args.dtype, device=args.device,
                                **({"revision": args.revision} if args.revision else {}))
 

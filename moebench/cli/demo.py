@@ -17,7 +17,7 @@ from importlib.resources import files
 
 import yaml
 
-from moebench.grid.runner import run_grid, status
+from moebench.grid.runner import run_grid, status, study_root
 from moebench.grid.spec import parse_study
 
 SPEC = "demo_study.yaml"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     study = parse_study(spec)
     results = args.results or os.path.join(args.out, "results")
     reports = args.reports or os.path.join(args.out, "reports")
-    root = os.path.join(results, study.name)
+    root = study_root(results, study)
     print(first_line(len(study.cells), len(status(study, root)["done"]), spec["models"], root))
     summary = run_grid(study, root)
     print(f"grid: {summary['done']} cells run now, {summary['skipped']} already done, {len(summary['failed'])} failed")

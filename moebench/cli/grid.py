@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from moebench.grid.runner import run_grid, status
+from moebench.grid.guard import holder
+from moebench.grid.results import verify_cell
+from moebench.grid.runner import run_grid, status, study_root
 from moebench.grid.spec import load_study
 
 
@@ -25,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run or report on a study."""
     study = load_study(args.spec)
-    root = os.path.join(args.results, study.name)
+    root = study_root(args.results, study)
     if args.action == "status":
         states = status(study, root)
         print(f"{study.name}: {len(study.cells)} cells: " + ", ".join(f"{len(v)} {k}" for k, v in states.items()))
+        for folder in states["running"]:
+            print(f"  running elsewhere: {folder} ({holder(folder)})")
         for folder in states["failed"]:
             print(f"  failed: {folder} (see failure.json)")
+        for folder in states["broken"]:
+            print(f"  broken: {folder}: {verify_cell(folder)} (the next grid run redoes it)")
         return 0
     executor = None
     if args.executor or args.parallel:
@@ -46,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         executor = make_executor(kind, **options)
     summary = run_grid(study, root, executor)
     print(f"{study.name}: {summary['cells']} cells: {summary['done']} done now, {summary['skipped']} already done, "
-          f"{len(summary['failed'])} failed")
+          f"{len(summary['failed'])} failed, {len(summary['elsewhere'])} running elsewhere")
+    for folder, problem in sorted(summary["reopened"].items()):
+        print(f"  redone: {folder} held broken results ({problem})")
+    for folder in summary["elsewhere"]:
+        print(f"  running elsewhere: {folder} ({summary['holders'][folder]}); left to that run")
     for folder in summary["failed"]:
         print(f"  failed: {folder} (see failure.json)")
     for name, path in sorted(summary["tables"].items()):

@@ -1,4 +1,9 @@
-"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune (or merge), save."""
+"""`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune (or merge), save.
+
+``DIR`` appears complete or not at all: the files are written into a temporary sibling folder
+that is renamed into place at the end (`moebench.moe.checkpoint.save_folder`); it holds the
+checkpoint, the tokenizer, ``plan.json`` and the model card ``README.md``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from moebench.cli.common import add_calibration_arguments, load, parse_params, r
 from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method
 from moebench.moe.card import provenance, record_provenance, write_card
-from moebench.moe.checkpoint import save_pruned
+from moebench.moe.checkpoint import save_folder, save_pruned
 from moebench.moe.view import MoEView
+from moebench.util import check_new_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Make the method's plan, prune (or merge) physically, save checkpoint, tokenizer, plan.json and the model card."""
+    """Plan, prune (or merge) physically, save checkpoint, tokenizer, plan.json and the model card."""
     if os.path.exists(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a checkpoint; choose an empty --out folder")
+    for leftover in check_new_folder(os.path.abspath(args.out)):  # before any work
+        print(f"removed {leftover}, left by an interrupted run")
     spec = get_method(args.method)
     if spec.kind not in ("prune", "merge") or spec.is_identity:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
@@ -50,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
                         keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,
                         expert_bytes=(before, after), revision=args.revision)
     record_provenance(model, record)  # config.json's "moebench" key
-    os.makedirs(args.out, exist_ok=True)
-    save_pruned(model, args.out)
-    tokenizer.save_pretrained(args.out)
-    plan.save(os.path.join(args.out, "plan.json"))
-    write_card(args.out, record)
+    save_folder(args.out, {"checkpoint": lambda d: save_pruned(model, d, shown_as=args.out),
+                           "tokenizer": tokenizer.save_pretrained,
+                           "plan.json": lambda d: plan.save(os.path.join(d, "plan.json")),
+                           "README.md": lambda d: write_card(d, record)})
     print(f"{plan.method}: kept {sorted(set(plan.experts_kept().values()))} experts per layer; expert bytes "
           f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB; planned in {time.perf_counter() - start:.1f}s")
     print(f"saved to {args.out} (plan.json and a model card, README.md, beside the checkpoint)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-from moebench.calib.sources import calibration_sources, parse_calibration
+from moebench.calib.sources import calibration_size_problem, calibration_sources, parse_calibration
 from moebench.method.pipeline import SKIP_RULES, PlanRequest
 from moebench.method.registry import MethodSpec, get_method
 from moebench.util import did_you_mean
@@ -92,6 +92,19 @@ def _optional(value, kind):
     return None if value is None or (isinstance(value, str) and value.strip().lower() == "none") else kind(value)
 
 
+def _whole(value, name: str):
+    """A whole number from a model_arg (``"16"`` or 16); anything else raises naming the argument."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a whole number") from None
+    if number != int(number):
+        raise ValueError(f"{name}={value!r} must be a whole number")
+    return int(number)
+
+
 def _flag(value) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
@@ -137,8 +150,9 @@ class PrunedMoESettings:
         spec = get_method(method)
         settings = cls(method=method, params=spec.parse_params(params), ratio=_optional(args["ratio"], float),
                        keep=_optional(args["keep"], int), calib=_optional(args["calib"], str),
-                       calib_samples=int(args["calib_samples"]), calib_seq_len=_optional(args["calib_seq_len"], int),
-                       seed=int(args["seed"]), stats_dir=_optional(args["stats_dir"], str),
+                       calib_samples=_whole(args["calib_samples"], "calib_samples"),
+                       calib_seq_len=_optional(args["calib_seq_len"], lambda v: _whole(v, "calib_seq_len")),
+                       seed=_whole(args["seed"], "seed"), stats_dir=_optional(args["stats_dir"], str),
                        apply=str(args["apply"]).strip().lower(),
                        skip="none" if args["skip"] is None else str(args["skip"]).strip().lower(),
                        skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]))
@@ -188,6 +202,10 @@ class PrunedMoESettings:
         if self.calib is None:
             raise ValueError(f"method {self.method} needs calibration statistics ({', '.join(needs)}); "
                              "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
+        problem = calibration_size_problem(self.calib_samples, self.calib_seq_len or 2048,
+                                           ("calib_samples", "calib_seq_len"))
+        if problem:
+            raise ValueError(problem + ("" if self.calib_seq_len else " (calib_seq_len defaults to at most 2048)"))
         sources = calibration_sources(self.calib) if spec.kind == "select" else [self.calib]
         for source in sources:
             parse_calibration(source, self.calib_samples, self.calib_seq_len or 1, self.seed)

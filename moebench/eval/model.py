@@ -217,7 +217,8 @@ class PrunedMoELM(SelectMixin, HFLM):
                  "%.4g MB -> %.4g MB; planned and applied in %.1fs", s.method,
                  sorted(set(plan.experts_kept().values())), s.apply, before[0] / 1e6, after[0] / 1e6,
                  before[1] / 1e6, after[1] / 1e6, time.perf_counter() - start)
-        return {**record, **self._sizes_record(before, after, if_pruned),
+        rounding = {k: plan.extra[k] for k in ("ratio_realised", "budget_note") if k in plan.extra}
+        return {**record, **rounding, **self._sizes_record(before, after, if_pruned),
                 "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
                 "seconds": seconds}
 

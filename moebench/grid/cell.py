@@ -4,6 +4,10 @@ Reads ``spec.json``, evaluates the variant through the ``pruned_moe`` lm-eval mo
 and writes ``results.json`` (raw lm-eval results), ``plan.json``, ``cell.json`` (spec, metrics,
 environment), each atomically, then ``DONE`` last. A failure writes ``failure.json`` with the
 traceback and exits 1; the next grid run retries the cell from scratch.
+
+The cell's lock (`moebench.grid.guard`) is taken before anything in the folder is touched and held
+until the process ends; a cell locked by another process is left alone (exit status 75). Started
+by an executor, the process ends when the executor does.
 """
 
 from __future__ import annotations
@@ -92,8 +96,9 @@ def evaluate(folder: str) -> None:
     lm = PrunedMoELM(**cell.model_args(meta.get("stats_dir"), meta.get("device") or default_device()))
     reset_peak_memory(lm.device)
     start = time.perf_counter()
+    passed = {k: v for k, v in cell.lm_eval.items() if k != "batch_size"}  # batch_size is the model's
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(cell.tasks), num_fewshot=cell.lm_eval["num_fewshot"], limit=cell.lm_eval["limit"],
+        model=lm, tasks=list(cell.tasks), **passed,
         task_manager=TaskManager(include_path=[task_dir(), *cell.include_path]), random_seed=cell.seed,
         numpy_random_seed=cell.seed, torch_random_seed=cell.seed, fewshot_random_seed=cell.seed)
     record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
@@ -130,14 +135,22 @@ def evaluate(folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written)."""
+    """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written),
+    75 when another process holds the cell (nothing touched)."""
     from moebench.grid.executors.base import is_done
+    from moebench.grid.guard import BUSY_EXIT, die_with_parent, holder, try_lock
     from moebench.grid.runner import clean_partial
 
     folder = (argv or sys.argv[1:])[0]
+    die_with_parent()
+    lock = try_lock(folder, wait_s=2.0)  # held until this process ends
+    if lock is None:
+        print(f"moebench cell: {folder} is running elsewhere ({holder(folder)}); left alone", file=sys.stderr)
+        return BUSY_EXIT
     if is_done(folder):
         return 0
     clean_partial(folder)
+    print(f"moebench cell: started {os.path.basename(os.path.abspath(folder))} (pid {os.getpid()})", flush=True)
     try:
         evaluate(folder)
         return 0

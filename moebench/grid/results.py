@@ -7,6 +7,10 @@
 All are written as CSV and Parquet under ``<results dir>/tables/``. Cells run with an lm-eval
 ``limit`` are flagged (``limited``) and kept out of leaderboards; tables mixing lm-eval or task
 versions are refused unless asked for, then flagged.
+
+``DONE`` means complete: `verify_cell` checks every finished cell's files (JSON that parses, the
+fields the tables read, their value types) before a row is made. Broken cells are refused by
+name and path (`BrokenCellsError`) or, when asked, left out.
 """
 
 from __future__ import annotations
@@ -27,10 +31,104 @@ RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "c
                "device", "dtype", "expert_kernel", "seed", "task_versions"]
 
 
+class BrokenCellsError(ValueError):
+    """Finished cells whose files are broken; ``cells`` maps each folder to what is wrong."""
+
+    def __init__(self, cells: dict[str, str]):
+        self.cells = cells
+        lines = [f"{folder}: {problem}" for folder, problem in sorted(cells.items())]
+        super().__init__(f"{len(cells)} finished cell(s) hold broken results:\n  " + "\n  ".join(lines) +
+                         "\nTo fix: `moebench grid run SPEC` runs them again, or `moebench collect --skip-broken` "
+                         "writes the tables without them")
+
+
 def finished_cells(results_dir: str) -> list[str]:
     """Cell folders under ``results_dir`` (one study or many) that hold a DONE marker, sorted."""
     pattern = os.path.join(results_dir, "**", "cells", "*", "DONE")
     return sorted(os.path.dirname(p) for p in glob.glob(pattern, recursive=True))
+
+
+NUMBER = (int, float)
+# field -> accepted types, of cell.json, its "spec", and results.json (None: JSON null)
+CELL_FIELDS = {"id": str, "spec": dict, "metrics": dict, "env": dict}
+SPEC_FIELDS = {"model": str, "method": str, "params": dict, "skip": str, "ratio": NUMBER, "calib": (str, None),
+               "apply": str, "tasks": list, "lm_eval": dict, "seed": int}
+RESULT_FIELDS = {"results": dict, "versions": dict}
+
+
+def _type_problem(where: str, data: dict, fields: dict) -> str | None:
+    if not isinstance(data, dict):
+        return f"{where} holds a {type(data).__name__}, not a mapping"
+    for name, types in fields.items():
+        types = types if isinstance(types, tuple) else (types,)
+        value = data.get(name, KeyError)
+        if value is KeyError:
+            return f"{where} has no {name!r}"
+        ok = (value is None and None in types) or any(
+            isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in types if t is not None)
+        if not ok:
+            return f"{where}: {name}={str(value)[:60]!r} is a {type(value).__name__}, not {_names(types)}"
+    return None
+
+
+def _names(types: tuple) -> str:
+    return " or ".join("null" if t is None else t.__name__ for t in types)
+
+
+def _load_json(folder: str, name: str) -> tuple[object, str | None]:
+    try:
+        return _read(folder, name), None
+    except FileNotFoundError:
+        return None, f"{name} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{name} is not readable JSON ({err})"
+
+
+def verify_cell(folder: str) -> str | None:
+    """What is wrong with a finished cell's files, or None when its rows can be made.
+
+    Checks that results.json, cell.json (and plan.json for pruned cells) parse, hold the fields the
+    tables read with the right value types, and that cell.json belongs to this folder.
+    """
+    cell, problem = _load_json(folder, "cell.json")
+    problem = problem or _type_problem("cell.json", cell, CELL_FIELDS)
+    problem = problem or _type_problem("cell.json spec", cell["spec"], SPEC_FIELDS)
+    if problem is None and cell["id"] != os.path.basename(os.path.normpath(folder)):
+        problem = f"cell.json belongs to cell {cell['id']!r}, not to this folder"
+    if problem is None and not all(isinstance(t, str) for t in cell["spec"]["tasks"]):
+        problem = "cell.json spec: tasks must be names"
+    results, bad = _load_json(folder, "results.json")
+    problem = problem or bad or _type_problem("results.json", results, RESULT_FIELDS)
+    if problem is None:
+        problem = _results_problem(results)
+    if problem is None and cell["spec"]["method"] != "none":
+        plan, bad = _load_json(folder, "plan.json")
+        problem = bad or _type_problem("plan.json", plan, {"method": str, "keep": dict})
+    return problem
+
+
+def _results_problem(results: dict) -> str | None:
+    for task, values in results["results"].items():
+        if not isinstance(values, dict):
+            return f"results.json: results[{task!r}] is a {type(values).__name__}, not a mapping of metrics"
+        for key, value in values.items():
+            number = isinstance(value, NUMBER) and not isinstance(value, bool)
+            if "," in key and not (number or value in ("N/A", None)):
+                return f"results.json: results[{task!r}][{key!r}]={str(value)[:40]!r} is not a number"
+    for task, version in results["versions"].items():
+        if isinstance(version, bool) or not isinstance(version, (int, float, str)):
+            return f"results.json: versions[{task!r}]={str(version)[:40]!r} is not a version number"
+    return None
+
+
+def complete_cells(results_dir: str, skip_broken: bool = False) -> list[str]:
+    """The finished cells under ``results_dir`` whose files verify; broken ones raise `BrokenCellsError`
+    unless ``skip_broken`` (then they are left out)."""
+    folders = finished_cells(results_dir)
+    broken = {f: p for f in folders if (p := verify_cell(f)) is not None}
+    if broken and not skip_broken:
+        raise BrokenCellsError(broken)
+    return [f for f in folders if f not in broken]
 
 
 def _read(folder: str, name: str) -> dict:
@@ -86,16 +184,20 @@ def latency_rows(folder: str) -> list[dict]:
             for row in cell.get("metrics", {}).get("latency") or []]
 
 
-def build_latency(results_dir: str) -> pd.DataFrame:
-    """The ``latency`` table of the finished cells under ``results_dir``."""
-    rows = [r for f in finished_cells(results_dir) for r in latency_rows(f)]
+def build_latency(results_dir: str, folders: list[str] | None = None) -> pd.DataFrame:
+    """The ``latency`` table of the finished cells under ``results_dir`` (or of ``folders``)."""
+    rows = [r for f in (complete_cells(results_dir) if folders is None else folders) for r in latency_rows(f)]
     frame = pd.DataFrame(rows, columns=LATENCY_COLUMNS)
     return frame.sort_values(["cell", "batch", "prompt_len"]).reset_index(drop=True)
 
 
-def build_tables(results_dir: str, allow_mixed: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(runs, scores)`` from the finished cells under ``results_dir``."""
-    folders = finished_cells(results_dir)
+def build_tables(results_dir: str, allow_mixed: bool = False, skip_broken: bool = False,
+                 folders: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, scores)`` from the finished cells under ``results_dir`` (or from ``folders``, verified).
+
+    Broken cells raise `BrokenCellsError` naming them, unless ``skip_broken``.
+    """
+    folders = complete_cells(results_dir, skip_broken) if folders is None else folders
     runs = pd.DataFrame([run_row(f) for f in folders], columns=RUN_COLUMNS)
     scores = pd.DataFrame([r for f in folders for r in score_rows(f)],
                           columns=["cell", "task", "metric", "filter", "value", "stderr", "n"])
@@ -110,11 +212,12 @@ def build_tables(results_dir: str, allow_mixed: bool = False) -> tuple[pd.DataFr
     return runs, scores
 
 
-def write_tables(results_dir: str, allow_mixed: bool = False) -> dict[str, str]:
+def write_tables(results_dir: str, allow_mixed: bool = False, skip_broken: bool = False) -> dict[str, str]:
     """Write runs, scores and (when measured) latency as CSV and Parquet under ``<results_dir>/tables``;
-    returns the paths."""
-    runs, scores = build_tables(results_dir, allow_mixed)
-    latency = build_latency(results_dir)
+    returns the paths. Broken cells raise `BrokenCellsError` unless ``skip_broken``."""
+    folders = complete_cells(results_dir, skip_broken)
+    runs, scores = build_tables(results_dir, allow_mixed, folders=folders)
+    latency = build_latency(results_dir, folders)
     out = os.path.join(results_dir, "tables")
     os.makedirs(out, exist_ok=True)
     paths = {}

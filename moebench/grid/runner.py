@@ -2,9 +2,16 @@
 
 `run_grid` writes each cell's ``spec.json``, calibrates once per (model, calibration set) for the
 whole grid, hands the unfinished cells to an executor (one process per cell), then derives the
-tidy tables. A cell is finished when its folder holds ``DONE`` (written last, atomically); a
-failed cell leaves ``failure.json`` and runs again next time. Killing a run at any moment loses
+tidy tables. A cell is finished when its folder holds ``DONE`` (written last, atomically) and its
+files verify (`moebench.grid.results.verify_cell`); a failed cell leaves ``failure.json`` and runs
+again next time, and so does a broken one (its DONE is removed). Killing a run at any moment loses
 nothing finished and duplicates nothing.
+
+Concurrent runs of one study share the work: each cell runs under its own lock, cells another
+process holds are skipped and reported as running elsewhere, and the study-level steps (folders,
+calibration, tables) take the study lock in turn (`moebench.grid.guard`). Nothing is written
+outside the study folder: its name is checked (`moebench.util.check_name`) and every path
+resolved against the results folder.
 """
 
 from __future__ import annotations
@@ -16,14 +23,21 @@ import sys
 from pathlib import Path
 
 from moebench.grid.executors.base import is_done
+from moebench.grid.guard import LOCK_FILE, holder, is_locked, release, study_lock, try_lock
 from moebench.grid.index import write_index
+from moebench.grid.results import BrokenCellsError, finished_cells, verify_cell, write_tables
 from moebench.grid.spec import Cell, Study
-from moebench.util import atomic_write_json
+from moebench.util import atomic_write_json, check_name, path_under
+
+
+def study_root(results: str, study: Study) -> str:
+    """``<results>/<study name>``, refused unless the name is a plain folder name inside ``results``."""
+    return path_under(results, check_name(study.name, "study name"))
 
 
 def cell_dir(root: str, cell: Cell) -> str:
-    """The folder of a cell under a study's results folder."""
-    return os.path.join(root, "cells", cell.id)
+    """The folder of a cell under a study's results folder (refused if it resolves elsewhere)."""
+    return path_under(root, "cells", cell.id)
 
 
 def prepare(study: Study, root: str) -> list[str]:
@@ -42,11 +56,40 @@ def prepare(study: Study, root: str) -> list[str]:
     return folders
 
 
+STATES = ("done", "running", "failed", "broken", "pending")
+
+
 def cell_state(folder: str) -> str:
-    """``done``, ``failed`` (failure.json, no DONE) or ``pending``."""
+    """``done``, ``running`` (another process holds it), ``failed`` (failure.json, no DONE),
+    ``broken`` (DONE, but files that do not verify) or ``pending``."""
+    if is_locked(folder):
+        return "running"
     if is_done(folder):
-        return "done"
+        return "broken" if verify_cell(folder) else "done"
     return "failed" if os.path.exists(os.path.join(folder, "failure.json")) else "pending"
+
+
+def reopen(folder: str, problem: str) -> bool:
+    """Hand a broken finished cell back to the next run: remove its DONE, record why in failure.json.
+
+    Done under the cell's lock; returns False (and changes nothing) when another process holds it.
+    """
+    lock = try_lock(folder)
+    if lock is None:
+        return False
+    try:
+        if is_done(folder):
+            atomic_write_json(os.path.join(folder, "failure.json"), {"broken": problem, "traceback": None})
+            os.remove(os.path.join(folder, "DONE"))
+        return True
+    finally:
+        release(lock)
+
+
+def reopen_broken(folders: list[str]) -> dict[str, str]:
+    """Reopen every finished cell of ``folders`` whose files do not verify; returns folder -> problem."""
+    broken = {f: p for f in folders if is_done(f) and (p := verify_cell(f)) is not None}
+    return {f: p for f, p in broken.items() if reopen(f, p)}
 
 
 def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> dict[str, float]:
@@ -93,26 +136,48 @@ def cell_command(folder: str) -> list[str]:
 
 
 def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> dict:
-    """Run every unfinished cell of ``study`` under ``root``; returns counts and table paths."""
-    from moebench.grid.executors import make_executor
-    from moebench.grid.results import write_tables
+    """Run every unfinished cell of ``study`` under ``root``; returns counts, cells and table paths.
 
-    folders = prepare(study, root)
-    _write_index(study, root)
-    pending = [f for f in folders if not is_done(f)]
-    skipped = len(folders) - len(pending)
-    by_folder = dict(zip(folders, study.cells, strict=True))
-    seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
-    _record_calibration(root, seconds)
+    ``elsewhere``: cells another process was running; ``reopened``: broken finished cells run again.
+    """
+    from moebench.grid.executors import make_executor
+
+    with study_lock(root):
+        folders = prepare(study, root)
+        reopened = reopen_broken(folders)
+        _write_index(study, root)
+        unfinished = [f for f in folders if not is_done(f)]
+        elsewhere = [f for f in unfinished if is_locked(f)]
+        pending = [f for f in unfinished if f not in elsewhere]
+        by_folder = dict(zip(folders, study.cells, strict=True))
+        seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
+        _record_calibration(root, seconds)
     if executor is None:
         options = dict(study.spec.get("executor") or {})
         executor = make_executor(options.pop("kind", "local"), **options)
     result = executor.run(pending, cell_command, desc=study.name) if pending else None
-    done = len(result.done) if result else 0
     failed = sorted(result.failed) if result else []
-    _write_index(study, root)
-    tables = write_tables(root) if any(is_done(f) for f in folders) else {}
-    return {"cells": len(folders), "done": done, "skipped": skipped, "failed": failed, "tables": tables}
+    elsewhere = sorted({*elsewhere, *(result.elsewhere if result else [])})
+    with study_lock(root):
+        _write_index(study, root)
+        tables = write_tables(root, skip_broken=True) if any(is_done(f) for f in folders) else {}
+    return {"cells": len(folders), "done": len(result.done) if result else 0,
+            "skipped": len(folders) - len(unfinished), "failed": failed, "elsewhere": elsewhere,
+            "holders": {f: holder(f) for f in elsewhere}, "reopened": reopened, "tables": tables}
+
+
+def collect(results_dir: str, allow_mixed: bool = False, skip_broken: bool = False) -> tuple[dict, dict]:
+    """Write the tidy tables of ``results_dir``; returns ``(table paths, broken cells)``.
+
+    Broken finished cells are handed back to the next `run_grid` (their DONE removed), then refused
+    by path (`BrokenCellsError`), or left out of the tables with ``skip_broken``.
+    """
+    broken = {f: p for f in finished_cells(results_dir) if (p := verify_cell(f)) is not None}
+    for folder, problem in broken.items():
+        reopen(folder, problem)
+    if broken and not skip_broken:
+        raise BrokenCellsError(broken)
+    return write_tables(results_dir, allow_mixed, skip_broken), broken
 
 
 def _write_index(study: Study, root: str) -> None:
@@ -128,8 +193,8 @@ def _record_calibration(root: str, seconds: dict[str, float]) -> None:
 
 
 def status(study: Study, root: str) -> dict[str, list[str]]:
-    """Cell folders of a study by state: done, failed, pending."""
-    states: dict[str, list[str]] = {"done": [], "failed": [], "pending": []}
+    """Cell folders of a study by state (`STATES`: done, running, failed, broken, pending)."""
+    states: dict[str, list[str]] = {state: [] for state in STATES}
     for cell in study.cells:
         folder = cell_dir(root, cell)
         states[cell_state(folder)].append(folder)
@@ -137,9 +202,10 @@ def status(study: Study, root: str) -> dict[str, list[str]]:
 
 
 def clean_partial(folder: str) -> None:
-    """Remove what an interrupted or failed attempt left in a cell folder (spec.json stays)."""
+    """Remove what an interrupted or failed attempt left in a cell folder (spec.json, logs and the
+    lock stay). Call it only while holding the cell's lock."""
     for name in os.listdir(folder):
-        if name in ("spec.json", "logs"):
+        if name in ("spec.json", "logs", LOCK_FILE):
             continue
         path = os.path.join(folder, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

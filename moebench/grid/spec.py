@@ -9,7 +9,8 @@ Minimal form::
     calibration: [testbed:mix]
     tasks: [testbed_mc]
 
-Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit), ``calib_samples``, ``calib_seq_len``,
+Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit, or any other argument of
+``lm_eval.simple_evaluate``, passed on), ``calib_samples``, ``calib_seq_len``,
 ``seed``, ``apply`` (physical | mask), ``baseline`` (an unpruned cell per model, default true),
 ``measure`` (false, or settings of `moebench.measure`), ``executor`` (kind and options),
 ``include_path`` (extra lm-eval task folders), ``dtype``, ``device``.
@@ -45,7 +46,8 @@ class Cell:
     """One point of a grid: a model, a method (its parameters and skip rule), a ratio, a calibration
     set, the tasks and how they are evaluated and measured. Its id is a hash of `to_dict`.
 
-    ``lm_eval``: num_fewshot, batch_size, limit; ``measure``: the speed settings or None.
+    ``lm_eval``: num_fewshot, batch_size, limit and further ``simple_evaluate`` arguments; ``measure``:
+    the speed settings or None.
     """
 
     model: str

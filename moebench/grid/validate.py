@@ -1,9 +1,14 @@
-"""Validation of a study spec before any work: every problem found, listed at once."""
+"""Validation of a study spec before any work: every problem found, listed at once.
+
+Types and ranges of the values come first (`moebench.grid.checks`); methods, calibration sources,
+tasks, models and budgets are checked once the lists are well formed.
+"""
 
 from __future__ import annotations
 
 import itertools
 
+from moebench.grid.checks import all_ratios, check_values, list_problems
 from moebench.util import did_you_mean
 
 SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
@@ -42,8 +47,10 @@ def validate(spec: dict) -> list[str]:
     problems += [f"missing key {k!r}" for k in REQUIRED if not spec.get(k)]
     if problems and any(p.startswith("missing") for p in problems):
         return problems
+    problems += check_values(spec)
+    if list_problems(spec):  # the checks below read models, methods, ratios and tasks as names
+        return problems
     problems += _check_methods(spec)
-    problems += _check_ratios(spec)
     problems += _check_tasks(spec)
     problems += _check_models(spec)
     problems += _check_measure(spec)
@@ -109,12 +116,6 @@ def _check_measure(spec) -> list[str]:
     return problems
 
 
-def _check_ratios(spec) -> list[str]:
-    ratios = as_list(spec["ratios"]) + [r for e in method_entries(spec["methods"]) for r in (e["ratios"] or [])]
-    return [f"ratio {r!r} must be a number in [0, 1)" for r in dict.fromkeys(ratios)
-            if not isinstance(r, (int, float)) or not 0 <= r < 1]
-
-
 def _check_tasks(spec) -> list[str]:
     from lm_eval.tasks import TaskManager
 
@@ -141,7 +142,7 @@ def _check_models(spec) -> list[str]:
         except (MoEError, OSError, ValueError) as err:
             problems.append(f"model {model!r}: {str(err).splitlines()[0]}")
             continue
-        for ratio in as_list(spec["ratios"]):
+        for ratio in all_ratios(spec):
             if isinstance(ratio, (int, float)) and 0 <= ratio < 1:
                 try:
                     resolve_budget(view, ratio=float(ratio))

@@ -7,17 +7,27 @@ grid cells.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 from moebench.calib.cache import cache_dir, default_stats_dir, get_stats, model_key
 from moebench.calib.stats import CollectSettings
 from moebench.method.apply import Applied, apply
 from moebench.method.plan import Plan
-from moebench.method.registry import MethodSpec, PlanContext, get_method, resolve_budget
+from moebench.method.registry import (
+    MethodSpec,
+    PlanContext,
+    budget_note,
+    get_method,
+    realised_ratio,
+    resolve_budget,
+)
 from moebench.moe.merge import validate_merge
 from moebench.moe.ops import validate_keep
 from moebench.moe.skipping import naee_betas
 from moebench.moe.view import MoEView
+
+log = logging.getLogger(__name__)
 
 SKIP_RULES = ("none", "naee")  # dynamic expert skipping rules (Lu et al. 2024)
 
@@ -124,6 +134,12 @@ def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> 
     plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
                            extra=extra)
     plan.calib = calib_key(request, spec.kind) if needs else None
+    note = budget_note(view, request.ratio, budget)
+    if note:  # said once per plan, and kept with it (plan.json, the lm-eval record, cell.json)
+        log.warning("%s: %s", spec.name, note)
+        plan.extra["budget_note"] = note
+    if request.ratio is not None and spec.kind != "select":
+        plan.extra["ratio_realised"] = round(realised_ratio(view, plan.experts_kept()), 6)
     return plan
 
 

@@ -232,29 +232,73 @@ def select_top(scores: torch.Tensor, n_keep: int, groups: tuple[int, int] | None
 def resolve_budget(view: MoEView, ratio: float | None = None, keep: int | None = None) -> dict[int, int]:
     """Kept experts per MoE layer from ``ratio`` (fraction of routed experts removed) or ``keep``.
 
-    With group-limited routing the count is rounded to a multiple of the group count (equal drops
-    per group). Budgets that leave fewer than ``top_k`` experts are errors naming the numbers.
+    A ratio is rounded to whole experts, and with group-limited routing to a multiple of the group
+    count (equal drops per group; `budget_note` says how). An explicit ``keep`` is never rounded:
+    one that the groups cannot split equally is an error naming the nearest valid counts. Budgets
+    that leave fewer than ``top_k`` experts are errors naming the numbers; a problem shared by
+    several layers is said once, with the layers it concerns.
     """
     if (ratio is None) == (keep is None):
         raise ValueError("give exactly one of ratio (fraction of experts removed) or keep (experts kept per layer)")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio={ratio} must be in [0, 1): the fraction of routed experts removed")
-    budget, problems = {}, []
+    budget, problems = {}, {}
     for layer in view.layers:
-        n = layer.num_experts
-        kept = keep if keep is not None else n - round(ratio * n)
-        if layer.groups:
-            kept = max(layer.groups[0], round(kept / layer.groups[0]) * layer.groups[0])
-        if kept > n:
-            problems.append(f"layer {layer.index}: keep={kept} exceeds its {n} experts")
-        elif kept < layer.top_k:
-            largest = (n - layer.top_k) / n
-            # int(keep): what "%d" printed, also for a float keep
-            requested = f"ratio={ratio:g}" if ratio is not None else f"keep={int(keep)}"
-            problems.append(f"layer {layer.index}: {requested} "
-                            f"leaves {kept} experts but the router selects top_k={layer.top_k}; "
-                            f"use ratio <= {largest:.3f} or keep >= {layer.top_k}")
-        budget[layer.index] = kept
+        budget[layer.index], problem = _layer_budget(layer, ratio, keep)
+        if problem:
+            problems.setdefault(problem, []).append(layer.index)
     if problems:
-        raise MoEError("impossible budget:\n  " + "\n  ".join(problems[:8]))
+        n = len(view.layers)
+        lines = [f"{text} ({_which_layers(layers, n)})" for text, layers in problems.items()]
+        raise MoEError("impossible budget:\n  " + "\n  ".join(lines[:8]))
     return budget
+
+
+def _layer_budget(layer: MoELayer, ratio: float | None, keep: int | None) -> tuple[int, str | None]:
+    """One layer's kept count and what is wrong with it (None when it works)."""
+    n, groups = layer.num_experts, layer.groups[0] if layer.groups else None
+    if keep is not None:
+        kept = int(keep)
+        if groups and kept % groups:
+            near = [c for c in (kept - kept % groups, kept - kept % groups + groups)
+                    if max(groups, layer.top_k) <= c <= n]
+            fix = " or ".join(f"keep={c}" for c in near) or f"a multiple of {groups} from {layer.top_k} to {n}"
+            return kept, (f"keep={kept} cannot be split equally over the router's {groups} expert groups "
+                          f"(group-limited routing needs equal drops per group): use {fix}")
+    else:
+        kept = n - round(ratio * n)
+        if groups:
+            kept = max(groups, round(kept / groups) * groups)
+    if kept > n:
+        return kept, f"keep={kept} exceeds the {n} experts of the layer"
+    if kept < layer.top_k:
+        requested = f"ratio={ratio:g}" if ratio is not None else f"keep={kept}"
+        return kept, (f"{requested} leaves {kept} experts but the router selects top_k={layer.top_k}; "
+                      f"use ratio <= {(n - layer.top_k) / n:.3f} or keep >= {layer.top_k}")
+    return kept, None
+
+
+def _which_layers(layers: list[int], n_layers: int) -> str:
+    if len(layers) == n_layers and n_layers > 1:
+        return f"all {n_layers} MoE layers"
+    return f"MoE layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} of {n_layers}"
+
+
+def realised_ratio(view: MoEView, kept: dict[int, int]) -> float:
+    """The fraction of the model's routed experts that ``kept`` (MoE layer -> count) removes."""
+    total = sum(layer.num_experts for layer in view.layers)
+    return 1.0 - sum(kept.get(layer.index, layer.num_experts) for layer in view.layers) / total
+
+
+def budget_note(view: MoEView, ratio: float | None, budget: dict[int, int]) -> str | None:
+    """How ``ratio`` was rounded to whole experts (and routing groups), or None when it was not."""
+    if ratio is None:
+        return None
+    realised = realised_ratio(view, budget)
+    if abs(realised - ratio) < 1e-9:
+        return None
+    counts = sorted({(layer.num_experts, budget[layer.index]) for layer in view.layers})
+    grouped = " and equal drops per routing group" if any(layer.groups for layer in view.layers) else ""
+    kept = ", ".join(f"{k} of {n}" for n, k in counts)
+    return (f"ratio={ratio:g} is rounded to whole experts{grouped}: {kept} experts kept per MoE layer, "
+            f"a realised ratio of {realised:.4g}")

@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
-from moebench.util import load_plugins, on_terminal
+from moebench.util import atomic_folder, load_plugins, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,11 @@ def per_layer_counts(config) -> dict[int, int] | None:
     return {int(k): int(v) for k, v in counts.items()} if counts else None
 
 
-def save_pruned(model, out_dir: str, **save_kwargs) -> None:
-    """Save a (pruned) model; non-uniform counts are saved in moebench's loadable form, with a warning."""
+def save_pruned(model, out_dir: str, shown_as: str | None = None, **save_kwargs) -> None:
+    """Save a (pruned) model; non-uniform counts are saved in moebench's loadable form, with a warning.
+
+    ``shown_as``: the folder to name in that warning when ``out_dir`` is a temporary one.
+    """
     counts = per_layer_counts(model.config)
     if counts is None:
         with loading_bars():
@@ -138,9 +142,25 @@ def save_pruned(model, out_dir: str, **save_kwargs) -> None:
     warnings.warn(
         f"experts per layer differ ({sorted(set(counts.values()))}): plain transformers cannot load this "
         f"checkpoint (its config holds one expert count); load it with moebench.moe.checkpoint.load_model("
-        f"'{out_dir}') or any moebench command", NonUniformCheckpointWarning, stacklevel=2)
+        f"'{shown_as or out_dir}') or any moebench command", NonUniformCheckpointWarning, stacklevel=2)
     with loading_bars():
         model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
+
+
+def save_folder(out_dir: str, files: dict[str, Callable[[str], None]]) -> list[str]:
+    """Write a checkpoint folder all at once: ``files`` maps a label to ``writer(folder)``.
+
+    The writers run in order on a temporary sibling folder, which is then renamed to ``out_dir``:
+    a killed or failed run (a full disk, say) leaves no partial ``out_dir``, and its leftover is
+    removed by the next run (`moebench.util.atomic_folder`). Returns the leftovers removed. E.g.
+    ``{"checkpoint": lambda d: save_pruned(model, d), "tokenizer": tokenizer.save_pretrained}``.
+    """
+
+    def write(folder: str) -> None:
+        for writer in files.values():
+            writer(folder)
+
+    return atomic_folder(out_dir, write)
 
 
 def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):

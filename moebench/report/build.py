@@ -18,6 +18,7 @@ from moebench.report.domains import calibration_effect
 from moebench.report.markdown import report_markdown, section_texts
 from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, per_task, summary
 from moebench.report.textfmt import main_rows, num
+from moebench.util import check_name, path_under
 
 GENERATED = ("report.md", "report.pdf", "figures", "tables")
 
@@ -71,7 +72,7 @@ def _latex(folder: str, study: StudyData, table, tasks_frame, used, effect, comp
 
 def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overrides: dict | None = None) -> dict:
     """Write one study's report under ``<out_root>/<study>/``; returns the main paths."""
-    folder = os.path.join(out_root, study.name)
+    folder = path_under(out_root, check_name(study.name, "study name (the 'study' field of cell.json)"))
     os.makedirs(folder, exist_ok=True)
     _clean(folder)
     table = summary(study, spec)

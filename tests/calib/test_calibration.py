@@ -176,7 +176,7 @@ def test_unknown_source_suggests_names():
     assert all(name in str(info.value) for name in KNOWN_SOURCES)
     with pytest.raises(ValueError, match=r"did you mean 'wikitext2'"):
         parse_calibration("wikitext-2")
-    with pytest.raises(ValueError, match="samples >= 1"):
+    with pytest.raises(ValueError, match="samples=0 must be a whole number >= 1"):
         Calibration("c4", samples=0)
 
 

@@ -16,7 +16,8 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 from moebench.grid.executors import ExecutorResult, LocalExecutor, make_executor
 
 # A tiny idempotent cell command: argv = [cell_dir, mode]. It records each run (start and end
-# times) in runs.txt and writes DONE last. Modes: ok, fail (exit 3), nodone (exit 0, no DONE),
+# times) in runs.txt and writes DONE last. Modes: ok, fail (exit 3), busy (exit 75: held elsewhere),
+# nodone (exit 0, no DONE),
 # hang (sleeps), preempt (first run sends its own Slurm job the requeue signal, as a preemption
 # with a warning signal does, then hangs), timeout (first run hangs until Slurm's time-limit
 # signal), urgent (first run submits a job to the higher-priority partition, which preempts it).
@@ -30,6 +31,8 @@ CELL = textwrap.dedent("""
     if mode == "fail":
         print("boom: this cell fails", file=sys.stderr)
         sys.exit(3)
+    if mode == "busy":   # what a cell command says when another process holds the cell
+        sys.exit(75)
     if mode == "hang":
         time.sleep(600)
     if first and mode in ("preempt", "timeout", "urgent"):
@@ -113,7 +116,8 @@ def test_local_missing_program_is_a_failure(tmp_path):
     assert result.failed == cells and "could not start" in result.errors[cells[0]]
 
 
-def test_local_sigterm_stops_running_cells(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_local_sigterm_and_ctrl_c_stop_running_cells(tmp_path, sig):
     cells = make_cells(tmp_path, ["hang-a", "hang-b"])
     driver = textwrap.dedent(f"""
         import sys
@@ -129,11 +133,28 @@ def test_local_sigterm_stops_running_cells(tmp_path):
     while not all(p.exists() and p.read_text() for p in pid_files) and time.time() < deadline:
         time.sleep(0.1)
     children = [int(p.read_text()) for p in pid_files]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=30)
+    assert rc == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGINT)
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_local_leaves_cells_held_elsewhere_alone(tmp_path):
+    from moebench.grid.guard import release, try_lock
+
+    cells = make_cells(tmp_path, ["ok-held", "busy-b", "ok-c", "ok-done"])
+    Path(cells[3], "DONE").write_text("finished by another run\n")
+    lock = try_lock(cells[0])  # another process's lock, as far as the executor can tell
+    try:
+        result = LocalExecutor().run(cells, cell_command)
+    finally:
+        release(lock)
+    assert result.done == [cells[2]] and not result.failed
+    assert result.elsewhere == [cells[0], cells[1], cells[3]]
+    assert not Path(cells[0], "runs.txt").exists() and not Path(cells[0], "logs").exists()  # never started
+    assert result.summary() == "1 done, 0 skipped, 0 failed, 3 running elsewhere"
 
 
 def test_unknown_executor_and_option_say_did_you_mean():
@@ -166,12 +187,13 @@ def test_slurm_four_cell_grid(tmp_path, slurm_cluster, capsys):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_slurm_failures_are_reported(tmp_path, slurm_cluster):  # noqa: F811
-    cells = make_cells(tmp_path / "cells", ["fail-a", "nodone-b", "ok-c"])
+def test_slurm_failures_and_cells_held_elsewhere_are_reported(tmp_path, slurm_cluster):  # noqa: F811
+    cells = make_cells(tmp_path / "cells", ["fail-a", "nodone-b", "ok-c", "busy-d"])
     ex = make_executor("slurm", time_min=5, log_dir=str(tmp_path / "slurm"), poll_s=0.5)
     result = ex.run(cells, cell_command)
     assert result.done == [cells[2]]
     assert result.failed == cells[:2]
+    assert result.elsewhere == [cells[3]]  # held by another process: neither done nor failed
     assert "exited with status 3" in result.errors[cells[0]]
     assert "no DONE" in result.errors[cells[1]]
     assert "log:" in result.errors[cells[0]]

@@ -35,7 +35,8 @@ def test_validation_lists_every_problem_at_once(tmp_path, saved_models):
                      "calibration 'c5'",
                      "task 'testbed_arithmetc' is unknown to lm-eval (did you mean 'testbed_arithmetic'?)",
                      "'llama' is not a supported MoE family",
-                     "ratio 0.9: layer 0: ratio=0.9 leaves 1 experts but the router selects top_k=2",
+                     "ratio 0.9: ratio=0.9 leaves 1 experts but the router selects top_k=2; use ratio <= 0.750 or "
+                     "keep >= 2 (all 2 MoE layers)",
                      "measure: unknown key 'lenghts'", "measure: reps=0 must be a whole number >= 1",
                      "measure: latency_lengths=[64, 'long'] must be a list of prompt lengths >= 1"]:
         assert expected in text, expected

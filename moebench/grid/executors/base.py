@@ -2,7 +2,9 @@
 
 A cell command exits 0 once its cell is done (it writes ``<cell>/DONE`` last, itself) and non-zero
 on failure. An executor counts a cell done only when both hold afterwards: exit status 0 and a
-``DONE`` file. Executors write nothing inside a cell folder except logs (``<cell>/logs/``).
+``DONE`` file. Exit status 75 (`BUSY_EXIT`) means another process holds the cell: it is reported
+as running elsewhere, neither done nor failed. Executors write nothing inside a cell folder except
+logs (``<cell>/logs/``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from moebench.grid.guard import BUSY_EXIT
+
+__all__ = ["BUSY_EXIT", "DONE_FILE", "CellCommand", "Executor", "ExecutorResult", "is_done", "progress_bar",
+           "sigterm_as_exit", "tail"]
+
 CellCommand = Callable[[str], list[str]]
 """Cell folder -> argv that brings the cell to done, e.g. ``[python, "-m", "moebench.grid.cell", d]``."""
 
@@ -25,23 +32,26 @@ DONE_FILE = "DONE"
 
 @dataclass
 class ExecutorResult:
-    """Cell folders that ended done and failed, in the order they were given.
+    """Cell folders that ended done, failed, or were left to another process, in the order given.
 
-    ``errors`` says why each failed cell failed (a short line, with where its log is).
+    ``errors`` says why each failed cell failed (a short line, with where its log is);
+    ``elsewhere`` holds cells another process was running (or had finished) when their turn came.
     """
 
     done: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)
 
     def summary(self, skipped: int = 0) -> str:
-        """One line: ``"4 done, 1 skipped, 0 failed"``."""
-        return f"{len(self.done)} done, {skipped} skipped, {len(self.failed)} failed"
+        """One line: ``"4 done, 1 skipped, 0 failed"`` (plus ``", 2 running elsewhere"`` when any)."""
+        text = f"{len(self.done)} done, {skipped} skipped, {len(self.failed)} failed"
+        return text + (f", {len(self.elsewhere)} running elsewhere" if self.elsewhere else "")
 
     def _sorted(self, order: list[str]) -> ExecutorResult:
         rank = {d: i for i, d in enumerate(order)}
-        self.done.sort(key=rank.__getitem__)
-        self.failed.sort(key=rank.__getitem__)
+        for cells in (self.done, self.failed, self.elsewhere):
+            cells.sort(key=rank.__getitem__)
         return self
 
 

@@ -12,8 +12,17 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from moebench.grid.executors.base import DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar, sigterm_as_exit
+from moebench.grid.executors.base import (
+    BUSY_EXIT,
+    DONE_FILE,
+    CellCommand,
+    ExecutorResult,
+    is_done,
+    progress_bar,
+    sigterm_as_exit,
+)
 from moebench.grid.executors.base import tail as _tail
+from moebench.grid.guard import child_environment, is_locked
 
 
 @dataclass
@@ -21,8 +30,10 @@ class LocalExecutor:
     """Runs up to ``parallel`` cell commands at once as subprocesses of this process.
 
     Each cell's stdout and stderr are appended to ``<cell>/logs/stdout.log`` and ``stderr.log``.
-    On Ctrl-C or SIGTERM, running cells (and their process groups) are terminated, then the
-    interrupt is raised again.
+    A cell that another process holds (its lock) or has finished when its turn comes is not
+    started: it counts as running elsewhere. Cell processes end when this process ends, even by
+    kill -9 (`moebench.grid.guard.die_with_parent`). On Ctrl-C or SIGTERM, running cells (and
+    their process groups) are terminated, then the interrupt is raised again.
     """
 
     parallel: int = 1
@@ -43,6 +54,10 @@ class LocalExecutor:
                 while pending or running:
                     while pending and len(running) < self.parallel:
                         cell = pending.pop()
+                        if is_locked(cell) or is_done(cell):  # another run has it (or had it)
+                            result.elsewhere.append(cell)
+                            bar.update(1)
+                            continue
                         try:
                             running[cell] = self._start(cell, command(cell))
                         except (OSError, ValueError, TypeError) as e:
@@ -72,13 +87,15 @@ class LocalExecutor:
             err.flush()
             # A session of its own: Ctrl-C reaches only us, and we stop the whole process group.
             proc = subprocess.Popen(list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, env=child_environment())
         return proc, err_log
 
     @staticmethod
     def _finish(result: ExecutorResult, bar: tqdm, cell: str, rc: int | None, why: str) -> None:
         if rc == 0 and is_done(cell):
             result.done.append(cell)
+        elif rc == BUSY_EXIT:
+            result.elsewhere.append(cell)
         else:
             result.failed.append(cell)
             if rc is None:

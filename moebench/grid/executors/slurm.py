@@ -23,11 +23,17 @@ from dataclasses import dataclass
 
 from submitit.helpers import Checkpointable
 
-from moebench.grid.executors.base import DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar
+from moebench.grid.executors.base import BUSY_EXIT, DONE_FILE, CellCommand, ExecutorResult, is_done, progress_bar
+from moebench.grid.guard import child_environment
+
+ELSEWHERE = "elsewhere"  # a task's result when another process held its cell
 
 
 class CellTask(Checkpointable):
-    """Picklable: ``task(cell_dir, argv)`` runs argv and raises when it fails."""
+    """Picklable: ``task(cell_dir, argv)`` runs argv and raises when it fails.
+
+    Returns ``cell_dir`` when the cell is done, `ELSEWHERE` when another process held it.
+    """
 
     def __init__(self, kill_after_s: float = 30.0, wait_for_kill_s: float = 900.0):
         self.kill_after_s = kill_after_s
@@ -44,7 +50,8 @@ class CellTask(Checkpointable):
         # stdout/stderr are inherited: they go to the task's submitit log files. A session of its
         # own lets checkpoint() stop the command with everything it started.
         self._terminating = False
-        self._proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True,
+                                      env=child_environment())
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             # Poll rather than block in wait(): the requeue signal handler runs in this thread
@@ -60,6 +67,8 @@ class CellTask(Checkpointable):
             # the stopped cell as failed would be wrong, so wait to be killed.
             time.sleep(self.wait_for_kill_s)
             raise RuntimeError(f"cell command stopped by SIGTERM and the job was not ended: {cell_dir}")
+        if rc == BUSY_EXIT:
+            return ELSEWHERE
         if rc != 0:
             raise RuntimeError(f"cell command exited with status {rc}: {cell_dir}")
         if not is_done(cell_dir):
@@ -185,6 +194,11 @@ class SlurmExecutor:
                         # A task is finished once it wrote its result (sacct is not needed).
                         if job.paths.result_pickle.exists():
                             exc = job.exception()
+                            if exc is None and job.result() == ELSEWHERE:
+                                del pending[cell]
+                                result.elsewhere.append(cell)
+                                bar.update(1)
+                                continue
                             if exc is not None:
                                 error = _error_line(exc, str(job.paths.stderr))
                             elif not is_done(cell):
@@ -225,5 +239,6 @@ class SlurmExecutor:
         order = dict(zip(cells, cell_dirs, strict=True))
         result.done = [order[c] for c in result.done]
         result.failed = [order[c] for c in result.failed]
+        result.elsewhere = [order[c] for c in result.elsewhere]
         result.errors = {order[c]: e for c, e in result.errors.items()}
         return result._sorted(list(cell_dirs))
