@@ -69,7 +69,8 @@ def check_values(spec: dict) -> list[str]:
     """Problems with the types and ranges of a spec's values (the list shapes first)."""
     problems = _check_name(spec) + list_problems(spec)
     problems += [f"ratio {r!r} must be a number in [0, 1): the fraction of routed experts removed"
-                 for r in all_ratios(spec) if isinstance(r, (int, float)) and not isinstance(r, bool) and not 0 <= r < 1]
+                 for r in all_ratios(spec)
+                 if isinstance(r, (int, float)) and not isinstance(r, bool) and not 0 <= r < 1]
     problems += _check_calibration_size(spec)
     if "seed" in spec and not (_is_int(spec["seed"]) and spec["seed"] >= 0):
         problems.append(f"seed={spec['seed']!r} must be a whole number >= 0")
