@@ -180,7 +180,8 @@ class _LayerAccumulator:
         self._append("sample_ids", positions // self.seq_len)
 
     def _outputs(self, experts, inputs, logits, positions) -> None:
-        keep = torch.ones_like(positions, dtype=torch.bool) if self.chosen is None else torch.isin(positions, self.chosen)
+        everyone = self.chosen is None
+        keep = torch.ones_like(positions, dtype=torch.bool) if everyone else torch.isin(positions, self.chosen)
         if not keep.any():
             return
         rows = keep.nonzero().squeeze(1).to(inputs.device)

@@ -3,9 +3,10 @@
 For each token with gate values w_1 >= w_2 >= ... >= w_k (those the model computes), the expert in
 slot j >= 2 is skipped when w_j < beta_l * w_1; beta_l is the median of w_2 / w_1 over the
 calibration tokens of layer l (every token by default, as the authors' code does; the median of an
-even count is the mean of the two middle values, as numpy's, which their code uses). The weights of the experts kept are rescaled to the token's original
-total gate mass: for Mixtral (weights summing to one) this is the paper's renormalisation; for
-families that do not renormalise it keeps their scale. Skipped pairs are removed before the kernel's
+even count is the mean of the two middle values, as numpy's, which their code uses). The weights of
+the experts kept are rescaled to the token's original total gate mass: for Mixtral (weights
+summing to one) this is the paper's renormalisation; for families that do not renormalise it
+keeps their scale. Skipped pairs are removed before the kernel's
 expert loop, so they cost no compute.
 """
 

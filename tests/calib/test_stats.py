@@ -86,7 +86,7 @@ def test_llama4_statistics_observe_the_gated_input():
             logits = F.linear(x, layer.router.weight)
             top_z, top_i = logits.topk(2, dim=-1)
 
-            def f(e, v):  # Llama4TextExperts.forward for one expert: transposed weights, gate/up halves
+            def f(e, v, experts=experts):  # Llama4TextExperts.forward for one expert: transposed, gate/up halves
                 gate, up = (v @ experts.gate_up_proj[e]).chunk(2, dim=-1)
                 return (up * F.silu(gate)) @ experts.down_proj[e]
 
@@ -129,6 +129,7 @@ def test_recombined_cached_outputs_equal_the_real_block(family):
     stats = collect(model, IDS, ["outputs"], CollectSettings(subsample_tokens=0), progress=False)
     for layer in view.layers:
         x = stats[layer.index]["inputs"]
+        assert torch.allclose(x, inputs[layer.index], atol=1e-6)  # every token cached, in order
         with torch.no_grad():
             out = layer.block(x.unsqueeze(0))
             out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
