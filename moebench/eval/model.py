@@ -115,6 +115,8 @@ class PrunedMoELM(SelectMixin, HFLM):
                     "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
                     "calib": self.calib_key, "seed": s.seed, "apply": s.apply, "skip": s.skip,
                     "skip_beta": s.skip_beta}
+        # statistics settings only when given, so the variants named before they existed keep their names
+        identity.update({k: v for k in ("subsample_tokens", "ratio_samples") if (v := getattr(s, k)) is not None})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         budget = f"-r{s.ratio:g}" if s.ratio is not None else f"-k{s.keep}" if s.keep is not None else ""
         tag = f"{s.method}{budget}{'-mask' if s.apply == 'mask' else ''}-{digest[:8]}"

@@ -38,6 +38,13 @@ class PlanRequest:
     revision: str | None = None
     skip: str = "none"
     skip_beta: float | None = None
+    subsample_tokens: int | None = None  # statistics settings; None: `CollectSettings`' default
+    ratio_samples: int | None = None
+
+    def collect_settings(self) -> CollectSettings:
+        """The statistics pass settings of this request (part of the cache key)."""
+        given = {"subsample_tokens": self.subsample_tokens, "ratio_samples": self.ratio_samples}
+        return CollectSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
 
     @property
     def spec(self) -> MethodSpec:
@@ -84,7 +91,7 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
     if calib is None:
         raise ValueError(f"method {request.method} needs calibration statistics ({', '.join(groups)}); "
                          "give a calibration source, e.g. calib=c4 or calib=testbed:mix")
-    settings = CollectSettings(seed=request.seed)
+    settings = request.collect_settings()
     folder = cache_dir(request.stats_dir or default_stats_dir(),
                        model_key(model, request.model_id, request.revision), calib.key, settings)
     device = next(model.parameters()).device
