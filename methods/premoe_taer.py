@@ -54,15 +54,25 @@ def premoe_taer(ctx, *, k: int = 1, r: float = -1.0, key: Literal["first", "all"
     ranking, which keeps the same experts). Online, the query's vector is computed the same way
     from the router logits of its context tokens; the nearest stored vector (L2, as faiss'
     IndexFlatL2) wins and its kept sets are used. Plan.keep is the union of the stored kept sets
-    (experts any query can use).
+    (experts any query can use; every expert of a group-limited layer where that union keeps
+    unequal numbers per group).
     """
     domains = ctx.extra.get("domain_stats") or {"calib": ctx.stats}
     patterns = []
     for task, stats in domains.items():
         vector, scores, keep = task_pattern(ctx, stats, k=k, r=r, key=key)
         patterns.append({"task": task, "vector": vector, "scores": scores, "keep": keep})
-    union = {layer.index: sorted({e for p in patterns for e in p["keep"][str(layer.index)]})
+    union = {layer.index: _usable(layer, {e for p in patterns for e in p["keep"][str(layer.index)]})
              for layer in ctx.view.layers}
     selector = {"name": "retrieval", "layers": [layer.index for layer in ctx.view.layers],
                 "key_layers": key_layers(ctx, key), "k": k, "r": r, "patterns": patterns}
     return Plan("premoe_taer", "select", keep=union, selector=selector)
+
+
+def _usable(layer, union: set[int]) -> list[int]:
+    """The union of the kept sets, or every expert where routing groups would see unequal counts."""
+    if layer.groups:
+        size = layer.num_experts // layer.groups[0]
+        if len({sum(1 for e in union if e // size == g) for g in range(layer.groups[0])}) > 1:
+            return list(range(layer.num_experts))
+    return sorted(union)
