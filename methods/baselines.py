@@ -14,7 +14,8 @@ import torch
 from moebench.method.registry import planner, score_method
 
 
-@planner("none", takes_budget=False, paper="the unpruned model (the reference of every comparison)")
+@planner("none", takes_budget=False, paper="the unpruned model (the reference of every comparison)",
+         source="-")
 def none(ctx):
     """Keeps every expert: the unpruned model, which every recovery and speedup is measured against.
 
@@ -24,7 +25,8 @@ def none(ctx):
     return {}
 
 
-@score_method("random", paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (random baseline)")
+@score_method("random", paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (random baseline)",
+              source="the paper's baseline; seeding per layer: ours")
 def random_scores(ctx, layer, *, seed: int = 0):
     """Uniformly random scores from a generator seeded by (seed, layer index): a seeded random kept set."""
     g = torch.Generator().manual_seed(seed * 100_003 + layer.index)
@@ -32,7 +34,8 @@ def random_scores(ctx, layer, *, seed: int = 0):
 
 
 @score_method("frequency", needs=("routing",),
-              paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (frequency baseline)")
+              paper="Lu et al. 2024, 'Not All Experts are Equal', ACL (frequency baseline)",
+              source="as the REAP authors' code, counting the model's own top-k")
 def frequency(ctx, layer):
     """s_e = number of calibration tokens whose top-k contains expert e.
 
@@ -44,7 +47,8 @@ def frequency(ctx, layer):
 
 
 @score_method("soft_activation", needs=("routing",),
-              paper="Muzio et al. 2024, 'SEER-MoE', soft counting")
+              paper="Muzio et al. 2024, 'SEER-MoE', soft counting",
+              source="the paper's soft counting; each family's score function: ours (score=softmax: the paper's)")
 def soft_activation(ctx, layer, *, score: Literal["family", "softmax"] = "family"):
     """s_e = sum over all calibration tokens of the router's probability of expert e (SEER-MoE soft counting).
 
@@ -60,7 +64,8 @@ def soft_activation(ctx, layer, *, score: Literal["family", "softmax"] = "family
 
 @score_method("ean", needs=("norms",),
               paper="Jaiswal et al. 2025, 'Finding Fantastic Experts in MoEs' (expert activation norm), "
-                    "as the EAN baseline of Lasby et al., REAP, ICLR 2026")
+                    "as the EAN baseline of Lasby et al., REAP, ICLR 2026",
+              source="as the REAP authors' code (ean_sum); Llama4 gated outputs: ours (output=reference: theirs)")
 def ean(ctx, layer, *, output: Literal["model", "reference"] = "model"):
     """s_e = sum over tokens routed to e of ||E_e(x)||_2 (expert activation norm, unnormalised).
 

@@ -30,7 +30,8 @@ def _entropy(counts: list[int]) -> float:
 
 
 @planner("grape", needs=("outputs",), extra_needs=lambda params: get_method(params["score"]).needs,
-         bounds={"gamma": (0.0, 1.0)}, global_budget=True, paper=PAPER)
+         bounds={"gamma": (0.0, 1.0)}, global_budget=True, paper=PAPER,
+         source="reconstruction (no code): CKA, pruning instead of merging, gamma, mean redundancy: ours")
 def grape(ctx, *, score: str = "reap", gamma: float = 0.1, redundancy: Literal["mean", "sum"] = "mean"):
     """Per-layer budgets under the uniform total, chosen greedily by cross-layer redundancy.
 

@@ -229,7 +229,8 @@ def _swap_refine(recombiner: Recombiner, kept: list[int]) -> list[int]:
 @planner("naee", needs=("outputs",), bounds={"beam_width": (1, 1024), "max_exhaustive": (1, 64),
                                             "batch_sequences": (1, 1 << 20)},
          paper="Lu et al. 2024, 'Not All Experts are Equal: Efficient Expert Pruning and Skipping for "
-               "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)")
+               "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)",
+         source="the authors' code (loss, batches of 8); token subsample default and beam search beyond E=16: ours")
 def naee(ctx, *, search: Literal["auto", "exhaustive", "beam"] = "auto", beam_width: int = 8,
          max_exhaustive: int = 16, batch_sequences: int = AUTHORS_BATCH):
     """Keep, per layer, the set C of r experts minimising sum over batches b of ||F(X_b) - F(X_b; C)||_F.

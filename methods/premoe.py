@@ -28,7 +28,8 @@ def tcess_scores(logits, ids, n_experts: int, r: float) -> torch.Tensor:
 
 
 @score_method("premoe", needs=("logits",), paper=PAPER, bounds={"k": (0, 16), "r": (-1.0, 1.0),
-                                                               "confidence": (0.0, 1.0)})
+                                                               "confidence": (0.0, 1.0)},
+              source="v1: the released code (default); v3 PEU: our reconstruction from the abstract")
 def premoe(ctx, layer, *, version: Literal["v1", "v3"] = "v1", k: int = 0, r: float = -1.0,
            confidence: float = 0.5):
     """Task-conditioned expert importance from router logits on the calibration (task) tokens.

@@ -38,7 +38,8 @@ def task_pattern(ctx, stats: dict, *, k: int, r: float, key: str = "first") -> t
     return vector, scores, keep
 
 
-@planner("premoe_taer", kind="select", needs=("logits",), paper=PAPER, bounds={"k": (1, 16), "r": (-1.0, 1.0)})
+@planner("premoe_taer", kind="select", needs=("logits",), paper=PAPER, bounds={"k": (1, 16), "r": (-1.0, 1.0)},
+         source="the released code (first-layer key, k=1); key=all: ours")
 def premoe_taer(ctx, *, k: int = 1, r: float = -1.0, key: Literal["first", "all"] = "first"):
     """Per calibration task, store PreMoE's pattern; per query, retrieve the nearest and keep its experts.
 

@@ -50,7 +50,8 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> tuple[torch.T
     return centers, torch.cdist(x, centers).argmin(1)
 
 
-@planner("prep", kind="select", needs=("outputs",), paper=PAPER, bounds={"points": (1, 4096), "ridge": (0.0, 1e6)})
+@planner("prep", kind="select", needs=("outputs",), paper=PAPER, bounds={"points": (1, 4096), "ridge": (0.0, 1e6)},
+         source="our reconstruction from the abstract (no code)")
 def prep(ctx, *, points: int = 8, ridge: float = 1.0):
     """Expansion points over calibration windows; online first-order importance and adaptive budgets.
 

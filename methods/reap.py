@@ -8,7 +8,8 @@ from moebench.method.registry import score_method
 
 
 @score_method("reap", needs=("norms",),
-              paper="Lasby et al. 2026, 'REAP: Router-weighted Expert Activation Pruning', ICLR 2026")
+              paper="Lasby et al. 2026, 'REAP: Router-weighted Expert Activation Pruning', ICLR 2026",
+              source="the paper's formula with the model's gate: ours (gate=reference: the authors' code)")
 def reap(ctx, layer, *, gate: Literal["model", "reference"] = "model"):
     """s_e = (1 / |X_e|) * sum over x in X_e of g_e(x) * ||E_e(x)||_2, X_e = tokens routed to e.
 

@@ -139,3 +139,10 @@ def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, ca
     assert "did you mean 'reap'" in capsys.readouterr().err
     assert main([*args, "--method", "reap", "--ratio", "0.9"]) == 2
     assert "leaves 1 experts but the router selects top_k=2" in capsys.readouterr().err
+
+
+def test_methods_listing_names_reconstructions_and_our_choices(capsys):
+    assert main(["methods"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "v3 PEU: our reconstruction" in rows["premoe"] and "reconstruction (no code)" in rows["grape"]
+    assert "our reconstruction" in rows["prep"] and "gate=reference: the authors' code" in rows["reap"]
