@@ -5,7 +5,8 @@
 
 Every ``hf`` model_arg keeps working; `PrunedMoELM` adds ``method``, ``ratio`` / ``keep``, ``calib``,
 ``calib_samples``, ``calib_seq_len``, ``seed``, ``stats_dir``, ``apply`` (``physical`` | ``mask``),
-``skip`` and the chosen method's own parameters. Any other key is an error with a suggestion:
+``skip``, the statistics settings ``subsample_tokens`` / ``ratio_samples`` and the chosen method's
+own parameters. Any other key is an error with a suggestion:
 nothing unknown reaches ``from_pretrained``.
 
 Lazy: the model is loaded and the arguments are checked at construction; the plan (calibration
