@@ -1,12 +1,16 @@
-"""GRAPE: global redundancy-aware expert budgets across layers (Zhang et al., arXiv 2604.06542)."""
+"""GRAPE: global, redundancy-aware expert budgets across layers (Zhang et al., arXiv 2604.06542)."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from moebench.method.registry import get_method, planner
+
+PAPER = ("Zhang et al. 2026, 'Does a Global Perspective Help Prune Sparse MoEs Elegantly?' (GRAPE), "
+         "arXiv 2604.06542; no public code: similarity, pruning and gamma are moebench's choices")
 
 
 def cka_similarity(outputs: torch.Tensor) -> torch.Tensor:
@@ -26,19 +30,27 @@ def _entropy(counts: list[int]) -> float:
 
 
 @planner("grape", needs=("outputs",), extra_needs=lambda params: get_method(params["score"]).needs,
-         bounds={"gamma": (0.0, 1.0)}, global_budget=True,
-         paper="Zhang et al. 2026, 'GRAPE: global redundancy-aware expert pruning', arXiv 2604.06542")
-def grape(ctx, *, score: str = "reap", gamma: float = 0.1):
+         bounds={"gamma": (0.0, 1.0)}, global_budget=True, paper=PAPER,
+         source="reconstruction (no code): CKA, pruning instead of merging, gamma, mean redundancy: ours")
+def grape(ctx, *, score: str = "reap", gamma: float = 0.1, redundancy: Literal["mean", "sum"] = "mean"):
     """Per-layer budgets under the uniform total, chosen greedily by cross-layer redundancy.
 
-    S_l = linear CKA between expert outputs on cached tokens; redundancy R_l = sum of the
-    off-diagonal entries of S_l over the experts still kept. Until the global number of removed
-    experts (the uniform budget's total) is met: take the most redundant layer not frozen, remove
-    the lower-scored expert (by ``score``) of its most similar pair. Entropy guard: if a removal
-    would make the normalised entropy of the per-layer kept counts fall below 1 - ``gamma``, the
-    layer is frozen; when all are frozen they are all unfrozen (restart). The kept set of each
-    layer is then the best experts by ``score`` under that layer's budget. No official code is
-    public: this follows the public summary, with gamma = 0.1 as a reimplementation uses.
+    S_l = linear CKA between expert outputs on cached tokens; layer redundancy R_l = the mean
+    (``redundancy=mean``) or sum (``sum``, the public summary's wording) of the off-diagonal
+    entries of S_l over the experts still kept. The sum grows with the square of the experts
+    left, so it favours layers that have lost fewest and pulls towards uniform budgets; the mean
+    compares layers at equal footing (our default). Until the global number of removed experts
+    (the uniform budget's total) is met: take the most redundant layer not frozen and remove the
+    lower-scored expert (by ``score``) of its most similar pair (with routing groups: one such
+    removal inside every group, so drops stay equal per group). The experts left are the kept
+    set: the pair rule decides both the budget and the experts. Entropy guard: if a removal would
+    make the normalised entropy of the per-layer kept counts fall below 1 - ``gamma``, the layer
+    is frozen; when all are frozen they are all unfrozen (restart).
+
+    No official code is public; the public summary merges the most similar pair. moebench's
+    choices, labelled as such: CKA for the similarity, removing (pruning) the lower-scored
+    expert of the pair instead of merging it, gamma = 0.1 (a reimplementation's value; the paper's
+    is unspecified) and the mean redundancy.
     """
     scorer = get_method(score)
     if not scorer.scoring or scorer.name == "grape":
@@ -51,31 +63,46 @@ def grape(ctx, *, score: str = "reap", gamma: float = 0.1):
     to_remove = sum(len(a) for a in alive.values()) - sum(ctx.budget.values())
     frozen: set[int] = set()
     while to_remove > 0:
-        open_layers = [i for i in layers if len(alive[i]) - step[i] >= max(layers[i].top_k, step[i])
-                       and step[i] <= to_remove]
+        open_layers = [i for i in layers if _can_remove(layers[i], len(alive[i]) - step[i]) and step[i] <= to_remove]
         if not open_layers:
             raise ValueError(f"grape: cannot remove {to_remove} more experts without going below top_k")
         candidates = [i for i in open_layers if i not in frozen] or open_layers
         frozen = frozen if len(candidates) < len(open_layers) or not frozen else set()
-        layer_id = max(candidates, key=lambda i: (_redundancy(sims[i], alive[i]), -i))
+        layer_id = max(candidates, key=lambda i: (_redundancy(sims[i], alive[i], redundancy), -i))
         counts = [len(alive[i]) - (step[i] if i == layer_id else 0) for i in layers]
         if _entropy(counts) < 1 - gamma and len(frozen) < len(open_layers) - 1:
             frozen.add(layer_id)
             continue
-        for _ in range(step[layer_id]):
-            _drop_most_similar(alive[layer_id], sims[layer_id], scores[layer_id])
+        size = layers[layer_id].num_experts // step[layer_id]
+        for g in range(step[layer_id]):  # one removal per routing group (the whole layer without groups)
+            members = [e for e in alive[layer_id] if e // size == g]
+            alive[layer_id].remove(_most_similar_loser(members, sims[layer_id], scores[layer_id]))
         to_remove -= step[layer_id]
-    return {i: ctx.keep_best(layers[i], scores[i], len(alive[i])) for i in layers}
+    return {i: sorted(alive[i]) for i in layers}
 
 
-def _redundancy(sim: torch.Tensor, alive: list[int]) -> float:
+def _can_remove(layer, left: int) -> bool:
+    """Whether ``left`` experts are a valid count for ``layer`` (>= top_k; per group enough for its routing)."""
+    if left < layer.top_k:
+        return False
+    if not layer.groups:
+        return True
+    n_group, topk_group = layer.groups
+    per_group = left // n_group
+    return per_group >= max(layer.family.group_score_top, 1) and topk_group * per_group >= layer.top_k
+
+
+def _redundancy(sim: torch.Tensor, alive: list[int], how: str) -> float:
     sub = sim[alive][:, alive]
-    return (sub.sum() - sub.diagonal().sum()).item()
+    total = (sub.sum() - sub.diagonal().sum()).item()
+    pairs = len(alive) * (len(alive) - 1)
+    return total if how == "sum" else total / max(pairs, 1)
 
 
-def _drop_most_similar(alive: list[int], sim: torch.Tensor, scores: torch.Tensor) -> None:
-    sub = sim[alive][:, alive].clone()
+def _most_similar_loser(members: list[int], sim: torch.Tensor, scores: torch.Tensor) -> int:
+    """Of the most similar pair among ``members``, the expert with the lower score (ties: the first)."""
+    sub = sim[members][:, members].clone()
     sub.fill_diagonal_(-math.inf)
-    a, b = divmod(int(sub.argmax()), len(alive))
-    ea, eb = alive[a], alive[b]
-    alive.remove(ea if scores[ea] <= scores[eb] else eb)
+    a, b = divmod(int(sub.argmax()), len(members))
+    ea, eb = members[a], members[b]
+    return ea if scores[ea] <= scores[eb] else eb

@@ -13,7 +13,7 @@ from moebench.method.registry import planner
 @planner("hc_smoe", kind="merge", needs=("routing", "expert_means"),
          paper="Chen et al. 2024, 'Retraining-Free Merging of Sparse MoE via Hierarchical Clustering', "
                "arXiv 2410.08589 (ICML 2025); code: wazenmai/HC-SMoE",
-         ours="the router keeps one row per cluster, its most-selected expert's (router=dominant) or the "
+         source="ours: the router keeps one row per cluster, its most-selected expert's (router=dominant) or the "
               "frequency-weighted average (router=average); the authors keep all E rows pointing at shared weights")
 def hc_smoe(ctx, *, linkage: Literal["average", "single", "complete"] = "average",
             router: Literal["dominant", "average"] = "dominant"):

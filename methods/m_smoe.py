@@ -20,7 +20,7 @@ def logit_similarity(gram: torch.Tensor) -> torch.Tensor:
 @planner("m_smoe", kind="merge", needs=("routing", "router_gram"), global_budget=True,
          paper="Li et al. 2024, 'Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing "
                "Policy', ICLR 2024 (MC-SMoE's merging stage M-SMoE); code: UNITES-Lab/MC-SMoE",
-         ours="the router keeps one row per group, the dominant's (router=dominant) or the frequency-weighted "
+         source="ours: the router keeps one row per group, the dominant's (router=dominant) or the frequency-weighted "
               "average (router=average); weight matching on gate, up and down together; each layer keeps >= top_k")
 def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = True,
            router: Literal["dominant", "average"] = "dominant"):

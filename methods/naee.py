@@ -14,20 +14,32 @@ from moebench.moe.view import MoEError
 CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subsets (128 MiB in fp32)
 
 
-def reconstruction_loss(layer, stats: dict, kept, reference: torch.Tensor | None = None) -> float:
-    """L(C) = sum over calibration sequences s of ||F(X_s) - F(X_s; C)||_F on the cached token subsample.
+AUTHORS_BATCH = 8  # calibration sequences per forward batch in the authors' code (main.py, --batch_size)
 
-    F(x) = sum over the top-k experts e of g_e(x) E_e(x), the routed output of the layer (shared
-    experts cancel). F(x; C) re-runs the model's own router on x with the logits of experts outside C
-    at -inf, then combines the cached outputs ``all_outputs [n, E, H]``; no expert is re-run.
+
+def loss_groups(stats: dict, batch_sequences: int) -> torch.Tensor:
+    """The loss group of each cached token ``[n]``: its calibration sequence // ``batch_sequences``."""
+    if batch_sequences < 1:
+        raise ValueError(f"naee: batch_sequences={batch_sequences} must be >= 1 (sequences per Frobenius norm)")
+    return torch.div(stats["outputs_sample_ids"], batch_sequences, rounding_mode="floor")
+
+
+def reconstruction_loss(layer, stats: dict, kept, reference: torch.Tensor | None = None,
+                        batch_sequences: int = AUTHORS_BATCH) -> float:
+    """L(C) = sum over batches b of ``batch_sequences`` calibration sequences of ||F(X_b) - F(X_b; C)||_F.
+
+    F(x) = sum over the top-k experts e of c_e(x), the routed output of the layer (shared experts
+    cancel; c_e = g_e y_e, or y_e where the gate scales the input). F(x; C) re-runs the model's own
+    router on x with the logits of experts outside C at -inf, then combines the cached outputs
+    ``all_outputs [n, E, H]``; no expert is re-run. Only the cached tokens count.
     """
-    x, outputs, seq = stats["inputs"], stats["all_outputs"], stats["outputs_sample_ids"]
+    x, outputs, group = stats["inputs"], stats["all_outputs"], loss_groups(stats, batch_sequences)
     if reference is None:
         reference = _combine(layer, x, outputs, None)
     pruned = _combine(layer, x, outputs, kept)
     diff = (reference - pruned).pow(2).sum(-1)
-    per_seq = torch.zeros(int(seq.max()) + 1, dtype=torch.float64).index_add_(0, seq, diff.double())
-    return per_seq.sqrt().sum().item()
+    per_group = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, group, diff.double())
+    return per_group.sqrt().sum().item()
 
 
 GRAM_MAX_EXPERTS = 32  # per-token Gram matrices [n, E, E] in float64 up to this many experts
@@ -48,13 +60,16 @@ class Recombiner:
     reference's scores exactly 0; beyond that the outputs are gathered and combined directly.
     Many subsets share one router call, each copy of the inputs masked to its subset (`row_mask`); routers with a
     score-correction bias (one selection per call) are routed one subset at a time. The loss per
-    subset is the paper's sum over calibration sequences of the Frobenius norm of the error.
+    subset is the paper's sum over forward batches (``batch_sequences`` calibration sequences each)
+    of the Frobenius norm of the error. Where the gate scales the expert's input, w_j = 1 (the
+    cached output holds the gate).
     """
 
-    def __init__(self, layer, stats: dict, reference: torch.Tensor | None = None):
+    def __init__(self, layer, stats: dict, reference: torch.Tensor | None = None,
+                 batch_sequences: int = AUTHORS_BATCH):
         self.layer = layer
         self.x = stats["inputs"].to(layer.router.weight.dtype)
-        self.outputs, self.seq = stats["all_outputs"], stats["outputs_sample_ids"]
+        self.outputs, self.seq = stats["all_outputs"], loss_groups(stats, batch_sequences)
         self.n_seq = int(self.seq.max()) + 1
         n, n_experts, hidden = self.outputs.shape
         self.reference = None  # the unpruned routed output, for the gathered path only
@@ -65,7 +80,8 @@ class Recombiner:
             self.gram = torch.einsum("neh,nfh->nef", o, o)  # [n, E, E]
             with torch.no_grad():
                 routing = layer.route(self.x)
-            self.ref_routing = (routing.indices.cpu().unsqueeze(0), routing.weights.double().cpu().unsqueeze(0))
+            weights = layer.output_weights(routing.weights)
+            self.ref_routing = (routing.indices.cpu().unsqueeze(0), weights.double().cpu().unsqueeze(0))
             self.ref_sq = self._inner(self.ref_routing, self.ref_routing)  # [1, n]
         else:
             self.reference = _combine(layer, stats["inputs"], self.outputs, None) if reference is None else reference
@@ -84,7 +100,7 @@ class Recombiner:
         except MoEError:
             return None
         return (routing.indices.reshape(len(part), n, -1).cpu(),
-                routing.weights.reshape(len(part), n, -1).float().cpu())
+                self.layer.output_weights(routing.weights).reshape(len(part), n, -1).float().cpu())
 
     def _squared_errors(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Per-token squared error ``[C, n]`` (float64) of the routings ``indices`` / ``weights``."""
@@ -120,7 +136,7 @@ class Recombiner:
     def _route_one(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), layer_mask(self.layer, subset):
             routing = self.layer.route(self.x)
-        return routing.indices.unsqueeze(0).cpu(), routing.weights.float().unsqueeze(0).cpu()
+        return routing.indices.unsqueeze(0).cpu(), self.layer.output_weights(routing.weights).float().unsqueeze(0).cpu()
 
 
 def _combine(layer, x, outputs, kept):
@@ -131,7 +147,7 @@ def _combine(layer, x, outputs, kept):
             with layer_mask(layer, kept):
                 routing = layer.route(x.to(layer.router.weight.dtype))
     picked = outputs.gather(1, routing.indices.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]).cpu())
-    return (picked * routing.weights.float().cpu().unsqueeze(-1)).sum(1)
+    return (picked * layer.output_weights(routing.weights).float().cpu().unsqueeze(-1)).sum(1)
 
 
 def _valid(layer, subset) -> bool:
@@ -143,20 +159,20 @@ def _valid(layer, subset) -> bool:
     return len(set(counts)) == 1
 
 
-def exhaustive(layer, stats, r: int) -> list[int]:
+def exhaustive(layer, stats, r: int, batch_sequences: int = AUTHORS_BATCH) -> list[int]:
     """The r-subset with the smallest loss over all valid subsets (ties: first in lexicographic order)."""
     subsets = [s for s in itertools.combinations(range(layer.num_experts), r) if _valid(layer, s)]
-    losses = Recombiner(layer, stats).losses(subsets)
+    losses = Recombiner(layer, stats, batch_sequences=batch_sequences).losses(subsets)
     return list(subsets[int(torch.argmin(losses))])  # argmin: the first of equal minima
 
 
-def naive_exhaustive(layer, stats, r: int) -> list[int]:
+def naive_exhaustive(layer, stats, r: int, batch_sequences: int = AUTHORS_BATCH) -> list[int]:
     """Reference enumeration without caches: re-run the real block under a routing mask per subset.
 
     Same loss as `reconstruction_loss`, but every expert is recomputed for every subset, as a direct
     implementation of the paper would. Used to check and to benchmark the recombination.
     """
-    x, seq = stats["inputs"].to(layer.router.weight.dtype).unsqueeze(0), stats["outputs_sample_ids"]
+    x, seq = stats["inputs"].to(layer.router.weight.dtype).unsqueeze(0), loss_groups(stats, batch_sequences)
 
     def run():
         out = layer.block(x)
@@ -177,10 +193,10 @@ def naive_exhaustive(layer, stats, r: int) -> list[int]:
     return best
 
 
-def beam(layer, stats, r: int, width: int) -> list[int]:
+def beam(layer, stats, r: int, width: int, batch_sequences: int = AUTHORS_BATCH) -> list[int]:
     """Backward elimination with a beam of ``width`` sets, then 1-for-1 swaps until none helps."""
     n = layer.num_experts
-    recombiner = Recombiner(layer, stats)
+    recombiner = Recombiner(layer, stats, batch_sequences=batch_sequences)
     frontier = [tuple(range(n))]
     for size in range(n - 1, r - 1, -1):
         children = {}
@@ -210,17 +226,26 @@ def _swap_refine(recombiner: Recombiner, kept: list[int]) -> list[int]:
         kept, loss = candidates[better], losses[better]
 
 
-@planner("naee", needs=("outputs",), bounds={"beam_width": (1, 1024), "max_exhaustive": (1, 64)},
+@planner("naee", needs=("outputs",), bounds={"beam_width": (1, 1024), "max_exhaustive": (1, 64),
+                                            "batch_sequences": (1, 1 << 20)},
          paper="Lu et al. 2024, 'Not All Experts are Equal: Efficient Expert Pruning and Skipping for "
-               "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)")
+               "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)",
+         source="the authors' code (loss, batches of 8); token subsample default and beam search beyond E=16: ours")
 def naee(ctx, *, search: Literal["auto", "exhaustive", "beam"] = "auto", beam_width: int = 8,
-         max_exhaustive: int = 16):
-    """Keep, per layer, the set C of r experts minimising sum over batches of ||F(x) - F(x; C)||_F.
+         max_exhaustive: int = 16, batch_sequences: int = AUTHORS_BATCH):
+    """Keep, per layer, the set C of r experts minimising sum over batches b of ||F(X_b) - F(X_b; C)||_F.
 
-    ``search``: ``exhaustive`` (all C(E, r) sets, the paper's method), ``beam`` (backward
-    elimination keeping the ``beam_width`` best sets, then 1-for-1 swaps), or ``auto`` (exhaustive
-    when E <= ``max_exhaustive``, else beam). Losses come from cached expert outputs on a token
-    subsample (recombination), so no expert is re-run per subset.
+    As the authors' code (Lucky-Lance/Expert_Sparsity, model/wrapper.py,
+    ``PrunableMixtralSparseMoeBlockWrapper.enumerate``): F is the layer's routed output, F(.; C)
+    the same with the router's logits outside C at -inf (routing redone), and a batch b is one
+    forward batch of ``batch_sequences`` consecutive calibration sequences (their default: 8;
+    1 = one norm per sequence). ``search``: ``exhaustive`` (all C(E, r) sets, the paper's method),
+    ``beam`` (backward elimination keeping the ``beam_width`` best sets, then 1-for-1 swaps; ours,
+    for E beyond exhaustive reach), or ``auto`` (exhaustive when E <= ``max_exhaustive``, else
+    beam). Losses come from cached expert outputs (recombination), so no expert is re-run per
+    subset. The authors use every calibration token; the ``outputs`` statistics hold a seeded
+    subsample of ``subsample_tokens`` (default 2048; 0 = every token, the authors' setting, where
+    memory allows).
     """
     keep = {}
     for layer in ctx.view.layers:
@@ -228,7 +253,7 @@ def naee(ctx, *, search: Literal["auto", "exhaustive", "beam"] = "auto", beam_wi
         if r >= layer.num_experts:
             keep[layer.index] = list(range(layer.num_experts))
         elif search == "exhaustive" or (search == "auto" and layer.num_experts <= max_exhaustive):
-            keep[layer.index] = exhaustive(layer, stats, r)
+            keep[layer.index] = exhaustive(layer, stats, r, batch_sequences)
         else:
-            keep[layer.index] = beam(layer, stats, r, beam_width)
+            keep[layer.index] = beam(layer, stats, r, beam_width, batch_sequences)
     return keep

@@ -19,8 +19,10 @@ PAPER = "Zhang et al., 'PREP', Frontiers of Computer Science 2026 (abstract only
 def prompt_features(ctx, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per calibration window: mean router logits ``[P, L, E]`` and expert importance ``[P, L, E]``.
 
-    Importance of expert e on token x: softmax(z(x))_e * ||y_e(x)|| (its expected contribution, from
-    every expert's output on the ``outputs`` subsample); averaged over the window's tokens.
+    Importance of expert e on token x: p_e(x) * ||y_e(x)||, its expected contribution, with p the
+    family's own score function of the logits (softmax; sigmoid for sigmoid routers) and y_e every
+    expert's output on the ``outputs`` subsample (where the gate scales the input, y_e = f_e(g_e x)
+    already holds it and the importance is ||y_e||); averaged over the window's tokens.
     """
     first = stats[ctx.view.layers[0].index]["outputs_sample_ids"]
     windows = torch.unique(first)
@@ -28,7 +30,8 @@ def prompt_features(ctx, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for layer in ctx.view.layers:
         s = stats[layer.index]
         logits, sid = s["logits"].double(), s["outputs_sample_ids"]
-        contrib = torch.softmax(logits, dim=-1) * s["all_outputs"].double().norm(dim=-1)  # [n, E]
+        weight = layer.output_weights(layer.dense_scores(logits)).double()
+        contrib = weight * s["all_outputs"].double().norm(dim=-1)  # [n, E]
         feats.append(torch.stack([logits[sid == w].mean(0) for w in windows]))
         imps.append(torch.stack([contrib[sid == w].mean(0) for w in windows]))
     return torch.stack(feats, 1), torch.stack(imps, 1)
@@ -47,17 +50,19 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 25) -> tuple[torch.T
     return centers, torch.cdist(x, centers).argmin(1)
 
 
-@planner("prep", kind="select", needs=("outputs",), paper=PAPER, bounds={"points": (1, 4096), "ridge": (0.0, 1e6)})
+@planner("prep", kind="select", needs=("outputs",), paper=PAPER, bounds={"points": (1, 4096), "ridge": (0.0, 1e6)},
+         source="our reconstruction from the abstract (no code)")
 def prep(ctx, *, points: int = 8, ridge: float = 1.0):
     """Expansion points over calibration windows; online first-order importance and adaptive budgets.
 
     Offline (calibration windows of every source, e.g. ``calib=testbed:domains``, are the prompts):
     a prompt's input coordinate z_l [E] is its mean router logits in layer l (the router's linear
     projection of the input: the part of the input routing sees); its importance I_l [E] is the mean
-    of softmax(z)_e * ||y_e(x)|| over its tokens. k-means (``points`` clusters) on the concatenated
-    z gives the expansion points c_j with importance I_j = the members' mean. The first-order term is
-    a per-layer Jacobian J_l [E, E] fitted by ridge regression (``ridge``) of the members' deviations
-    (I - I_j) on (z - c_j) over all prompts: a linear approximation of d I / d z.
+    of p_e(z) * ||y_e(x)|| over its tokens (p: the family's score function, see `prompt_features`).
+    k-means (``points`` clusters) on the concatenated z gives the expansion points c_j with
+    importance I_j = the members' mean. The first-order term is a per-layer Jacobian J_l [E, E]
+    fitted by ridge regression (``ridge``) of the members' deviations (I - I_j) on (z - c_j) over
+    all prompts: a linear approximation of d I / d z.
 
     Online (CPU, microseconds): nearest expansion point j (L2 on z of the context), predicted
     importance I_j + J_l (z_l - c_{j,l}); per-layer budgets: every layer keeps >= top_k, the remaining

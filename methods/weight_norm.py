@@ -8,7 +8,8 @@ from moebench.method.registry import score_method
 
 
 @score_method("weight_norm", paper="data-free weight-magnitude baseline (moebench; in the spirit of "
-                                   "magnitude pruning, Han et al. 2015, applied per expert)")
+                                   "magnitude pruning, Han et al. 2015, applied per expert)",
+              source="moebench's own data-free baseline")
 def weight_norm(ctx, layer):
     """s_e = ||W_gate_up,e||_F * ||W_down,e||_F: experts with small weights change the output least.
 

@@ -1,22 +1,33 @@
 """Calibration statistics of every MoE layer, collected in one forward pass per calibration set.
 
 Statistics come in six groups, collected together or separately (a method names the groups it
-needs; the cache collects only the groups it lacks):
+needs; the cache collects only the groups it lacks). Notation: on a token x routed to expert e
+with gate g_e(x) (the value the model really computes), y_e(x) is the expert's output as the
+model computes it: f_e(x) where the gate scales the output, f_e(g_e x) where it scales the input
+(Llama4, `Family.gate_scales_input`); c_e(x) is its contribution to the block output: g_e y_e,
+or y_e itself where the gate scales the input.
 
 ``routing`` (per layer, float64 accumulators)
-    ``tokens [1]``; ``counts [E]`` top-k selections; ``gate_sum [E]`` sum of the gate values the
-    model really computes, over routed tokens; ``softmax_sum [E]`` sum of softmax(logits) over all
-    tokens; ``coact [E, E]`` co-selection counts; ``ratio_samples [N]`` second/first gate value
-    per token (the first ``max_ratio_samples`` tokens; NAEE skipping's beta is their median).
+    ``tokens [1]``; ``counts [E]`` top-k selections; ``gate_sum [E]`` sum of g_e over routed
+    tokens; ``softmax_sum [E]`` sum of softmax(logits) over all tokens; ``score_sum [E]`` sum of
+    the family's own score function of the logits (softmax, or sigmoid for sigmoid routers) over
+    all tokens; ``coact [E, E]`` co-selection counts; ``ratio_samples [N]`` float32 second/first
+    gate value of every token (``ratio_samples`` setting 0), or of a seeded uniform subsample
+    (NAEE skipping's beta is their median).
 ``norms`` (routed tokens only)
     ``norm_sum [E]`` sum of ||y_e(x)||; ``norm_sq_sum [E]`` sum of ||y_e(x)||^2;
-    ``gate_norm_sum [E]`` sum of g_e(x) * ||y_e(x)||; ``norm_count [E]`` tokens counted.
+    ``gate_norm_sum [E]`` sum of ||c_e(x)|| (= g_e ||y_e||; ||y_e|| where the gate scales the
+    input); ``norm_count [E]`` tokens counted. The REAP authors' reading, for ``gate=reference``:
+    ``ref_norm_sum [E]`` sum of ||f_e(x)|| on the ungated input (= ``norm_sum`` unless the gate
+    scales the input); ``ref_gate_norm_sum [E]`` sum of p_e(x) ||f_e(x)||, p = softmax over all
+    logits, renormalised over the token's chosen experts only when ``config.norm_topk_prob``.
 ``logits`` (every token)
     ``topk_logits [N, K]`` float32 and ``topk_ids [N, K]`` int64 of the K largest router logits,
     ``sample_ids [N]`` the calibration sequence of each token.
-``outputs`` (a seeded subsample of ``subsample_tokens`` tokens)
+``outputs`` (a seeded subsample of ``subsample_tokens`` tokens; 0: every token)
     ``inputs [n, H]`` router inputs, ``logits [n, E]``, ``all_outputs [n, E, H]`` every expert's
-    output on each token (for reconstruction and similarity), ``sample_ids [n]``.
+    output y_e on each token (where the gate scales the input, with the gate the expert would get
+    if chosen, which depends on its own logit only), ``sample_ids [n]``.
 ``router_gram`` (every token, float64; for merging by router-logit similarity)
     ``logit_gram [E, E]`` sum over tokens of l l^T, l the router logits: cosine similarity of two
     experts' logit columns is ``G_ij / sqrt(G_ii G_jj)`` with no per-token data kept.
@@ -26,7 +37,7 @@ needs; the cache collects only the groups it lacks):
 
 Expert outputs are observed through moebench's kernel in transformers' experts-implementation
 slot (`moebench.moe.kernels`); families without that slot (Llama4) are observed by a block hook that
-runs the same per-expert function.
+runs the same per-expert function on the inputs the model feeds it.
 """
 
 from __future__ import annotations
@@ -43,55 +54,89 @@ from moebench.moe.view import MoELayer, MoEView
 from moebench.util import on_terminal
 
 GROUP_STATS = {
-    "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "coact", "ratio_samples"),
-    "norms": ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count"),
+    "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "score_sum", "coact", "ratio_samples"),
+    "norms": ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count", "ref_norm_sum", "ref_gate_norm_sum"),
     "logits": ("topk_logits", "topk_ids", "sample_ids"),
     "outputs": ("inputs", "logits", "all_outputs", "outputs_sample_ids"),
     "router_gram": ("logit_gram",),
     "expert_means": ("output_sum", "output_tokens"),
 }
 GROUPS = tuple(GROUP_STATS)
-FORMAT_VERSION = 2  # 2: cache files carry their format, group and layers (validated on load)
+FORMAT_VERSION = 2  # 2: files carry their format, group and layers (validated); settings in the key
+
+
+ALL_TOKENS = 0  # a subsample size meaning "every calibration token"
 
 
 @dataclass
 class CollectSettings:
-    """Knobs of one collection pass (part of the cache key where they change results)."""
+    """Knobs of one collection pass (part of the cache key where they change results).
+
+    ``subsample_tokens``: tokens whose every expert output is kept (``outputs`` group; 0 = all).
+    The authors of NAEE use every calibration token; holding ``[n, E, H]`` per layer for all
+    layers at once grows with the calibration set (Mixtral-8x7B at 128 x 2048 tokens: 34 GB per
+    layer), so the default is a seeded uniform subsample of 2048 tokens.
+    ``ratio_samples``: tokens whose second/first gate ratio is kept for beta (0 = all, the
+    authors' choice: 4 bytes per token and layer, ~1 MB per layer at 128 x 2048 tokens).
+    """
 
     batch_size: int = 4
     subsample_tokens: int = 2048
-    max_ratio_samples: int = 100_000
+    ratio_samples: int = ALL_TOKENS
     logits_top: int = 16
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("subsample_tokens", "ratio_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a whole number >= 0 (0 = every calibration token)")
+
+
+def subsample(total: int, size: int, seed: int) -> torch.Tensor | None:
+    """Sorted positions of a seeded uniform sample of ``size`` of ``total`` tokens; None for all of them."""
+    if size == ALL_TOKENS or size >= total:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=g)[:size].sort().values
 
 
 @dataclass
 class _LayerAccumulator:
-    """Collects the requested groups for one MoE layer across batches."""
+    """Collects the requested groups for one MoE layer across batches.
+
+    ``chosen``: global token positions of the ``outputs`` subsample (sorted; None = every token);
+    ``ratio_chosen``: the same for the gate ratios.
+    """
 
     layer: MoELayer
     groups: set[str]
     settings: CollectSettings
-    chosen: torch.Tensor  # global token positions of the `outputs` subsample, sorted
+    chosen: torch.Tensor | None
     seq_len: int
     offset: int = 0
     data: dict[str, object] = field(default_factory=dict)
     pending: tuple | None = None
+    ratio_chosen: torch.Tensor | None = None
 
     def router_seen(self, module, args, output) -> None:
         """Router forward hook: keep its input and logits for the kernel call that follows."""
         logits = output[1] if self.layer.family.router_output == "dense_scores" else output[0]
         self.pending = (args[0].reshape(-1, args[0].shape[-1]).detach(), logits.detach().float())
 
-    def routed(self, experts, hidden, index, weights, outputs) -> None:
-        """Kernel observer: update every requested group with one batch of T tokens."""
+    def routed(self, experts, hidden, index, weights, outputs, ungated=None) -> None:
+        """Kernel observer: update every requested group with one batch of T tokens.
+
+        ``outputs[e] = (token ids, gates, y_e)``; ``ungated[e]``: f_e on the ungated inputs of
+        those tokens where the gate scales the input (None: the same as y_e).
+        """
         inputs, logits = self.pending
         t = index.shape[0]
         positions = torch.arange(self.offset, self.offset + t)
         if "routing" in self.groups:
-            self._routing(logits, index, weights)
+            self._routing(logits, index, weights, positions)
         if "norms" in self.groups:
-            self._norms(outputs)
+            self._norms(outputs, ungated or {}, logits, index)
         if "logits" in self.groups:
             self._logits(logits, positions)
         if "outputs" in self.groups:
@@ -110,31 +155,36 @@ class _LayerAccumulator:
     def _append(self, name: str, value: torch.Tensor) -> None:
         self.data.setdefault(name, []).append(value.detach().cpu())
 
-    def _routing(self, logits, index, weights) -> None:
+    def _routing(self, logits, index, weights, positions) -> None:
         n = logits.shape[-1]
         hits = torch.zeros(index.shape[0], n, device=index.device).scatter_(1, index, 1.0)
         self._add("tokens", torch.tensor([index.shape[0]]))
         self._add("counts", hits.sum(0))
         self._add("gate_sum", torch.zeros_like(hits).scatter_(1, index, weights.float()).sum(0))
         self._add("softmax_sum", torch.softmax(logits, dim=-1).sum(0))
+        self._add("score_sum", self.layer.dense_scores(logits).sum(0))
         self._add("coact", hits.T @ hits)
         if weights.shape[-1] >= 2:
             top = weights.float().topk(2, dim=-1).values
-            taken = sum(len(x) for x in self.data.get("ratio_samples", []))
-            room = self.settings.max_ratio_samples - taken
-            if room > 0:
-                self._append("ratio_samples", (top[:, 1] / top[:, 0].clamp_min(1e-30))[:room])
+            ratios = (top[:, 1] / top[:, 0].clamp_min(1e-30)).cpu()
+            if self.ratio_chosen is not None:
+                ratios = ratios[torch.isin(positions, self.ratio_chosen)]
+            self._append("ratio_samples", ratios)
 
-    def _norms(self, outputs) -> None:
+    def _norms(self, outputs, ungated, logits, index) -> None:
         n = self.layer.num_experts
-        sums = {k: torch.zeros(n, dtype=torch.float64)
-                for k in ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count")}
+        sums = {k: torch.zeros(n, dtype=torch.float64) for k in GROUP_STATS["norms"]}
+        reference = _reference_gates(self.layer, logits, index)
         for e, (token, gate, y) in outputs.items():
             norm = y.float().norm(dim=-1).double().cpu()
+            plain = ungated[e].float().norm(dim=-1).double().cpu() if e in ungated else norm
+            weight = self.layer.output_weights(gate.double().cpu())
             sums["norm_sum"][e] += norm.sum()
             sums["norm_sq_sum"][e] += (norm ** 2).sum()
-            sums["gate_norm_sum"][e] += (gate.double().cpu() * norm).sum()
+            sums["gate_norm_sum"][e] += (weight * norm).sum()
             sums["norm_count"][e] += len(token)
+            sums["ref_norm_sum"][e] += plain.sum()
+            sums["ref_gate_norm_sum"][e] += (reference[token.cpu(), e] * plain).sum()
         for name, value in sums.items():
             self._add(name, value)
 
@@ -146,13 +196,16 @@ class _LayerAccumulator:
         self._append("sample_ids", positions // self.seq_len)
 
     def _outputs(self, experts, inputs, logits, positions) -> None:
-        keep = torch.isin(positions, self.chosen)
+        everyone = self.chosen is None
+        keep = torch.ones_like(positions, dtype=torch.bool) if everyone else torch.isin(positions, self.chosen)
         if not keep.any():
             return
         rows = keep.nonzero().squeeze(1).to(inputs.device)
         x = inputs[rows]
+        gates = self.layer.expert_gates(logits[rows]) if self.layer.family.gate_scales_input else None
         with torch.no_grad():
-            ys = torch.stack([expert_forward(experts, e, x) for e in range(self.layer.num_experts)], dim=1)
+            ys = torch.stack([expert_forward(experts, e, x if gates is None else x * gates[:, e:e + 1].to(x.dtype))
+                              for e in range(self.layer.num_experts)], dim=1)
         self._append("sub_inputs", x.float())
         self._append("sub_logits", logits[rows])
         self._append("all_outputs", ys.float())
@@ -175,18 +228,34 @@ class _LayerAccumulator:
         return {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v) for k, v in self.data.items()}
 
 
+def _reference_gates(layer: MoELayer, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """REAP's released code's gate ``[T, E]`` (float64, CPU): softmax over all logits, renormalised over
+    the token's chosen experts only when the config sets ``norm_topk_prob`` (on every family)."""
+    p = torch.softmax(logits.float(), dim=-1).double().cpu()
+    if getattr(layer.config, "norm_topk_prob", False):
+        p = p / p.gather(1, index.cpu()).sum(-1, keepdim=True)
+    return p
+
+
 def _block_observer(acc: _LayerAccumulator):
-    """Block pre-hook for experts outside the kernel slot: route, run the routed experts, observe."""
+    """Block pre-hook for experts outside the kernel slot: route, run the routed experts as the block
+    does (on gated inputs where the gate scales the input), observe."""
 
     def hook(module, args):
         layer = acc.layer
         hidden = args[0].reshape(-1, args[0].shape[-1])
         routing = layer.route(hidden)  # also fires router_seen
-        outputs = {}
+        outputs, ungated = {}, {}
         for e in torch.unique(routing.indices).tolist():
             token, slot = torch.where(routing.indices == e)
-            outputs[e] = (token, routing.weights[token, slot], expert_forward(layer.experts, e, hidden[token]))
-        acc.routed(layer.experts, hidden, routing.indices, routing.weights, outputs)
+            gate, x = routing.weights[token, slot], hidden[token]
+            if layer.family.gate_scales_input:
+                outputs[e] = (token, gate, expert_forward(layer.experts, e, x * gate.unsqueeze(-1).to(x.dtype)))
+                if "norms" in acc.groups:
+                    ungated[e] = expert_forward(layer.experts, e, x)
+            else:
+                outputs[e] = (token, gate, expert_forward(layer.experts, e, x))
+        acc.routed(layer.experts, hidden, routing.indices, routing.weights, outputs, ungated)
 
     return hook
 
@@ -218,9 +287,10 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
     settings = settings or CollectSettings()
     view = MoEView(model)
     total = tokens.numel()
-    g = torch.Generator().manual_seed(settings.seed)
-    chosen = torch.randperm(total, generator=g)[: min(settings.subsample_tokens, total)].sort().values
-    accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1]) for layer in view.layers]
+    chosen = subsample(total, settings.subsample_tokens, settings.seed)
+    ratio_chosen = subsample(total, settings.ratio_samples, settings.seed)
+    accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen)
+            for layer in view.layers]
     hooks = [acc.layer.router.register_forward_hook(acc.router_seen) for acc in accs]
     slot = [acc for acc in accs if acc.layer.family.experts_slot]
     hooks += [acc.layer.block.register_forward_pre_hook(_block_observer(acc))

@@ -10,6 +10,17 @@ from moebench.moe.checkpoint import load_with_tokenizer
 from moebench.moe.view import MoEView
 
 
+def token_count(text: str) -> int:
+    """A whole number of tokens >= 0 (0 = every calibration token), for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens (0 = every token)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0 = every calibration token)")
+    return value
+
+
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by every command that may calibrate."""
     parser.add_argument("model", help="hub id, local folder or testbed model name")
@@ -19,6 +30,11 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sequence (default min(2048, the model's max positions))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subsample-tokens", type=token_count, default=None,
+                        help="tokens whose every expert output is kept for NAEE, GRAPE, PREP (default 2048; "
+                             "0 = every calibration token, as the NAEE authors)")
+    parser.add_argument("--ratio-samples", type=token_count, default=None,
+                        help="tokens whose gate ratio enters the skipping threshold beta (default 0 = every token)")
     parser.add_argument("--stats-dir", default=None, help="statistics cache (default ~/.cache/moebench/stats)")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -30,7 +46,8 @@ def request_from(args, model, method: str = "none", **extra) -> PlanRequest:
     seq_len = args.seq_len or min(2048, getattr(MoEView(model).config, "max_position_embeddings", 2048) or 2048)
     return PlanRequest(method=method, calib=args.calib, calib_samples=args.samples, calib_seq_len=seq_len,
                        seed=args.seed, stats_dir=args.stats_dir, model_id=args.model, revision=args.revision,
-                       front_end="cli", **extra)
+                       front_end="cli", subsample_tokens=args.subsample_tokens,
+                       ratio_samples=args.ratio_samples, **extra)
 
 
 def check_calibration_size(args) -> None:

@@ -14,15 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print one row per registered method."""
+    """Print one row per registered method, then what each implementation follows and what is moebench's own."""
     rows = []
-    for name, spec in sorted(load_methods().items()):
+    methods = sorted(load_methods().items())
+    for name, spec in methods:
         params = ", ".join(f"{p.name}={p.default!r}" for p in spec.params.values()) or "-"
         rows.append((name, spec.kind, ",".join(spec.needs) or "none (data-free)", params, spec.paper[:70]))
     print(tabulate(rows, headers=["method", "kind", "statistics", "parameters", "paper"]))
-    ours = [(name, spec.ours) for name, spec in sorted(load_methods().items()) if spec.ours]
-    if ours:
-        print("\nChoices of ours, where a paper leaves them open:")
-        for name, text in ours:
-            print(f"  {name}: {text}")
+    print()
+    print(tabulate([(name, spec.source or "-") for name, spec in methods],
+                   headers=["method", "implementation (authors' code, paper, reconstruction; moebench's choices)"]))
     return 0

@@ -18,7 +18,7 @@ from moebench.util import did_you_mean
 # pruned_moe's own model_args and their defaults.
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
-            "skip_beta": None, "offload": False}
+            "skip_beta": None, "offload": False, "subsample_tokens": None, "ratio_samples": None}
 APPLY_MODES = ("physical", "mask")
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
@@ -115,7 +115,9 @@ class PrunedMoESettings:
 
     ``method`` is a registered method (``none``, the identity, by default); ``params`` its parsed
     parameters; ``ratio`` / ``keep`` the budget; ``calib`` ... ``stats_dir`` the calibration;
-    ``apply`` physical | mask; ``skip`` / ``skip_beta`` dynamic skipping; ``offload`` for select methods.
+    ``apply`` physical | mask; ``skip`` / ``skip_beta`` dynamic skipping; ``offload`` for select methods;
+    ``subsample_tokens`` / ``ratio_samples`` the statistics settings (None: the defaults of
+    `moebench.calib.stats.CollectSettings`; 0: every calibration token).
     """
 
     method: str = "none"
@@ -131,6 +133,8 @@ class PrunedMoESettings:
     skip: str = "none"
     skip_beta: float | None = None
     offload: bool = False
+    subsample_tokens: int | None = None
+    ratio_samples: int | None = None
 
     @property
     def spec(self) -> MethodSpec:
@@ -155,7 +159,9 @@ class PrunedMoESettings:
                        seed=_whole(args["seed"], "seed"), stats_dir=_optional(args["stats_dir"], str),
                        apply=str(args["apply"]).strip().lower(),
                        skip="none" if args["skip"] is None else str(args["skip"]).strip().lower(),
-                       skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]))
+                       skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]),
+                       subsample_tokens=_optional(args["subsample_tokens"], int),
+                       ratio_samples=_optional(args["ratio_samples"], int))
         settings._check()
         return settings
 
@@ -178,6 +184,10 @@ class PrunedMoESettings:
             self._check_method(spec)
         if self.uses_data:
             self._check_calibration(spec)
+        for name in ("subsample_tokens", "ratio_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (tokens kept for the statistics; 0 = every token)")
         if self.offload and spec.kind != "select":
             raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
                              f"(premoe_taer, prep), not {self.method}")
@@ -215,4 +225,5 @@ class PrunedMoESettings:
         return PlanRequest(method=self.method, ratio=self.ratio, keep=self.keep, calib=self.calib,
                            calib_samples=self.calib_samples, calib_seq_len=seq_len, seed=self.seed,
                            params=self.params, stats_dir=self.stats_dir, model_id=model_id, revision=revision,
-                           skip=self.skip, skip_beta=self.skip_beta)
+                           skip=self.skip, skip_beta=self.skip_beta, subsample_tokens=self.subsample_tokens,
+                           ratio_samples=self.ratio_samples)

@@ -5,7 +5,8 @@
 
 Every ``hf`` model_arg keeps working; `PrunedMoELM` adds ``method``, ``ratio`` / ``keep``, ``calib``,
 ``calib_samples``, ``calib_seq_len``, ``seed``, ``stats_dir``, ``apply`` (``physical`` | ``mask``),
-``skip`` and the chosen method's own parameters. Any other key is an error with a suggestion:
+``skip``, the statistics settings ``subsample_tokens`` / ``ratio_samples`` and the chosen method's
+own parameters. Any other key is an error with a suggestion:
 nothing unknown reaches ``from_pretrained``.
 
 Lazy: the model is loaded and the arguments are checked at construction; the plan (calibration
@@ -116,6 +117,8 @@ class PrunedMoELM(SelectMixin, HFLM):
                     "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
                     "calib": self.calib_key, "seed": s.seed, "apply": s.apply, "skip": s.skip,
                     "skip_beta": s.skip_beta}
+        # statistics settings only when given, so the variants named before they existed keep their names
+        identity.update({k: v for k in ("subsample_tokens", "ratio_samples") if (v := getattr(s, k)) is not None})
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         budget = f"-r{s.ratio:g}" if s.ratio is not None else f"-k{s.keep}" if s.keep is not None else ""
         tag = f"{s.method}{budget}{'-mask' if s.apply == 'mask' else ''}-{digest[:8]}"

@@ -115,7 +115,8 @@ def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> di
         first = next(c for c in cells if c.model == model_name and c.calib == calib)
         request = PlanRequest(method="none", calib=calib, calib_samples=first.calib_samples,
                               calib_seq_len=_seq_len(model, first), seed=first.seed,
-                              stats_dir=study.spec.get("stats_dir"), model_id=model_name)
+                              stats_dir=study.spec.get("stats_dir"), model_id=model_name,
+                              subsample_tokens=first.subsample_tokens, ratio_samples=first.ratio_samples)
         for single in single_requests(request):  # several sources for select methods, cached apart
             statistics(model, tokenizer, single, sorted(groups), progress=progress)
         del model

@@ -13,7 +13,8 @@ Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit, or any other argumen
 ``lm_eval.simple_evaluate``, passed on), ``calib_samples``, ``calib_seq_len``,
 ``seed``, ``apply`` (physical | mask), ``baseline`` (an unpruned cell per model, default true),
 ``measure`` (false, or settings of `moebench.measure`), ``executor`` (kind and options),
-``include_path`` (extra lm-eval task folders), ``dtype``, ``device``.
+``include_path`` (extra lm-eval task folders), ``dtype``, ``device``, and the statistics settings
+``subsample_tokens`` / ``ratio_samples`` (0 = every calibration token; absent: the defaults).
 A method's parameter given as a list expands into one method entry per value; a method entry may
 name its own ``calibration`` and ``ratios`` lists instead of the study's.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from moebench.grid.validate import DEFAULT_MEASURE, as_list, method_entries, validate
+from moebench.grid.validate import DEFAULT_MEASURE, STATS_KEYS, as_list, method_entries, validate
 from moebench.method.registry import get_method
 
 
@@ -47,7 +48,9 @@ class Cell:
     set, the tasks and how they are evaluated and measured. Its id is a hash of `to_dict`.
 
     ``lm_eval``: num_fewshot, batch_size, limit and further ``simple_evaluate`` arguments; ``measure``:
-    the speed settings or None.
+    the speed settings or None. ``subsample_tokens`` / ``ratio_samples``: statistics settings, None
+    when the spec leaves them to the defaults; a None setting is left out of `to_dict`, so ids of
+    cells from specs without them do not change.
     """
 
     model: str
@@ -65,6 +68,8 @@ class Cell:
     apply: str
     dtype: str
     include_path: tuple[str, ...] = ()
+    subsample_tokens: int | None = None
+    ratio_samples: int | None = None
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -78,6 +83,9 @@ class Cell:
         """The normalised spec, as written to ``spec.json`` (JSON types only)."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
         data["tasks"], data["include_path"] = list(self.tasks), list(self.include_path)
+        for key in STATS_KEYS:
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -98,7 +106,8 @@ class Cell:
                 "seed": self.seed, **self.params}
         if not self.is_baseline:
             args.update(ratio=self.ratio, calib=self.calib, calib_samples=self.calib_samples,
-                        calib_seq_len=self.calib_seq_len, stats_dir=stats_dir)
+                        calib_seq_len=self.calib_seq_len, stats_dir=stats_dir,
+                        **{key: getattr(self, key) for key in STATS_KEYS})
         args["device"] = device
         return {k: v for k, v in args.items() if v is not None}
 
@@ -147,7 +156,8 @@ def expand(spec: dict) -> list[Cell]:
     common = {"tasks": tuple(sorted(as_list(spec["tasks"]))), "lm_eval": lm, "measure": measure,
               "calib_samples": spec.get("calib_samples", 128), "calib_seq_len": spec.get("calib_seq_len"),
               "seed": spec.get("seed", 0), "apply": spec.get("apply", "physical"),
-              "dtype": spec.get("dtype", "auto"), "include_path": tuple(as_list(spec.get("include_path") or []))}
+              "dtype": spec.get("dtype", "auto"), "include_path": tuple(as_list(spec.get("include_path") or [])),
+              **{key: spec.get(key) for key in STATS_KEYS}}
     cells, seen = [], set()
     for model in as_list(spec["models"]):
         if spec.get("baseline", True):

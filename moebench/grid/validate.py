@@ -13,7 +13,8 @@ from moebench.util import did_you_mean
 
 SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
              "calib_seq_len", "seed", "apply", "baseline", "measure", "executor", "include_path", "dtype",
-             "device", "description", "stats_dir"}
+             "device", "description", "stats_dir", "subsample_tokens", "ratio_samples"}
+STATS_KEYS = ("subsample_tokens", "ratio_samples")  # statistics settings; 0 = every calibration token
 REQUIRED = ("name", "models", "methods", "ratios", "tasks")
 DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
                    "latency_lengths": [16, 64, 256, 1024, 4096]}
@@ -54,6 +55,11 @@ def validate(spec: dict) -> list[str]:
     problems += _check_tasks(spec)
     problems += _check_models(spec)
     problems += _check_measure(spec)
+    for key in STATS_KEYS:
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            problems.append(f"{key}={value!r} must be a whole number >= 0 (tokens kept for the statistics; "
+                            "0 = every calibration token)")
     if spec.get("apply", "physical") not in ("physical", "mask"):
         problems.append(f"apply={spec['apply']!r} must be physical or mask")
     return problems

@@ -52,7 +52,14 @@ class PlanRequest:
     revision: str | None = None
     skip: str = "none"
     skip_beta: float | None = None
+    subsample_tokens: int | None = None  # statistics settings; None: `CollectSettings`' default
+    ratio_samples: int | None = None
     front_end: str = "model_args"  # how error messages spell arguments: "model_args" (lm-eval) or "cli"
+
+    def collect_settings(self) -> CollectSettings:
+        """The statistics pass settings of this request (part of the cache key)."""
+        given = {"subsample_tokens": self.subsample_tokens, "ratio_samples": self.ratio_samples}
+        return CollectSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
 
     def spell(self, **pairs) -> str:
         """Arguments as the user's front end writes them: ``calib=c4,ratio=0.5`` or ``--calib c4 --ratio 0.5``."""
@@ -106,7 +113,7 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
         raise ValueError(f"method {request.method} needs calibration statistics ({', '.join(groups)}); "
                          f"give a calibration source, e.g. {request.spell(calib='c4')} or "
                          f"{request.spell(calib='testbed:mix')}")
-    settings = CollectSettings(seed=request.seed)
+    settings = request.collect_settings()
     folder = cache_dir(request.stats_dir or default_stats_dir(),
                        model_key(model, request.model_id, request.revision), calib.key, settings)
     device = next(model.parameters()).device

@@ -87,7 +87,7 @@ class MethodSpec:
     global_budget: bool = False  # per-layer counts may differ; only the total follows the budget
     takes_budget: bool = True  # False only for the identity method `none` (the unpruned model)
     extra_needs: Callable[[dict], tuple[str, ...]] | None = None  # groups that depend on a parameter
-    ours: str = ""  # choices of moebench's own where the paper is ambiguous (listed by `moebench methods`)
+    source: str = ""  # how the implementation relates to the published method (authors' code, ours, ...)
 
     def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
         """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
@@ -138,7 +138,7 @@ def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
 
 
 def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None,
-              ours=""):
+              source=""):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     needs = tuple(needs)
@@ -151,32 +151,32 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, ta
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
                                      fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
-                                     extra_needs, ours)
+                                     extra_needs, source)
         return fn
 
     return decorate
 
 
-def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None, extra_needs=None):
+def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None, extra_needs=None, source: str = ""):
     """Register ``fn(ctx, layer, *, params) -> scores [E]``; the best experts of each layer are kept.
 
     ``needs``: the statistic groups; ``extra_needs(params) -> groups``: more groups where they
-    depend on a parameter.
+    depend on a parameter; ``source``: one line on what the implementation follows (the authors'
+    code, the paper, a reconstruction) and which choices are moebench's own.
     """
-    return _register(name, "prune", needs, paper, bounds, scoring=True, extra_needs=extra_needs)
+    return _register(name, "prune", needs, paper, bounds, scoring=True, extra_needs=extra_needs, source=source)
 
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
-            global_budget: bool = False, takes_budget: bool = True, extra_needs=None, ours: str = ""):
+            global_budget: bool = False, takes_budget: bool = True, extra_needs=None, source: str = ""):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
     ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
     False only for the identity method (`none`), which takes no ratio or keep. ``needs`` and
-    ``extra_needs`` as for `score_method`. ``ours``: the choices moebench made where the paper is
-    ambiguous (one sentence; `moebench methods` lists it).
+    ``extra_needs`` and ``source`` as for `score_method`.
     """
     return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
-                     takes_budget=takes_budget, extra_needs=extra_needs, ours=ours)
+                     takes_budget=takes_budget, extra_needs=extra_needs, source=source)
 
 
 def load_methods() -> dict[str, MethodSpec]:

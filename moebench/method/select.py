@@ -59,14 +59,15 @@ def topk_marker(logits: torch.Tensor, ids: torch.Tensor, n_experts: int, r: floa
 
 
 class RetrievalSelector:
-    """PreMoE TAER: nearest stored task pattern (L2 on the concatenated per-layer markers).
+    """PreMoE TAER: nearest stored task pattern (L2 on the markers of the key layers, concatenated).
 
-    ``extra``: ``layers`` (MoE layer indices), ``k``, ``r``, ``patterns``: list of ``{"task",
-    "vector" [L*E], "scores" {layer: [E]}, "keep" {layer: ids}}``.
+    ``extra``: ``layers`` (MoE layer indices), ``key_layers`` (those forming the retrieval key;
+    absent: all), ``k``, ``r``, ``patterns``: list of ``{"task", "vector" [len(key_layers)*E],
+    "scores" {layer: [E]}, "keep" {layer: ids}}``.
     """
 
     def __init__(self, extra: dict):
-        self.layers = [int(i) for i in extra["layers"]]
+        self.layers = [int(i) for i in extra.get("key_layers", extra["layers"])]
         self.k, self.r = int(extra["k"]), float(extra["r"])
         self.patterns = extra["patterns"]
         self.vectors = torch.tensor([p["vector"] for p in self.patterns], dtype=torch.float64)

@@ -41,6 +41,11 @@ class Family:
         gate_up_interleaved: whether ``gate_up_proj`` interleaves gate and up units along the
             intermediate axis (gate at even, up at odd positions) instead of gate then up halves;
             permuting an expert's intermediate units must follow it.
+        gate_scales_input: whether the gate multiplies the expert's *input*, y_e = f_e(g_e x)
+            (Llama4), instead of its output, y_e = g_e f_e(x) (every other family). Only
+            meaningful with a gate that depends on the expert's own logit alone (no
+            renormalisation over the chosen experts), so an expert's gated output on a token is
+            the same whichever other experts are routable.
     """
 
     name: str
@@ -60,6 +65,7 @@ class Family:
     router_output: str = "triple"
     experts_slot: bool = True
     gate_up_interleaved: bool = False
+    gate_scales_input: bool = False
     notes: tuple[str, ...] = field(default=())
 
 
@@ -91,9 +97,21 @@ FAMILIES: tuple[Family, ...] = (
            correction_bias="moe_statics.e_score_correction_bias", renormalise=True),
     Family("Llama4", ("llama4_text",), count_key="num_local_experts", block="feed_forward",
            router="router", shared=("shared_expert",), scoring="sigmoid_topk", renormalise=False,
-           router_output="dense_scores", experts_slot=False,
-           notes=("experts run densely on every token, scaled by the gate (no experts slot)",)),
+           router_output="dense_scores", experts_slot=False, gate_scales_input=True,
+           notes=("experts run densely on every token; the gate scales each expert's input "
+                  "(no experts slot)",)),
 )
+
+# The score function a family applies to every logit, dense over all experts: what "the router's
+# probability of expert e" means there (soft counting, expected contributions).
+_DENSE_SCORE = {"softmax": "softmax", "softmax_topk": "softmax", "sparsemixer": "softmax",
+                "sigmoid": "sigmoid", "sigmoid_topk": "sigmoid"}
+
+
+def dense_score_function(family: Family) -> str:
+    """``"softmax"`` or ``"sigmoid"``: the family's score function applied to all logits at once."""
+    return _DENSE_SCORE[family.scoring]
+
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 

@@ -2,9 +2,11 @@
 
 For each token with gate values w_1 >= w_2 >= ... >= w_k (those the model computes), the expert in
 slot j >= 2 is skipped when w_j < beta_l * w_1; beta_l is the median of w_2 / w_1 over the
-calibration tokens of layer l. The weights of the experts kept are rescaled to the token's original
-total gate mass: for Mixtral (weights summing to one) this is the paper's renormalisation; for
-families that do not renormalise it keeps their scale. Skipped pairs are removed before the kernel's
+calibration tokens of layer l (every token by default, as the authors' code does; the median of an
+even count is the mean of the two middle values, as numpy's, which their code uses). The weights of
+the experts kept are rescaled to the token's original total gate mass: for Mixtral (weights
+summing to one) this is the paper's renormalisation; for families that do not renormalise it
+keeps their scale. Skipped pairs are removed before the kernel's
 expert loop, so they cost no compute.
 """
 
@@ -39,6 +41,16 @@ class SkipRule:
         return (kept * scale).to(weights.dtype), active
 
 
+def median(values: torch.Tensor) -> float:
+    """The median of ``values``, numpy's way: the mean of the two middle values for an even count
+    (``torch.median`` returns the lower one), computed in float64."""
+    flat = values.reshape(-1).double().sort().values
+    if flat.numel() == 0:
+        raise ValueError("median of no values")
+    n = flat.numel()
+    return float((flat[(n - 1) // 2] + flat[n // 2]) / 2)
+
+
 def naee_betas(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
     """beta_l = median over calibration tokens of w_2 / w_1, per MoE layer (needs the routing group)."""
     betas = {}
@@ -46,7 +58,7 @@ def naee_betas(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
         if "ratio_samples" not in s:
             raise MoEError(f"layer {index}: no top-2 gate ratios (the model routes to one expert); "
                            "dynamic skipping needs top_k >= 2")
-        betas[index] = float(s["ratio_samples"].median())
+        betas[index] = median(s["ratio_samples"])
     return betas
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from moebench.moe.families import Family, family_for, supported_model_types
+from moebench.moe.families import Family, dense_score_function, family_for, supported_model_types
 
 
 class MoEError(ValueError):
@@ -115,6 +115,32 @@ class MoELayer:
         """Factor applied to the gate values (``routed_scaling_factor``), 1.0 when absent."""
         key = self.family.scaling_key
         return float(getattr(self.config, key, 1.0) or 1.0) if key else 1.0
+
+    def dense_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's score function on every logit ``[T, E]`` (softmax, or sigmoid for sigmoid routers)."""
+        logits = logits.float()
+        if dense_score_function(self.family) == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+    def expert_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate each expert gets when chosen, ``[T, E]``, for gates that depend on its own logit only.
+
+        Used where the gate scales the expert's input (``gate_scales_input``): the gated output of
+        an expert is then the same whichever others are routable, so it can be cached once.
+        """
+        if self.renormalises or dense_score_function(self.family) != "sigmoid":
+            raise MoEError(f"{self.family.name}: its gate depends on the other chosen experts "
+                           f"({self.describe()}); per-expert gates exist only for unnormalised sigmoid routers")
+        return self.dense_scores(logits) * self.scaling
+
+    def output_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The factors ``[T, k]`` the block multiplies the chosen experts' observed outputs with.
+
+        The gate values where the gate scales the output; ones where it scales the input (the
+        observed output f_e(g_e x) already holds the gate).
+        """
+        return torch.ones_like(weights) if self.family.gate_scales_input else weights
 
     def expert_bytes(self) -> int:
         """Bytes held by the routed experts' tensors of this layer."""

@@ -45,7 +45,7 @@ def test_statistics_match_an_independent_computation():
             top_w, top_i = probs.topk(2, dim=-1)
             top_w = top_w / top_w.sum(-1, keepdim=True)  # Mixtral renormalises
             counts = torch.zeros(8, dtype=torch.float64)
-            gate_sum, norm_sum, gate_norm = (torch.zeros(8, dtype=torch.float64) for _ in range(3))
+            gate_sum, norm_sum, gate_norm, ref_gate_norm = (torch.zeros(8, dtype=torch.float64) for _ in range(4))
             for t in range(x.shape[0]):
                 for j in range(2):
                     e = top_i[t, j].item()
@@ -54,12 +54,16 @@ def test_statistics_match_an_independent_computation():
                     gate_sum[e] += top_w[t, j].item()
                     norm_sum[e] += norm
                     gate_norm[e] += top_w[t, j].item() * norm
+                    ref_gate_norm[e] += probs[t, e].item() * norm  # no norm_topk_prob on Mixtral: plain softmax
         assert s["tokens"].item() == 30
         assert torch.equal(s["counts"], counts)
         assert torch.allclose(s["gate_sum"], gate_sum, atol=1e-5)
         assert torch.allclose(s["softmax_sum"], probs.sum(0).double(), atol=1e-5)
         assert torch.allclose(s["norm_sum"], norm_sum, rtol=1e-5)
         assert torch.allclose(s["gate_norm_sum"], gate_norm, rtol=1e-5)
+        assert torch.allclose(s["score_sum"], s["softmax_sum"])  # Mixtral's score function is the softmax
+        assert torch.equal(s["ref_norm_sum"], s["norm_sum"])  # the gate scales the output: same norms
+        assert torch.allclose(s["ref_gate_norm_sum"], ref_gate_norm, rtol=1e-5)
         assert torch.equal(s["coact"].diagonal(), counts)
         ratios = top_w[:, 1] / top_w[:, 0]
         assert torch.allclose(s["ratio_samples"], ratios, atol=1e-6)
@@ -86,6 +90,38 @@ def test_merging_statistics_match_an_independent_computation(family):
         torch.testing.assert_close(s["output_sum"], s["all_outputs"].double().sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_llama4_statistics_observe_the_gated_input():
+    """Llama4 feeds expert e the input g_e x (modeling_llama4.py, Llama4TextMoe.forward): y_e = f_e(g_e x),
+    its contribution to the output is y_e itself, and the gate is sigmoid of the expert's own logit."""
+    model = tiny_model("llama4_text", num_experts_per_tok=2)
+    view, inputs = block_inputs(model)
+    stats = collect(model, IDS, GROUPS, CollectSettings(subsample_tokens=0), progress=False)
+    for layer in view.layers:
+        x, s = inputs[layer.index], stats[layer.index]
+        experts = layer.experts
+        with torch.no_grad():
+            logits = F.linear(x, layer.router.weight)
+            top_z, top_i = logits.topk(2, dim=-1)
+
+            def f(e, v, experts=experts):  # Llama4TextExperts.forward for one expert: transposed, gate/up halves
+                gate, up = (v @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+                return (up * F.silu(gate)) @ experts.down_proj[e]
+
+            norm, plain = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+            for t in range(x.shape[0]):
+                for j in range(2):
+                    e, g = top_i[t, j].item(), torch.sigmoid(top_z[t, j])
+                    norm[e] += f(e, g * x[t]).norm().item()
+                    plain[e] += f(e, x[t]).norm().item()
+            everyone = torch.stack([f(e, torch.sigmoid(logits[:, e:e + 1]) * x) for e in range(8)], dim=1)
+        assert torch.allclose(s["norm_sum"], norm, rtol=1e-5)
+        assert torch.allclose(s["gate_norm_sum"], norm, rtol=1e-5)  # the contribution is y_e itself
+        assert torch.allclose(s["ref_norm_sum"], plain, rtol=1e-5)
+        assert not torch.allclose(s["norm_sum"], s["ref_norm_sum"], rtol=1e-3)
+        assert torch.allclose(s["score_sum"], torch.sigmoid(logits).sum(0).double(), rtol=1e-5)
+        assert torch.allclose(s["all_outputs"], everyone, rtol=1e-5, atol=1e-5)
+
+
 def test_observing_does_not_change_the_model_output():
     model = tiny_model("qwen2_moe")
     with torch.no_grad():
@@ -97,7 +133,33 @@ def test_observing_does_not_change_the_model_output():
     assert model.config._experts_implementation != "moebench"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
+def test_recombined_cached_outputs_equal_the_real_block(family):
+    """The routed output recombined from the cached expert outputs is what the real block computes
+    (minus its shared experts). Llama4 scales each expert's input by the gate, y = f(g x)
+    (transformers, models/llama4/modeling_llama4.py, Llama4TextMoe.forward): the cache must hold
+    f(g x): recombining g f(x) instead misses the real block by 5-7% (relative) on this tiny model."""
+    from moebench.methods.naee import _combine
+
+    model = tiny_model(family, **({"num_experts_per_tok": 2} if family == "llama4_text" else {}))
+    view, inputs = block_inputs(model)
+    stats = collect(model, IDS, ["outputs"], CollectSettings(subsample_tokens=0), progress=False)
+    for layer in view.layers:
+        x = stats[layer.index]["inputs"]
+        assert torch.allclose(x, inputs[layer.index], atol=1e-6)  # every token cached, in order
+        with torch.no_grad():
+            out = layer.block(x.unsqueeze(0))
+            out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+            shared = layer.shared_experts
+            if layer.family.shared and "shared_expert_gate" in shared:  # Qwen2-MoE: sigmoid-gated shared expert
+                out = out - torch.sigmoid(shared["shared_expert_gate"](x)) * shared["shared_expert"](x)
+            elif shared:
+                out = out - sum(m(x) for m in shared.values())
+        routed = _combine(layer, x, stats[layer.index]["all_outputs"], None)
+        assert torch.allclose(routed, out, rtol=1e-5, atol=1e-5), (routed - out).abs().max()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "llama4_text"])
 def test_naee_recombination_equals_naive_enumeration(family):
     """Recombined cached outputs pick the set that re-running the real block per subset picks."""
     from moebench.methods.naee import naive_exhaustive

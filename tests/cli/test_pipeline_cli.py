@@ -75,6 +75,43 @@ def test_changed_model_does_not_read_another_models_statistics(corpus, tmp_path,
     assert len(passes) == 2
 
 
+def test_statistics_settings_are_part_of_the_cache_key(corpus, tmp_path, passes):
+    """subsample_tokens / ratio_samples change the statistics, so they key the cache; 0 keeps every token."""
+    from moebench.calib.cache import cache_dir
+    from moebench.method.pipeline import statistics
+
+    model, tok = tiny_model("mixtral"), build_tokenizer()
+    every = request(corpus, tmp_path, method="naee", subsample_tokens=0, ratio_samples=0)
+    stats = statistics(model, tok, every, ["outputs", "routing"], progress=False)
+    first = next(iter(stats.values()))
+    assert first["all_outputs"].shape[0] == 4 * 16 and first["ratio_samples"].shape == (64,)
+    statistics(model, tok, every, ["outputs"], progress=False)  # the same settings: a cache hit
+    assert len(passes) == 1
+    few = request(corpus, tmp_path, method="naee", subsample_tokens=10, ratio_samples=20)
+    stats = statistics(model, tok, few, ["outputs", "routing"], progress=False)
+    first = next(iter(stats.values()))
+    assert len(passes) == 2 and first["all_outputs"].shape[0] == 10 and first["ratio_samples"].shape == (20,)
+    default = request(corpus, tmp_path, method="naee")
+    folders = {cache_dir("s", "m", "c", r.collect_settings()) for r in (every, few, default)}
+    assert len(folders) == 3
+
+
+def test_calibrate_cli_takes_the_statistics_settings(saved_models, corpus, tmp_path, capsys):
+    from moebench.calib.stats import CollectSettings
+
+    args = ["calibrate", saved_models("mixtral"), "--calib", f"file:{corpus}", "--samples", "4", "--seq-len", "16",
+            "--stats-dir", str(tmp_path / "stats"), "--groups", "outputs", "--subsample-tokens", "0"]
+    assert main(args) == 0
+    saved = list((tmp_path / "stats").rglob("outputs.pt"))
+    every = stats_cache._settings_hash(CollectSettings(subsample_tokens=0))
+    assert len(saved) == 1 and saved[0].parent.name.endswith(every)
+    layer = next(iter(torch.load(saved[0], weights_only=True).values()))
+    assert layer["all_outputs"].shape[0] == 64
+    with pytest.raises(SystemExit):
+        main([*args[:-1], "-5"])
+    assert "-5 must be >= 0" in capsys.readouterr().err
+
+
 def test_method_needing_statistics_without_calibration_is_an_error():
     with pytest.raises(ValueError, match=r"needs calibration statistics .* give a calibration source"):
         make_plan(tiny_model("mixtral"), build_tokenizer(), PlanRequest(method="reap", ratio=0.5), progress=False)
@@ -138,3 +175,10 @@ def test_errors_are_spelled_in_the_syntax_of_the_front_end_that_raised_them(save
     lm_eval_style = PlanRequest(method="reap", ratio=0.5)  # the lm-eval model's requests: model_args
     with pytest.raises(ValueError, match="calib=c4 or calib=testbed:mix"):
         make_plan(tiny_model("mixtral"), build_tokenizer(), lm_eval_style, progress=False)
+
+
+def test_methods_listing_names_reconstructions_and_our_choices(capsys):
+    assert main(["methods"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "v3 PEU: our reconstruction" in rows["premoe"] and "reconstruction (no code)" in rows["grape"]
+    assert "our reconstruction" in rows["prep"] and "gate=reference: the authors' code" in rows["reap"]

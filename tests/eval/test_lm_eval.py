@@ -218,6 +218,7 @@ def test_nothing_is_calibrated_or_changed_until_the_first_request(env, tmp_path,
     ("method=reap,ratio=0.5,apply=soft", r"apply=soft: choose apply=physical"),
     ("method=reap,ratio=0.5,calib=c5", r"unknown calibration source 'c5' \(did you mean 'c4'"),
     ("method=m_smoe,ratio=0.5,apply=mask", r"merges experts .*apply=mask cannot express: use apply=physical"),
+    ("method=naee,ratio=0.5,subsample_tokens=-1", r"subsample_tokens=-1 must be >= 0"),
 ])
 def test_bad_model_args_are_clear_errors(env, extra, message):
     with pytest.raises(ValueError, match=message):
@@ -240,6 +241,21 @@ def test_merge_methods_run_and_equal_their_saved_checkpoints(env, tmp_path):
     assert sum(m_smoe["config"]["moebench"]["experts_per_layer"].values()) == 8  # global budget: the total
     unpruned = evaluate(env, "hf", {"pretrained": env.model})
     assert loglikelihoods(m_smoe) != pytest.approx(loglikelihoods(unpruned), abs=1e-3)
+
+
+def test_statistics_settings_come_from_model_args(env):
+    """subsample_tokens / ratio_samples reach the plan request (the cache key) and the variant's identity;
+    left out, the variant keeps the name it had before these settings existed."""
+    from moebench.eval.model import PrunedMoELM
+
+    args = dict(kv.split("=", 1) for kv in env.calib.split(","))
+    plain = PrunedMoELM(pretrained=env.model, method="naee", ratio=0.5, device="cpu", **args)
+    every = PrunedMoELM(pretrained=env.model, method="naee", ratio=0.5, device="cpu", subsample_tokens=0,
+                        ratio_samples=100, **args)
+    settings = every.request.collect_settings()
+    assert (settings.subsample_tokens, settings.ratio_samples) == (0, 100)
+    assert plain.request.collect_settings().subsample_tokens == 2048
+    assert every.variant_id != plain.variant_id
 
 
 def test_method_parameters_come_from_model_args(env):

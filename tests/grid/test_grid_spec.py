@@ -67,3 +67,28 @@ def test_a_method_entry_may_name_its_own_ratios(saved_models):
     assert sorted(c.ratio for c in study.cells if c.method == "frequency") == [0.25, 0.5, 0.75]
     with pytest.raises(SpecError, match=r"ratio 1.5 must be a number in \[0, 1\)"):
         parse_study({**spec, "methods": [{"name": "hc_smoe", "ratios": [1.5]}]})
+
+
+def test_committed_demo_cell_ids_do_not_change():
+    """Cells of specs without the statistics settings keep their ids: the committed demo's folder names."""
+    import os
+    from importlib.resources import files
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "results", "demo", "cells")
+    study = parse_study(yaml.safe_load(files("moebench.testbed").joinpath("demo_study.yaml").read_text()))
+    committed = {name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name))}
+    assert len(committed) >= 52 and committed <= {c.id for c in study.cells}
+
+
+def test_statistics_settings_reach_the_cells_and_their_model_args(tmp_path, saved_models):
+    base = {"name": "s", "models": [saved_models("mixtral")], "methods": ["naee"], "ratios": [0.5],
+            "calibration": ["testbed:mix"], "tasks": ["testbed_mc_quick"], "measure": False}
+    plain = load_study(write(tmp_path, base)).cells
+    tuned = load_study(write(tmp_path, {**base, "subsample_tokens": 0, "ratio_samples": 500})).cells
+    assert "subsample_tokens" not in plain[1].to_dict() and plain[1].subsample_tokens is None
+    assert tuned[1].subsample_tokens == 0 and tuned[1].ratio_samples == 500
+    assert tuned[1].id != plain[1].id and tuned[0].model_args().get("subsample_tokens") is None  # baseline: no stats
+    assert {"subsample_tokens": 0, "ratio_samples": 500}.items() <= tuned[1].model_args().items()
+    assert Cell.from_dict(tuned[1].to_dict()) == tuned[1]
+    with pytest.raises(SpecError, match="subsample_tokens=-1 must be a whole number >= 0"):
+        load_study(write(tmp_path, {**base, "subsample_tokens": -1}))

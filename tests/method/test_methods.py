@@ -98,7 +98,8 @@ def test_every_method_file_registers_something():
 
 def test_every_method_cites_its_paper_and_formula():
     for spec in load_methods().values():
-        assert spec.paper and len(spec.doc) > 40, spec.name
+        assert spec.paper and len(spec.doc) > 40 and spec.source, spec.name
+
 
 
 
@@ -117,3 +118,21 @@ def test_grape_takes_more_from_the_more_redundant_layer():
     plan = plan_from_stats(view, "grape", {"gamma": 0.5}, budget, stats)
     kept = plan.experts_kept()
     assert sum(kept.values()) == 12 and kept[first] < kept[second]
+
+
+def test_grape_keeps_the_survivors_of_its_pair_rule():
+    """One rule decides the budget and the experts: the lower-scored expert of the most similar pair goes,
+    even when it is not among the lowest-scored (a top-by-score pick would have kept it)."""
+    _model, view, stats = family_stats("mixtral")
+    stats = {i: dict(s) for i, s in stats.items()}
+    first, second = view.indices
+    g = torch.Generator().manual_seed(1)
+    out = stats[first]["all_outputs"]
+    shared = out[:, :1] + 0.05 * torch.randn(out.shape, generator=g)  # a redundant layer: experts alike
+    shared[:, 1] = shared[:, 0] + 1e-4 * torch.randn(shared[:, 0].shape, generator=g)  # 0 and 1 the most alike
+    stats[first]["all_outputs"] = shared
+    stats[second]["all_outputs"] = torch.randn(stats[second]["all_outputs"].shape, generator=g)  # diverse
+    stats[first]["counts"] = torch.tensor([100.0, 90, 10, 20, 30, 40, 50, 60], dtype=torch.float64)
+    plan = plan_from_stats(view, "grape", {"score": "frequency", "gamma": 1.0}, resolve_budget(view, keep=7), stats)
+    assert len(plan.keep[first]) == 6 and len(plan.keep[second]) == 8
+    assert 1 not in plan.keep[first] and 0 in plan.keep[first]

@@ -85,11 +85,11 @@ def test_batch_size_1_and_8_give_identical_scores(senv, method):
     assert all(len(f) == 8 and abs(sum(f) - 4) < 1e-3 for f in freq.values()) or method == "prep"
 
 
-def _lm(senv, method):
+def _lm(senv, method, **params):
     from moebench.eval.model import PrunedMoELM
 
     lm = PrunedMoELM(pretrained=senv.model, method=method, ratio=0.5, device="cpu", batch_size=4,
-                     **dict(kv.split("=", 1) for kv in senv.calib.split(",")))
+                     **dict(kv.split("=", 1) for kv in senv.calib.split(",")), **params)
     lm._prepare()
     return lm
 
@@ -104,7 +104,9 @@ def test_selection_never_reads_the_continuation(senv, monkeypatch):
     from moebench.method.select import context_signature
     from moebench.moe.ops import sample_mask
 
-    lm = _lm(senv, "premoe_taer")
+    # Every layer's top-2 markers as the key: on this random tiny model the released key (the first
+    # layer's top-1 markers) retrieves the same task whatever the continuation, which would hide a leak.
+    lm = _lm(senv, "premoe_taer", key="all", k=2)
     seen = []
     monkeypatch.setattr(ls, "context_signature", lambda model, toks: seen.append(list(toks)) or
                         context_signature(model, toks))
