@@ -32,7 +32,7 @@ or y_e itself where the gate scales the input.
     ``logit_gram [E, E]`` sum over tokens of l l^T, l the router logits: cosine similarity of two
     experts' logit columns is ``G_ij / sqrt(G_ii G_jj)`` with no per-token data kept.
 ``expert_means`` (every token, float64; for merging by expert outputs)
-    ``output_sum [E, H]`` sum over all tokens of every expert's output y_e(x), routed or not;
+    ``output_sum [E, H]`` sum over all tokens of every expert's output y_e (as in ``outputs``), routed or not;
     ``output_tokens [1]`` tokens summed (the mean output is their ratio). One ``[E, H]`` per layer.
 
 Expert outputs are observed through moebench's kernel in transformers' experts-implementation
@@ -145,7 +145,7 @@ class _LayerAccumulator:
             finite = logits.masked_fill(~torch.isfinite(logits), 0.0).double()  # masked routers give -inf
             self._add("logit_gram", finite.T @ finite)
         if "expert_means" in self.groups:
-            self._expert_means(experts, inputs)
+            self._expert_means(experts, inputs, logits)
         self.offset += t
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -195,6 +195,14 @@ class _LayerAccumulator:
         self._append("topk_ids", top.indices.cpu())
         self._append("sample_ids", positions // self.seq_len)
 
+    def _every_expert(self, experts, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Every expert's output y_e on ``x [n, H]`` as the model computes it, ``[n, E, H]``: where the
+        gate scales the input (Llama4), with the gate the expert would get if chosen (its own logit)."""
+        gates = self.layer.expert_gates(logits) if self.layer.family.gate_scales_input else None
+        with torch.no_grad():
+            return torch.stack([expert_forward(experts, e, x if gates is None else x * gates[:, e:e + 1].to(x.dtype))
+                                for e in range(self.layer.num_experts)], dim=1)
+
     def _outputs(self, experts, inputs, logits, positions) -> None:
         everyone = self.chosen is None
         keep = torch.ones_like(positions, dtype=torch.bool) if everyone else torch.isin(positions, self.chosen)
@@ -202,23 +210,18 @@ class _LayerAccumulator:
             return
         rows = keep.nonzero().squeeze(1).to(inputs.device)
         x = inputs[rows]
-        gates = self.layer.expert_gates(logits[rows]) if self.layer.family.gate_scales_input else None
-        with torch.no_grad():
-            ys = torch.stack([expert_forward(experts, e, x if gates is None else x * gates[:, e:e + 1].to(x.dtype))
-                              for e in range(self.layer.num_experts)], dim=1)
+        ys = self._every_expert(experts, x, logits[rows])
         self._append("sub_inputs", x.float())
         self._append("sub_logits", logits[rows])
         self._append("all_outputs", ys.float())
         self._append("sub_sample_ids", positions[keep] // self.seq_len)
 
-    def _expert_means(self, experts, inputs, chunk: int = 2048) -> None:
-        """Add every expert's summed output over the batch's tokens (computed ``chunk`` tokens at a time)."""
+    def _expert_means(self, experts, inputs, logits, chunk: int = 2048) -> None:
+        """Add every expert's summed output y_e over the batch's tokens (``chunk`` tokens at a time)."""
         total = torch.zeros(self.layer.num_experts, inputs.shape[-1], dtype=torch.float64)
-        with torch.no_grad():
-            for start in range(0, inputs.shape[0], chunk):
-                x = inputs[start:start + chunk]
-                for e in range(self.layer.num_experts):
-                    total[e] += expert_forward(experts, e, x).double().sum(0).cpu()
+        for start in range(0, inputs.shape[0], chunk):
+            ys = self._every_expert(experts, inputs[start:start + chunk], logits[start:start + chunk])
+            total += ys.double().sum(0).cpu()
         self._add("output_sum", total)
         self._add("output_tokens", torch.tensor([inputs.shape[0]]))
 
