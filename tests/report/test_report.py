@@ -166,7 +166,9 @@ def test_recovery_equals_hand_computed(built):
     assert row["decode_speedup"] == pytest.approx(1.2)
     text = Path(os.path.join(built["report"], "report.md")).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| testbed-8e | reap | testbed:mix | 0.50 |"))
-    assert f"| {100 * pruned:.2f} | {100 * pruned / base:.1f} |" in line
+    stderr = (3 * 0.01 ** 2) ** 0.5 / 3  # three tasks, each with stderr 0.01
+    assert row["accuracy_stderr"] == pytest.approx(stderr)
+    assert f"| {100 * pruned:.2f} \u00b1 {100 * stderr:.2f} | {100 * pruned / base:.1f} |" in line
     # acc_norm as the configured metric changes the average the same way for every task
     norm = summary(load_studies(built["folder"])[0], MetricSpec("acc_norm"))
     assert norm.loc[row.name, "accuracy"] == pytest.approx(pruned + 0.01)
