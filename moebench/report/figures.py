@@ -231,7 +231,7 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
                 ax.scatter(mem[i], acc[i], facecolors=face, edgecolors=kw["color"], marker=kw["marker"], s=22,
                            label=style.text(panel.label(method, calib)), zorder=2)
         ax.set_title(style.text(panel.title))
-    _legends(parts, panels, common, ("peak memory" if column == "peak_memory_bytes" else "weights") + f" ({unit})",
+    _legends(parts, panels, common, ("peak memory" if gpu else "resident weights") + f" ({unit})",
              "average accuracy (%)")
     what = ("peak GPU memory" if gpu else "resident weight bytes (peak memory on a CPU is the whole process's "
             "resident set, mostly the runtime; it is in the main table)")
