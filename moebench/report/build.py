@@ -23,10 +23,11 @@ GENERATED = ("report.md", "report.pdf", "figures", "tables")
 
 
 def _figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
-    reps = (study.spec.get("measure") or {}).get("reps") if isinstance(study.spec.get("measure"), dict) else None
-    out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", "")), F.recovery_vs_ratio(table), F.memory_pareto(table),
-           F.speedup_vs_ratio(table, reps), maps.latency_vs_input(study.latency, table), F.recovery_heatmap(table),
-           F.calibration_effect(effect, table)]
+    measure = study.spec.get("measure")
+    reps = measure.get("reps") if isinstance(measure, dict) else None
+    out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", "")), F.recovery_vs_ratio(table),
+           F.memory_pareto(table), F.speedup_vs_ratio(table, reps), maps.latency_vs_input(study.latency, table),
+           F.recovery_heatmap(table), F.calibration_effect(effect, table)]
     kept = maps.kept_expert_maps(study.plans, table)
     return out + (kept if isinstance(kept, list) else [kept])
 

@@ -44,7 +44,7 @@ class Skipped:
 
 
 class Series:
-    """Which calibration sources line figures draw, and how a series is labelled.
+    """Which calibration sources line figures draw.
 
     Every source is drawn when a study has at most `MAX_LINE_CALIBS`; beyond that, each method's
     primary source only (generic ``testbed:mix`` / ``c4`` where it has one, else its first), so
@@ -65,14 +65,6 @@ class Series:
         """Caption sentence saying which calibrations the lines show."""
         return "" if self.all_calibs else (" Lines show each method's primary calibration (testbed:mix or c4 where "
                                            "used); the tables and the calibration-effect figure cover the others.")
-
-    def variant(self, calib: str) -> int:
-        """Line-style index of a calibration source."""
-        return self.calibs.index(calib) if calib in self.calibs else 0
-
-    def label(self, method: str, calib: str) -> str:
-        """Legend text of a series in a figure that mixes every method."""
-        return f"{method} [{calib}]" if len(self.calibs) > 1 and calib else method
 
 
 def columns_for(n: int) -> int:

@@ -26,7 +26,6 @@ OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bl
              "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
 # Colours of the series of one panel, in order (at most six series a panel: no colour twice).
 PANEL_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
-SERIES_COLOURS = PANEL_COLOURS
 REFERENCE_COLOUR = OKABE_ITO["black"]
 BAND_COLOUR = "#B0B0B0"  # the random-seed band and other context drawn behind the series
 ONE_COLUMN, TWO_COLUMN = 3.3, 6.9  # inches: a paper's column and its full text width
