@@ -1,9 +1,10 @@
 """One grid cell in its own process: ``python -m moebench.grid.cell CELL_DIR``.
 
 Reads ``spec.json``, evaluates the variant through the ``pruned_moe`` lm-eval model, measures it,
-and writes ``results.json`` (raw lm-eval results), ``plan.json``, ``cell.json`` (spec, metrics,
-environment), each atomically, then ``DONE`` last. A failure writes ``failure.json`` with the
-traceback and exits 1; the next grid run retries the cell from scratch.
+and writes ``results.json`` (raw lm-eval results), ``items.csv.gz`` (per-item metric values, see
+`moebench.grid.items`), ``plan.json``, ``cell.json`` (spec, metrics, environment), each atomically,
+then ``DONE`` last. A failure writes ``failure.json`` with the traceback and exits 1; the next grid
+run retries the cell from scratch.
 
 The cell's lock (`moebench.grid.guard`) is taken before anything in the folder is touched and held
 until the process ends; a cell locked by another process is left alone (exit status 75). Started
@@ -21,8 +22,11 @@ import sys
 import time
 import traceback
 
+from moebench.grid.items import write_items
 from moebench.grid.spec import Cell
 from moebench.util import atomic_write_json, atomic_write_text
+
+SPREAD = ("tokens_per_s_p10", "tokens_per_s_min", "tokens_per_s_max")
 
 
 def _write(folder: str, name: str, data) -> None:
@@ -115,6 +119,8 @@ def evaluate(folder: str) -> None:
         dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"], 1, runner)
         metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
                        decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
+        for stage, speed in (("prefill", pre), ("decode", dec)):  # the spread over the repetitions
+            metrics.update({f"{stage}_{k}": speed[k] for k in SPREAD})
         if m.get("latency_lengths"):
             latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
                                               m["reps"], m["warmup"], runner)
@@ -122,7 +128,7 @@ def evaluate(folder: str) -> None:
             if dropped:
                 metrics["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "
                                               f"max_position_embeddings={max_positions(lm.model)}"}
-    results.pop("samples", None)
+    write_items(folder, results.pop("samples", None))  # per-item values, for paired comparisons
     _write(folder, "results.json", portable(results))
     if not cell.is_baseline:  # the complete plan: kept sets, skip thresholds, selector state
         plan = copy.deepcopy(lm.applied.plan)

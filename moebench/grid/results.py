@@ -26,7 +26,9 @@ from moebench.util import atomic_write
 RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "tasks",
                "limit", "limited", "experts_kept", "parameters", "expert_bytes", "other_bytes",
                "peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
-               "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "skip_rate",
+               "decode_tokens_per_s_p90", "prefill_tokens_per_s_p10", "prefill_tokens_per_s_min",
+               "prefill_tokens_per_s_max", "decode_tokens_per_s_p10", "decode_tokens_per_s_min",
+               "decode_tokens_per_s_max", "calibration_s", "planning_s", "eval_s", "skip_rate",
                "lm_eval_version", "moebench_version", "torch_version", "transformers_version", "git_sha",
                "device", "dtype", "expert_kernel", "seed", "task_versions"]
 
@@ -174,7 +176,8 @@ def score_rows(folder: str) -> list[dict]:
     return rows
 
 
-LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "new_tokens", "ms_per_token", "ms_per_token_p90", "prefill_ms"]
+LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "new_tokens", "ms_per_token", "ms_per_token_p90", "prefill_ms",
+                   "ms_per_token_p10"]
 
 
 def latency_rows(folder: str) -> list[dict]:

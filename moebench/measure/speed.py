@@ -42,12 +42,23 @@ def _timed(fn, device, reps: int, warmup: int) -> list[float]:
     return times
 
 
+def _at(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted ``ordered`` (nearest rank, no interpolation)."""
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def summary(times: list[float], tokens: int) -> dict:
-    """Tokens/s at the median and at the p90 (slow end) of the measured times."""
+    """Tokens/s at the median and the spread of the measured times.
+
+    ``tokens_per_s_p90`` is the rate at the p90 of the times (the slow end), ``tokens_per_s_p10`` at
+    their p10 (the fast end); ``tokens_per_s_min`` / ``_max`` at the slowest / fastest repetition.
+    With few repetitions the quantiles are the extremes (nearest rank: 3 reps give p10 = fastest).
+    """
     ordered = sorted(times)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return {"tokens_per_s": tokens / statistics.median(times), "tokens_per_s_p90": tokens / p90,
-            "median_s": statistics.median(times), "reps": len(times)}
+    median = statistics.median(times)
+    return {"tokens_per_s": tokens / median, "tokens_per_s_p90": tokens / _at(ordered, 0.9),
+            "tokens_per_s_p10": tokens / _at(ordered, 0.1), "tokens_per_s_min": tokens / ordered[-1],
+            "tokens_per_s_max": tokens / ordered[0], "median_s": median, "reps": len(times)}
 
 
 @torch.no_grad()
@@ -91,9 +102,10 @@ def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tok
     """Per-token decode latency after prompts of each length in ``lengths``.
 
     Returns ``(rows, dropped)``: one row per measured length (``prompt_len``, ``batch``, ``new_tokens``,
-    ``ms_per_token`` and ``ms_per_token_p90``: milliseconds per decode step, i.e. per generated token
-    of each sequence, at the median and p90 of the repetitions; ``prefill_ms``: the prompt's forward),
-    and the lengths left out because prompt + new tokens exceed the model's ``max_position_embeddings``.
+    ``ms_per_token``, ``ms_per_token_p10`` and ``ms_per_token_p90``: milliseconds per decode step, i.e.
+    per generated token of each sequence, at the median, p10 and p90 of the repetitions; ``prefill_ms``:
+    the prompt's forward), and the lengths left out because prompt + new tokens exceed the model's
+    ``max_position_embeddings``.
     """
     limit = max_positions(model)
     rows, dropped = [], []
@@ -105,6 +117,7 @@ def decode_latency(model: nn.Module, lengths: list[int], batch: int = 1, new_tok
         per_step = 1000.0 * batch / speed["tokens_per_s"]
         rows.append({"prompt_len": length, "batch": batch, "new_tokens": new_tokens, "ms_per_token": per_step,
                      "ms_per_token_p90": 1000.0 * batch / speed["tokens_per_s_p90"],
+                     "ms_per_token_p10": 1000.0 * batch / speed["tokens_per_s_p10"],
                      "prefill_ms": 1000.0 * speed["prefill_s"]})
     return rows, dropped
 

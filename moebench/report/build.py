@@ -15,7 +15,7 @@ import shutil
 from moebench.report import figures as F
 from moebench.report import latex, maps, pdf, published, style
 from moebench.report.domains import calibration_effect
-from moebench.report.markdown import report_markdown, section_texts
+from moebench.report.markdown import pdf_document, report_markdown
 from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, per_task, summary
 from moebench.report.textfmt import main_rows, num
 from moebench.util import check_name, path_under
@@ -24,9 +24,11 @@ GENERATED = ("report.md", "report.pdf", "figures", "tables")
 
 
 def _figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
-    out = [F.accuracy_vs_ratio(table, spec.describe()), F.recovery_vs_ratio(table), F.memory_pareto(table),
-           F.speedup_vs_ratio(table), maps.latency_vs_input(study.latency, table), F.recovery_heatmap(table),
-           F.calibration_effect(effect, table)]
+    measure = study.spec.get("measure")
+    reps = measure.get("reps") if isinstance(measure, dict) else None
+    out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", "")), F.recovery_vs_ratio(table),
+           F.memory_pareto(table), F.speedup_vs_ratio(table, reps), maps.latency_vs_input(study.latency, table),
+           F.recovery_heatmap(table), F.calibration_effect(effect, table)]
     kept = maps.kept_expert_maps(study.plans, table)
     return out + (kept if isinstance(kept, list) else [kept])
 
@@ -93,8 +95,7 @@ def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overr
         with open(os.path.join(folder, "report.md"), "w") as f:
             f.write(report_markdown(**context))
         numbered = [x for x in drawn if isinstance(x, F.Figure)]
-        pdf.write_pdf(os.path.join(folder, "report.pdf"), section_texts(**context),
-                      [(f"Figure {i}: {x.title}", x.fig) for i, x in enumerate(numbered, 1)])
+        pdf.write_pdf(os.path.join(folder, "report.pdf"), **pdf_document(**context))
         for item in numbered:
             style.close(item.fig)
     return {"report.md": os.path.join(folder, "report.md"), "report.pdf": os.path.join(folder, "report.pdf"),

@@ -8,7 +8,9 @@ starts with it): ``testbed:arithmetic`` -> ``testbed_arithmetic``, ``testbed_ari
 after ``testbed:``, the dataset name of ``hf:`` sources, the file stem of ``file:`` sources, or the
 preset name. Overrides (``SOURCE=TASK,TASK``) replace the rule for a source (e.g. ``code=humaneval``).
 For every method and ratio that has cells with both a generic and a domain source, each domain task
-is compared: domain minus generic, in points of the task's metric (see `tables.task_metric`).
+is compared: domain minus generic, in points of the task's metric (see `tables.task_metric`), with
+the stderr of that difference (paired on per-item results where both cells have them, see
+`moebench.report.uncertainty`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import os
 import pandas as pd
 
 from moebench.report.tables import MetricSpec, StudyData, leaf_tasks, task_metric, task_values
+from moebench.report.uncertainty import task_difference
 
 GENERIC_SOURCES = ("c4", "testbed:mix")
-COLUMNS = ["model", "method", "ratio", "task", "metric", "generic_calib", "domain_calib", "generic", "domain", "delta"]
+COLUMNS = ["model", "method", "ratio", "task", "metric", "generic_calib", "domain_calib", "generic", "domain", "delta",
+           "delta_stderr", "delta_test", "generic_cell", "domain_cell"]
 
 
 def domain_token(calib: str) -> str:
@@ -73,7 +77,10 @@ def calibration_effect(study: StudyData, table: pd.DataFrame, spec: MetricSpec,
                     g, d = values.get(by_calib[source]), values.get(by_calib[domain])
                     if g is None or d is None or pd.isna(g) or pd.isna(d):
                         continue
+                    diff = task_difference(study, table, by_calib[domain], by_calib[source], task, spec)
                     rows.append({"model": model, "method": method, "ratio": ratio, "task": task,
                                  "metric": choice[0], "generic_calib": source, "domain_calib": domain,
-                                 "generic": g, "domain": d, "delta": 100.0 * (d - g)})
+                                 "generic": g, "domain": d, "delta": 100.0 * (d - g),
+                                 "delta_stderr": diff.stderr if diff else None, "delta_test": diff.test if diff
+                                 else "none", "generic_cell": by_calib[source], "domain_cell": by_calib[domain]})
     return pd.DataFrame(rows, columns=COLUMNS)

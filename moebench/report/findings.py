@@ -2,7 +2,15 @@
 
 Every number comes from the study's tidy tables through `moebench.report.tables.summary`
 (average accuracy over the multiple-choice tasks) and `moebench.report.domains`. A finding whose
-cells are absent says so instead of guessing.
+cells are absent says so instead of guessing. Accuracies are in percent with their standard error
+(``94.4 ± 0.7%``); a comparison says "tie" only when the difference lies inside its 95% interval,
+paired over per-item results where both sides have them, else from the stderrs, and names which
+(`moebench.report.uncertainty`). Speeds differ only when their spreads over the repetitions do not
+overlap ("no measurable change" otherwise).
+
+Shared helpers (other findings use them): `_acc` (mean accuracy of the matching cells, a `Score`
+carrying its uncertainty), `_fmt` (a score as text) and `_verdict` (yes / no / tie of one score
+against another, with the difference and the test).
 """
 
 from __future__ import annotations
@@ -12,40 +20,81 @@ import pandas as pd
 from moebench.method.registry import load_methods
 from moebench.report.domains import calibration_effect
 from moebench.report.tables import MetricSpec, StudyData, summary
+from moebench.report.uncertainty import Estimate, cell_estimates, combine, difference, overlaps, speed_interval
 
 GENERIC = ("testbed:mix", "c4")
 
 
+class Score(float):
+    """A mean accuracy (fraction) that carries its `Estimate` (stderr, per-item values) for `_fmt` and `_verdict`."""
+
+    estimate: Estimate | None = None
+
+    def __new__(cls, estimate: Estimate):
+        score = super().__new__(cls, estimate.value)
+        score.estimate = estimate
+        return score
+
+
+def with_estimates(table: pd.DataFrame, study: StudyData, spec: MetricSpec) -> pd.DataFrame:
+    """``table`` (a `summary`) with an ``estimate`` column: each cell's `Estimate`, items read from its folder."""
+    known = cell_estimates(study, table, spec)
+    return table.assign(estimate=[known.get(c) for c in table["cell"]])
+
+
+def _estimate_of(rows: pd.DataFrame) -> Estimate | None:
+    if "estimate" in rows:
+        return combine(list(rows["estimate"]))
+    errs = rows["accuracy_stderr"] if "accuracy_stderr" in rows else pd.Series(float("nan"), index=rows.index)
+    return combine([Estimate(float(a), None if pd.isna(e) else float(e), None, (c,))
+                    for a, e, c in zip(rows["accuracy"], errs, rows["cell"], strict=True)])
+
+
 def _acc(table: pd.DataFrame, method: str, ratio: float, calib_generic: bool = True,
-         skip: str = "none") -> float | None:
+         skip: str = "none") -> Score | None:
+    """Mean accuracy of the cells of ``method`` at ``ratio`` (generic or no calibration unless told), or None."""
     rows = table[(table["method_id"] == method) & (table["ratio"] == ratio) & (table["skip"] == skip)]
     if calib_generic:
         rows = rows[rows["calib"].isin(GENERIC) | (rows["calib"] == "")]
-    values = rows["accuracy"].dropna()
-    return float(values.mean()) if len(values) else None
+    rows = rows[rows["accuracy"].notna()]
+    est = _estimate_of(rows) if len(rows) else None
+    return Score(est) if est is not None else None
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    """``94.4 ± 0.7%`` (a `Score` with a stderr), ``94.4%`` (any other fraction) or ``n/a``."""
+    if value is None:
+        return "n/a"
+    est = getattr(value, "estimate", None)
+    if est is not None and est.stderr is not None:
+        return f"{100 * value:.1f} \u00b1 {100 * est.stderr:.1f}%"
+    return f"{100 * value:.1f}%"
 
 
 def _verdict(a: float | None, b: float | None) -> str:
+    """Whether ``a`` beats ``b``: ``yes`` / ``no`` / ``tie``, with the difference and its test when known."""
     if a is None or b is None:
         return "not measured"
-    return "yes" if a > b else ("tie" if a == b else "no")
+    ea, eb = getattr(a, "estimate", None), getattr(b, "estimate", None)
+    if ea is None or eb is None:
+        return "yes" if a > b else ("tie" if a == b else "no")
+    diff = difference(ea, eb)
+    word = "tie" if diff.tie else ("yes" if diff.points > 0 else "no")
+    return f"{word} ({diff.describe()}{': inside its 95% interval' if diff.tie else ''})"
 
 
 def f1(table: pd.DataFrame) -> str:
     """Does enumeration (NAEE) or REAP beat frequency and random at 25% and 50%?"""
     parts = []
+    seeds = table.loc[table["method_id"] == "random", "params"].nunique()
     for ratio in (0.25, 0.5):
         acc = {m: _acc(table, m, ratio) for m in ("naee", "reap", "frequency", "random")}
         best_new = max((v for k, v in acc.items() if k in ("naee", "reap") and v is not None), default=None)
         best_old = max((v for k, v in acc.items() if k in ("frequency", "random") and v is not None), default=None)
         parts.append(f"at {ratio:.0%}: NAEE {_fmt(acc['naee'])}, REAP {_fmt(acc['reap'])}, frequency "
-                     f"{_fmt(acc['frequency'])}, random {_fmt(acc['random'])} (mean over seeds) -> "
+                     f"{_fmt(acc['frequency'])}, random {_fmt(acc['random'])} (mean over {seeds} seeds) -> "
                      f"{_verdict(best_new, best_old)}")
-    return "F1 (enumeration / REAP vs frequency / random): " + "; ".join(parts)
+    return "F1 (enumeration / REAP vs frequency / random, best of each pair): " + "; ".join(parts)
 
 
 def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
@@ -53,11 +102,31 @@ def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
     effect = calibration_effect(study, table, spec)
     if effect.empty:
         return "F2 (domain vs generic calibration): not measured (no domain-calibrated cells)"
-    wins, total = int((effect["delta"] > 0).sum()), len(effect)
-    lines = [f"{r.method} {r.ratio:.0%} on {r.task}: {r.generic:.3f} -> {r.domain:.3f}"
-             for r in effect.itertuples(index=False)]
-    return (f"F2 (domain vs generic calibration, on the domain's task): domain calibration wins {wins} of {total} "
-            f"comparisons, mean change {effect['delta'].mean():+.1f} points ({'; '.join(lines)})")
+    z = 1.96 * effect["delta_stderr"].astype(float)
+    tie = (effect["delta"].abs() <= z) | (effect["delta_stderr"].isna() & (effect["delta"] == 0))
+    wins, losses = int(((effect["delta"] > 0) & ~tie).sum()), int(((effect["delta"] < 0) & ~tie).sum())
+    lines = [f"{r.method} {r.ratio:.0%} on {r.task}: {100 * r.generic:.1f}% -> {100 * r.domain:.1f}% "
+             f"({r.delta:+.1f} \u00b1 {r.delta_stderr:.1f}{', tie' if t else ''})"
+             for r, t in zip(effect.itertuples(index=False), tie, strict=True)]
+    tests = set(effect["delta_test"])
+    how = ("paired over the task's items" if tests == {"paired"} else "from the stderrs, no per-item results"
+           if tests == {"stderr"} else "paired where both cells have per-item results, else from the stderrs")
+    return (f"F2 (domain vs generic calibration, on the domain's task; points \u00b1 stderr, {how}): domain "
+            f"calibration wins {wins}, ties {int(tie.sum())} and loses {losses} of {len(effect)} comparisons "
+            f"(a tie: inside the 95% interval), mean change {effect['delta'].mean():+.1f} points ({'; '.join(lines)})")
+
+
+def _speed_text(row, plain) -> str:
+    """Decode speed of ``row`` against ``plain``: the ratio when the spreads are apart, else no measurable change."""
+    a, b = speed_interval(row), speed_interval(plain)
+    if a is None or b is None:
+        return "decode speed not measured"
+    ratio = a[1] / b[1]
+    spread = a[3] if a[3] == b[3] else f"{a[3]} / {b[3]}"
+    if overlaps(a, b):
+        return f"decode speed: no measurable change (x{ratio:.2f}, inside the {spread} spread)"
+    one_sided = "; no p10 recorded" if "p90 to median" in spread else ""
+    return f"decode speed x{ratio:.2f} (outside the {spread} spread{one_sided})"
 
 
 def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
@@ -67,17 +136,17 @@ def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
     if skipped.empty:
         return "F3 (dynamic skipping): not measured"
     parts = []
-    for row in skipped.itertuples(index=False):
-        plain = table[(table["method_id"] == row.method_id) & (table["ratio"] == row.ratio)
-                      & (table["skip"] == "none") & (table["calib"] == row.calib)]
+    for _, row in skipped.iterrows():
+        plain = table[(table["method_id"] == row["method_id"]) & (table["ratio"] == row["ratio"])
+                      & (table["skip"] == "none") & (table["calib"] == row["calib"])]
         if plain.empty:
             continue
         p = plain.iloc[0]
-        speed = row.decode_speedup / p["decode_speedup"] if p["decode_speedup"] else float("nan")
-        rate = rates.get(row.cell)
+        skip_acc, plain_acc = Score(_estimate_of(skipped.loc[[row.name]])), Score(_estimate_of(plain.iloc[[0]]))
+        rate = rates.get(row["cell"])
         rate_text = f", skip rate {rate:.3f} of routed pairs" if rate is not None and rate == rate else ""
-        parts.append(f"{row.method_id} {row.ratio:.0%}: accuracy {p['accuracy']:.3f} -> {row.accuracy:.3f}, "
-                     f"decode speed x{speed:.2f}{rate_text}")
+        parts.append(f"{row['method_id']} {row['ratio']:.0%}: accuracy {_fmt(plain_acc)} -> {_fmt(skip_acc)} "
+                     f"(change: {_verdict(skip_acc, plain_acc)}), {_speed_text(row, p)}{rate_text}")
     return "F3 (dynamic skipping, accuracy and decode speed vs the same pruning without skipping): " + "; ".join(parts)
 
 
@@ -92,21 +161,27 @@ def f5(table: pd.DataFrame) -> str:
     """Does input-aware selection beat static pruning at high sparsity (75%)?"""
     static = table[(table["ratio"] == 0.75) & table["method_id"].isin(
         ["frequency", "reap", "naee", "ean", "soft_activation", "premoe", "grape"]) & (table["skip"] == "none")]
-    best = static.sort_values("accuracy", ascending=False).head(1)
-    best_text = (f"best static {best['method'].iloc[0]} {best['accuracy'].iloc[0]:.3f}" if len(best)
-                 else "no static cell")
+    best = static.dropna(subset=["accuracy"]).sort_values(["accuracy", "cell"], ascending=[False, True]).head(1)
+    best_score = Score(_estimate_of(best)) if len(best) else None
+    best_text = f"best static {best['method'].iloc[0]} {_fmt(best_score)}" if len(best) else "no static cell"
     # input-aware methods calibrate on one source per task (testbed:domains, a+b), never a generic one
     aware = {m: _acc(table, m, 0.75, calib_generic=False) for m in ("premoe_taer", "prep")}
     parts = [f"{m} {_fmt(v)}" for m, v in aware.items()]
     top = max((v for v in aware.values() if v is not None), default=None)
-    verdict = _verdict(top, float(best["accuracy"].iloc[0]) if len(best) else None)
-    return f"F5 (input-aware vs static at 75%): {', '.join(parts)}; {best_text} -> {verdict}"
+    return f"F5 (input-aware vs static at 75%): {', '.join(parts)}; {best_text} -> {_verdict(top, best_score)}"
 
 
 def _best(table: pd.DataFrame, methods, ratio: float) -> tuple[str, float] | None:
     """The best (method, accuracy) among ``methods`` at ``ratio`` (generic calibration, no skipping)."""
     found = [(v, m) for m in methods if (v := _acc(table, m, ratio)) is not None]
     return (max(found)[1], max(found)[0]) if found else None
+
+
+def _ahead(pruning, merging) -> str:
+    """``pruning ahead`` / ``merging ahead`` / ``tie`` (by the same test as `_verdict`), with the gap."""
+    word, _, rest = _verdict(pruning, merging).partition(" ")
+    said = {"yes": "pruning ahead", "no": "merging ahead", "tie": "tie"}[word]
+    return f"{said} {rest}" if rest else f"{said} ({100 * (pruning - merging):+.1f} points)"
 
 
 def f6(table: pd.DataFrame) -> str:
@@ -121,15 +196,13 @@ def f6(table: pd.DataFrame) -> str:
         if prune_best is None or merge_best is None:
             parts.append(f"at {ratio:.0%}: {named} -> not measured")
             continue
-        gap = 100 * (prune_best[1] - merge_best[1])
-        verdict = "tie" if gap == 0 else f"{'pruning' if gap > 0 else 'merging'} ahead by {abs(gap):.1f} points"
-        parts.append(f"at {ratio:.0%}: {named}; best pruning {prune_best[0]} {prune_best[1]:.3f} vs best merging "
-                     f"{merge_best[0]} {merge_best[1]:.3f} -> {verdict}")
+        parts.append(f"at {ratio:.0%}: {named}; best pruning {prune_best[0]} {_fmt(prune_best[1])} vs best merging "
+                     f"{merge_best[0]} {_fmt(merge_best[1])} -> {_ahead(prune_best[1], merge_best[1])}")
     return "F6 (pruning vs merging, same experts kept): " + "; ".join(parts)
 
 
 def findings(study: StudyData, spec: MetricSpec | None = None) -> list[str]:
     """F1-F6 as sentences with numbers."""
     spec = spec or MetricSpec()
-    table = summary(study, spec)
+    table = with_estimates(summary(study, spec), study, spec)
     return [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table), f6(table)]

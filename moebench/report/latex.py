@@ -1,7 +1,8 @@
 """LaTeX tables in booktabs style (``\\toprule``, ``\\midrule``, ``\\bottomrule``; no vertical rules).
 
 Each file is a complete ``table`` environment to ``\\input`` into a paper that loads ``booktabs``.
-Cell text is escaped; numeric columns are right-aligned.
+Cell text and captions are escaped (`escape`: a method or model name can hold any character); numeric
+columns are right-aligned.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import os
 
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+            "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+            "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}", "\u00b1": r"\ensuremath{\pm}",
+            "\n": " "}
 
 
 def escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped."""
+    """``text`` as literal LaTeX: the ten special characters, ``< > |`` (which the default font encoding
+    would print as other glyphs) and newlines; ``±`` becomes ``\\pm``."""
     return "".join(_SPECIAL.get(ch, ch) for ch in str(text))
 
 

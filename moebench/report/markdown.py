@@ -1,52 +1,29 @@
-"""The text of a report: ``report.md`` and the PDF's text pages, from the same rows.
+"""The text of a report: ``report.md`` and the PDF's blocks (`moebench.report.pdf`), from the same rows.
 
 Every table is built once as (header, rows of strings) and written either as a Markdown table or
-as fixed-width lines; paths in the report are relative to the report folder.
+typeset in the PDF; names from the results are escaped (`textfmt.md_escape`) wherever they reach
+Markdown; paths in the report are relative to the report folder.
 """
 
 from __future__ import annotations
 
 import os
-import textwrap
 
-import pandas as pd
-
+from moebench.report import pdf
 from moebench.report.domains import GENERIC_SOURCES
-from moebench.report.figures import Figure
-from moebench.report.textfmt import main_rows, markdown_table, num, plain_table
+from moebench.report.layout import Figure
+from moebench.report.settings import settings_pairs
+from moebench.report.textfmt import main_rows, markdown_table, md_escape, num, pm
 
+MAIN_NOTE = ("avg acc: mean \u00b1 standard error over the averaged tasks' items, in percent; weights: the bytes "
+             "resident in memory (input-aware and masked variants free nothing).")
 LIMITED_NOTE = ("`limited`: the cell ran with an lm-eval `limit` (a subset of each task); its numbers are "
                 "indicative only and it is left off the leaderboard.")
 
 
 def settings(study, table, tasks, spec, **_) -> list[str]:
-    """The report's settings as sentences."""
-    runs = study.runs
-    limited = int(runs["limited"].sum())
-    calibs = sorted(c for c in runs["calib"].unique() if c)
-    lines = [f"cells: {len(runs)}; models: {', '.join(sorted(runs['model'].unique()))}",
-             f"methods: {', '.join(sorted(table.loc[~table['baseline'], 'method'].unique())) or '-'}",
-             f"ratios: {', '.join(num(r, 2) for r in sorted(runs['ratio'].unique()))}; "
-             f"calibration: {', '.join(calibs) or '-'}",
-             f"average accuracy: mean over {len(tasks)} task(s) ({', '.join(tasks) or '-'}) of {spec.describe()}; "
-             "group aggregates (score rows without a sample count) are left out",
-             "recovery: average accuracy / the unpruned cell's (method none, ratio 0) of the same model x 100; "
-             "decode speedup: decode tokens/s / the unpruned cell's",
-             f"limited runs: {limited} of {len(runs)}" + (" (flagged `limited`; not on the leaderboard)" if limited
-                                                          else "")]
-    measured = runs[runs["decode_tokens_per_s"].notna()] if "decode_tokens_per_s" in runs else runs.iloc[:0]
-    if len(measured):
-        where = sorted({f"{r.device} ({r.dtype}, {r.expert_kernel} experts kernel)"
-                        for r in measured[["device", "dtype", "expert_kernel"]].astype(str).itertuples()})
-        largest = pd.to_numeric(measured.get("parameters"), errors="coerce").max() if "parameters" in measured else None
-        small = largest is not None and largest == largest and largest < 1e8
-        note = (f" on a CPU, speeds of models this small (at most {largest / 1e6:.1f} M parameters) are dominated "
-                "by fixed per-call costs and say little about the methods on real models"
-                if small and all(w.startswith("cpu") for w in where) else "")
-        lines.append(f"speed and memory measured on: {'; '.join(where)}" + (f";{note}" if note else ""))
-    if "mixed_versions" in runs and runs["mixed_versions"].astype(str).str.lower().eq("true").any():
-        lines.append("WARNING: the cells differ in lm-eval or task versions (collected with --allow-mixed)")
-    return lines
+    """The report's settings as Markdown list text (``name: value``, escaped)."""
+    return [f"{name}: {md_escape(value)}" for name, value in settings_pairs(study, table, tasks, spec)]
 
 
 def comparison_rows(comparison) -> tuple[list[str], list[list[str]]]:
@@ -61,9 +38,10 @@ def comparison_rows(comparison) -> tuple[list[str], list[list[str]]]:
 def effect_rows(effect) -> tuple[list[str], list[list[str]]]:
     """Calibration-effect rows (scores in %, delta in points)."""
     header = ["model", "method", "ratio", "task", "metric", "generic", "domain", "generic (%)", "domain (%)",
-              "delta (points)"]
+              "delta \u00b1 stderr (points)", "test"]
     rows = [[r.model, r.method, num(r.ratio, 2), r.task, r.metric, r.generic_calib, r.domain_calib,
-             num(r.generic, 2, 100), num(r.domain, 2, 100), num(r.delta, 2)] for r in effect.itertuples()]
+             num(r.generic, 2, 100), num(r.domain, 2, 100), pm(r.delta, r.delta_stderr, 2), r.delta_test]
+            for r in effect.itertuples()]
     return header, rows
 
 
@@ -90,11 +68,12 @@ def _figure_lines(figures, folder) -> list[str]:
     for item in figures:
         if isinstance(item, Figure):
             k += 1
-            png, pdf = (os.path.relpath(p, folder) for p in item.paths)
-            lines += [f"### Figure {k}: {item.title}", "", item.caption, "", f"![{item.title}]({png})", "",
-                      f"PDF: [{pdf}]({pdf})", ""]
+            png, pdf_path = (os.path.relpath(p, folder) for p in item.paths)
+            title = md_escape(item.title)
+            lines += [f"### Figure {k}: {title}", "", md_escape(item.caption), "", f"![{title}]({png})", "",
+                      f"PDF: [{pdf_path}]({pdf_path})", ""]
         else:
-            lines += [f"### {item.title} (not drawn)", "", f"Skipped: {item.note}.", ""]
+            lines += [f"### {md_escape(item.title)} (not drawn)", "", f"Skipped: {md_escape(item.note)}.", ""]
     return lines
 
 
@@ -103,11 +82,12 @@ def report_markdown(study, table, tasks, spec, tasks_frame, used, effect, compar
     """The whole ``report.md``."""
     sources = "`runs`, `scores`" + (", `latency`" if study.latency is not None else "")
     plans = f" and {len(study.plans)} cell plan.json files" if study.plans else ""
-    out = [f"# moebench report: {study.name}", "",
+    out = [f"# moebench report: {md_escape(study.name)}", "",
            f"Made by `moebench report` from the study's tidy tables ({sources}){plans}. "
            "Regenerating from the same tables gives identical files.", "", "## Settings", ""]
     out += [f"- {line}" for line in settings(study, table, tasks, spec)] + ["", "## Main table", ""]
-    out += [markdown_table(*main_rows(table), numeric_from=3), "", LIMITED_NOTE, "", "## Measured beside published", ""]
+    out += [markdown_table(*main_rows(table), numeric_from=3), "", MAIN_NOTE, "", LIMITED_NOTE, "",
+            "## Measured beside published", ""]
     out += ([markdown_table(*comparison_rows(comparison), numeric_from=7), "",
              "Published numbers are the papers' (see Appendix B for sources); measured numbers are computed the "
              "paper's way (its metric and tasks) from this study's cells.", ""] if not comparison.empty else
@@ -129,23 +109,28 @@ def report_markdown(study, table, tasks, spec, tasks_frame, used, effect, compar
     return "\n".join(out) + "\n"
 
 
-def section_texts(study, table, tasks, spec, tasks_frame, used, effect, comparison, references, figures,
-                  **_) -> list[tuple[str, list[str]]]:
-    """The PDF's text pages: (title, lines)."""
+def pdf_document(study, table, tasks, spec, tasks_frame, used, effect, comparison, references, figures,
+                 **_) -> dict:
+    """The PDF's parts: title page (title, subtitle, settings), blocks (`pdf.Table`, `pdf.Text`), figures."""
     drawn = [f for f in figures if isinstance(f, Figure)]
-    items = [f"- {line}" for line in settings(study, table, tasks, spec)]
-    items += ["", "Figures (one per page after the tables):"]
-    items += [f"  Figure {i}: {f.title}. {f.caption}" for i, f in enumerate(drawn, 1)]
-    items += [f"  not drawn: {f.title}: {f.note}" for f in figures if not isinstance(f, Figure)]
-    head = [part for line in items for part in (textwrap.wrap(line, 130, subsequent_indent="    ") or [""])]
-    sections = [(f"moebench report: {study.name}", head),
-                ("Main table", [*plain_table(*main_rows(table)), "", LIMITED_NOTE.replace("`", "")])]
-    if not comparison.empty:
-        sections.append(("Measured beside published", plain_table(*comparison_rows(comparison))))
+    skipped = [f"{f.title}: {f.note}." for f in figures if not isinstance(f, Figure)]
+    blocks = [pdf.Table("Main table", *main_rows(table), numeric_from=3, group=1,
+                        note=MAIN_NOTE + " " + LIMITED_NOTE.replace("`", ""))]
+    blocks.append(pdf.Table("Measured beside published", *comparison_rows(comparison), numeric_from=7, group=0,
+                            note="Published numbers are the papers'; measured ones are computed the paper's way.")
+                  if not comparison.empty else pdf.Text("Measured beside published", [
+                      "No cell of this study matches a published setting (model, method, ratio, calibration)."]))
     if not effect.empty:
-        sections.append(("Calibration-domain effect", plain_table(*effect_rows(effect))))
-    sections.append(("Appendix A: per-task scores (%)", plain_table(*task_rows(table, tasks_frame, used))))
+        blocks.append(pdf.Table("Calibration-domain effect", *effect_rows(effect), numeric_from=7, group=1))
+    blocks.append(pdf.Table("Appendix A: per-task scores (%)", *task_rows(table, tasks_frame, used), numeric_from=3,
+                            group=1))
     if references:
-        sections.append(("Appendix B: published numbers for this study's models",
-                         plain_table(*reference_rows(references))))
-    return sections
+        blocks.append(pdf.Table("Appendix B: published numbers for this study's models", *reference_rows(references),
+                                group=0))
+    if skipped:
+        blocks.append(pdf.Text("Figures not drawn", skipped))
+    subtitle = (f"Made by moebench report from the study's tidy tables: {len(study.runs)} cells, "
+                f"{len(drawn)} figures. Tables first, then one figure a page.")
+    return {"title": (f"moebench report: {study.name}", subtitle, settings_pairs(study, table, tasks, spec)),
+            "blocks": blocks, "figures": [(f"Figure {i}: {f.title}", f.caption, f.fig) for i, f in enumerate(drawn, 1)],
+            "label": f"moebench report: {study.name}"}

@@ -3,7 +3,7 @@
 Inputs (written by `moebench collect`): ``<study>/tables/runs.{csv,parquet}`` (columns
 `moebench.grid.results.RUN_COLUMNS`), ``scores`` (cell, task, metric, filter, value, stderr, n) and,
 when the grid measured it, ``latency`` (see `LATENCY_COLUMNS`); kept-expert maps read
-``<study>/cells/<id>/plan.json``.
+``<study>/cells/<id>/plan.json``, paired comparisons ``cells/<id>/items.csv.gz`` (`moebench.report.uncertainty`).
 
 Definitions:
 
@@ -16,6 +16,8 @@ Definitions:
 * **recovery**: a cell's average accuracy / that of the unpruned cell (method ``none``, ratio 0)
   of the same model, x 100.
 * **decode speedup**: a cell's ``decode_tokens_per_s`` / the unpruned cell's.
+* **stderr of the average**: sqrt(sum of the tasks' squared stderrs) / number of tasks (the tasks'
+  items are independent); missing when a task reports no stderr.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from moebench.grid.items import read_items
+from moebench.report.facets import facet_of, registered_kind
+
 LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
-NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "peak_memory_bytes", "decode_tokens_per_s",
+SPEED_COLUMNS = ["decode_tokens_per_s", "decode_tokens_per_s_p90", "decode_tokens_per_s_p10",
+                 "decode_tokens_per_s_min", "decode_tokens_per_s_max"]
+NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "peak_memory_bytes", *SPEED_COLUMNS,
                        "prefill_tokens_per_s", "parameters", "limit"]
 FALLBACK_METRICS = ("acc", "exact_match")
 
@@ -63,6 +70,16 @@ class StudyData:
     latency: pd.DataFrame | None = None
     plans: dict = field(default_factory=dict)
     source: str = ""
+    cell_dirs: dict = field(default_factory=dict)  # cell id -> its folder, where the study has them
+    spec: dict = field(default_factory=dict)  # the study spec (``study.json``), where the study has one
+    _items: dict = field(default_factory=dict, repr=False)
+
+    def items(self, cell: str) -> pd.DataFrame | None:
+        """The cell's per-item results (`moebench.grid.items`), read once; None when it has none."""
+        if cell not in self._items:
+            folder = self.cell_dirs.get(cell)
+            self._items[cell] = read_items(folder) if folder else None
+        return self._items[cell]
 
 
 def _read(folder: str, name: str) -> pd.DataFrame | None:
@@ -74,12 +91,12 @@ def _read(folder: str, name: str) -> pd.DataFrame | None:
 
 def _normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
-    for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", "")):
+    for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", ""), ("apply", "physical")):
+        runs[col] = (runs[col] if col in runs else pd.Series(default, index=runs.index)).astype(object)
         runs[col] = runs[col].astype(object).where(runs[col].notna(), default).astype(str)
     runs["limited"] = runs["limited"].map(lambda v: str(v).strip().lower() in ("true", "1"))
-    for col in NUMERIC_RUN_COLUMNS:
-        if col in runs:
-            runs[col] = pd.to_numeric(runs[col], errors="coerce")
+    for col in NUMERIC_RUN_COLUMNS:  # tables from older cells lack the speed spread: NaN, said in the report
+        runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else float("nan")
     runs["cell"] = runs["cell"].astype(str)
     return runs
 
@@ -93,16 +110,33 @@ def _normalise_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
-def _plans(roots: list[str], cells) -> dict:
-    plans = {}
+def _cell_dirs(roots: list[str], cells) -> dict:
+    found = {}
     for cell in sorted(cells):
-        for root in roots:
-            path = os.path.join(root, "cells", cell, "plan.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    plans[cell] = json.load(f)
-                break
+        folder = next((os.path.join(r, "cells", cell) for r in roots if os.path.isdir(os.path.join(r, "cells", cell))),
+                      None)
+        if folder:
+            found[cell] = folder
+    return found
+
+
+def _plans(dirs: dict) -> dict:
+    plans = {}
+    for cell, folder in dirs.items():
+        path = os.path.join(folder, "plan.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                plans[cell] = json.load(f)
     return plans
+
+
+def _spec(roots: list[str]) -> dict:
+    path = next((os.path.join(r, "study.json") for r in roots if os.path.isfile(os.path.join(r, "study.json"))), None)
+    if path is None:
+        return {}
+    with open(path) as f:
+        spec = json.load(f).get("spec")
+    return spec if isinstance(spec, dict) else {}
 
 
 def _from_tables(folder: str) -> list[StudyData]:
@@ -117,8 +151,10 @@ def _from_tables(folder: str) -> list[StudyData]:
         cells = set(part["cell"])
         study = name or os.path.basename(os.path.abspath(folder))
         lat = None if latency is None else latency[latency["cell"].astype(str).isin(cells)].reset_index(drop=True)
+        roots = [folder, os.path.join(folder, study)]
+        dirs = _cell_dirs(roots, cells)
         out.append(StudyData(study, part, scores[scores["cell"].isin(cells)].reset_index(drop=True), lat,
-                             _plans([folder, os.path.join(folder, study)], cells), source=tables))
+                             _plans(dirs), source=tables, cell_dirs=dirs, spec=_spec(roots)))
     return out
 
 
@@ -167,10 +203,10 @@ def task_metric(scores: pd.DataFrame, task: str, spec: MetricSpec) -> tuple[str,
     return metric, spec.filter if spec.filter in filters else filters[0]
 
 
-def task_values(scores: pd.DataFrame, task: str, metric: str, filt: str) -> pd.Series:
-    """cell -> value of one task's metric."""
+def task_values(scores: pd.DataFrame, task: str, metric: str, filt: str, column: str = "value") -> pd.Series:
+    """cell -> value (or ``column``, e.g. ``stderr``) of one task's metric."""
     rows = scores[(scores["task"] == task) & (scores["metric"] == metric) & (scores["filter"] == filt)]
-    return rows.groupby("cell")["value"].first()
+    return rows.groupby("cell")[column].first()
 
 
 def averaged_tasks(scores: pd.DataFrame, spec: MetricSpec) -> list[str]:
@@ -195,6 +231,17 @@ def average_accuracy(scores: pd.DataFrame, spec: MetricSpec, tasks: list[str] | 
     return frame.mean(axis=1, skipna=False)
 
 
+def average_stderr(scores: pd.DataFrame, spec: MetricSpec, tasks: list[str] | None = None) -> pd.Series:
+    """cell -> stderr of the average accuracy: sqrt(sum of squared task stderrs) / tasks; NaN where one is missing."""
+    tasks = averaged_tasks(scores, spec) if tasks is None else tasks
+    cells = sorted(scores["cell"].unique())
+    if not tasks:
+        return pd.Series(float("nan"), index=cells, dtype=float)
+    columns = {t: task_values(scores, t, spec.metric_for(t), spec.filter, "stderr") for t in tasks}
+    frame = pd.DataFrame(columns).reindex(cells)
+    return (frame ** 2).sum(axis=1, min_count=len(tasks)).pow(0.5) / len(tasks)
+
+
 def baselines(runs: pd.DataFrame) -> dict[str, str]:
     """model -> cell id of its unpruned cell (method ``none``, ratio 0, no skipping)."""
     base = runs[(runs["method"] == "none") & (runs["ratio"] == 0) & (runs["skip"] == "none")]
@@ -202,10 +249,22 @@ def baselines(runs: pd.DataFrame) -> dict[str, str]:
     return {m: group["cell"].iloc[0] for m, group in base.groupby("model", sort=True)}
 
 
+SUMMARY_COLUMNS = ["model", "method", "calib", "ratio", "accuracy", "accuracy_stderr", "recovery", "weight_bytes",
+                   "peak_memory_bytes", "decode_speedup", "limited", "cell", "method_id", "params", "skip", "baseline",
+                   "kind", "facet", "apply", "device", *SPEED_COLUMNS]
+
+
+def plan_kind(study: StudyData, cell: str, method: str) -> str:
+    """A cell's method kind: its plan's ``kind``, else the registered method's, else ``prune``."""
+    kind = (study.plans.get(cell) or {}).get("kind")
+    return kind if isinstance(kind, str) and kind else registered_kind(method)
+
+
 def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
-    """The main table: one row per cell with accuracy, recovery, weights, memory and speedup."""
+    """The main table: one row per cell with accuracy (and its stderr), recovery, weights, memory, speedup,
+    the method's kind and figure facet (`moebench.report.facets`) and the decode speed spread."""
     runs = study.runs
-    acc = average_accuracy(study.scores, spec)
+    acc, err = average_accuracy(study.scores, spec), average_stderr(study.scores, spec)
     base = baselines(runs)
     rows = []
     for run in runs.itertuples(index=False):
@@ -214,16 +273,20 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
         accuracy = acc.get(run.cell, float("nan"))
         ref_acc = acc.get(ref, float("nan")) if ref else float("nan")
         speed = run.decode_tokens_per_s / ref_run["decode_tokens_per_s"] if ref else float("nan")
-        rows.append({"model": run.model, "method": method_label(run.method, run.params, run.skip),
-                     "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
-                     "recovery": 100.0 * accuracy / ref_acc if ref_acc else float("nan"),
-                     "weight_bytes": run.expert_bytes + run.other_bytes,
-                     "peak_memory_bytes": run.peak_memory_bytes, "decode_speedup": speed,
-                     "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
-                     "params": run.params, "skip": run.skip, "baseline": run.cell == ref})
-    frame = pd.DataFrame(rows, columns=["model", "method", "calib", "ratio", "accuracy", "recovery", "weight_bytes",
-                                        "peak_memory_bytes", "decode_speedup", "limited", "cell", "method_id",
-                                        "params", "skip", "baseline"])
+        kind = plan_kind(study, run.cell, run.method)
+        row = {"model": run.model, "method": method_label(run.method, run.params, run.skip),
+               "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
+               "accuracy_stderr": err.get(run.cell, float("nan")),
+               "recovery": 100.0 * accuracy / ref_acc if ref_acc else float("nan"),
+               "weight_bytes": run.expert_bytes + run.other_bytes,
+               "peak_memory_bytes": run.peak_memory_bytes, "decode_speedup": speed,
+               "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
+               "params": run.params, "skip": run.skip, "baseline": run.cell == ref, "kind": kind,
+               "facet": facet_of(run.method, run.skip, kind), "apply": str(getattr(run, "apply", "physical")),
+               "device": str(getattr(run, "device", "") or "")}
+        row.update({c: getattr(run, c, float("nan")) for c in SPEED_COLUMNS})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     frame["order"] = (~frame["baseline"]).astype(int)
     frame = frame.sort_values(["model", "order", "method", "calib", "ratio", "cell"]).drop(columns="order")
     return frame.reset_index(drop=True)

@@ -1,12 +1,15 @@
 """Fixed number formatting and plain-text tables shared by Markdown, LaTeX, PDF and leaderboard.
 
 Every number is written with a fixed number of decimals, missing values as ``-``, so regenerating
-a report from the same tables gives the same text.
+a report from the same tables gives the same text. Accuracies carry their standard error,
+``84.56 ± 1.20`` (percent). Text that reaches Markdown (model, method, task, calibration names) is
+escaped by `md_escape`: a name can hold ``|``, HTML or Markdown syntax and still read as itself.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -24,6 +27,26 @@ def num(value, decimals: int = 2, scale: float = 1.0) -> str:
     return MISSING if missing(value) else f"{float(value) * scale:.{decimals}f}"
 
 
+def pm(value, stderr, decimals: int = 2, scale: float = 1.0) -> str:
+    """``value ± stderr`` (both times ``scale``), or the value alone when the stderr is missing."""
+    if missing(value):
+        return MISSING
+    return num(value, decimals, scale) + ("" if missing(stderr) else f" \u00b1 {num(stderr, decimals, scale)}")
+
+
+_MD_SPECIAL = {"\\": "\\\\", "`": "\\`", "*": "\\*", "[": "\\[", "]": "\\]", "|": "\\|", "$": "\\$", "~": "\\~",
+               "<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def md_escape(text) -> str:
+    """``text`` as literal Markdown (table cells and running text): backslash-escapes ``\\ ` * [ ] | $ ~``,
+    writes ``< > &`` as entities (no raw HTML), escapes ``_`` unless it sits inside a word (``a_b`` stays),
+    and joins lines."""
+    text = " ".join(str(text).splitlines())
+    out = "".join(_MD_SPECIAL.get(ch, ch) for ch in text)
+    return re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", out)
+
+
 def byte_unit(values) -> tuple[float, str]:
     """(divisor, unit) so the largest of ``values`` reads as >= 1 in decimal units."""
     present = [float(v) for v in values if not missing(v)]
@@ -31,38 +54,32 @@ def byte_unit(values) -> tuple[float, str]:
     return next(((d, u) for d, u in BYTE_UNITS if top >= d), (1.0, "B"))
 
 
-def main_rows(table: pd.DataFrame, with_study: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and text rows of the main table (see `tables.summary`)."""
-    wdiv, wunit = byte_unit(table["weight_bytes"])
-    mdiv, munit = byte_unit(table["peak_memory_bytes"])
+def main_rows(table: pd.DataFrame, with_study: bool = False,
+              units_of: pd.DataFrame | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and text rows of the main table (see `tables.summary`); byte units chosen for ``units_of``
+    (default: the table itself), so several tables can share them."""
+    ref = table if units_of is None else units_of
+    wdiv, wunit = byte_unit(ref["weight_bytes"])
+    mdiv, munit = byte_unit(ref["peak_memory_bytes"])
     header = (["study"] if with_study else []) + [
-        "model", "method", "calibration", "ratio", "avg acc (%)", "recovery (%)", f"weights ({wunit})",
-        f"peak memory ({munit})", "decode speedup (x)", "flags"]
+        "model", "method", "calibration", "ratio", "avg acc ± stderr (%)", "recovery (%)",
+        f"resident weights ({wunit})", f"peak memory ({munit})", "decode speedup (x)", "flags"]
     rows = []
     for r in table.itertuples(index=False):
         flags = ",".join(f for f, on in (("limited", r.limited),) if on)
         rows.append(([r.study] if with_study else []) + [
-            r.model, r.method, r.calib or MISSING, num(r.ratio, 2), num(r.accuracy, 2, 100), num(r.recovery, 1),
+            r.model, r.method, r.calib or MISSING, num(r.ratio, 2), pm(r.accuracy, r.accuracy_stderr, 2, 100),
+            num(r.recovery, 1),
             num(r.weight_bytes, 2, 1 / wdiv), num(r.peak_memory_bytes, 2, 1 / mdiv), num(r.decode_speedup, 2),
             flags or MISSING])
     return header, rows
 
 
 def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int | None = None) -> str:
-    """A GitHub Markdown table; columns from ``numeric_from`` on are right-aligned."""
-    esc = [[str(c).replace("|", "\\|") for c in row] for row in [header, *rows]]
+    """A GitHub Markdown table, every cell escaped (`md_escape`); columns from ``numeric_from`` on are
+    right-aligned."""
+    esc = [[md_escape(c) for c in row] for row in [header, *rows]]
     align = ["---:" if numeric_from is not None and i >= numeric_from else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(esc[0]) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
     return "\n".join(lines)
-
-
-def plain_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Fixed-width text lines (for PDF text pages)."""
-    cells = [[str(c) for c in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-
-    return [fmt(cells[0]), "  ".join("-" * w for w in widths), *[fmt(r) for r in cells[1:]]]

@@ -60,24 +60,34 @@ def test_demo_command_runs_a_study_to_report_leaderboard_and_findings(tmp_path):
         assert install not in path.read_text(), path
     assert "<moebench>/testbed/models/testbed-8e" in next(results.glob("mini/cells/*/cell.json")).read_text()
 
-    # the findings state the measured accuracies of the tables, whichever way they come out
+    # the findings state the measured accuracies of the tables (percent, with stderr), whichever way they come
+    # out, and compare them paired over the items both cells ran (the cells wrote items.csv.gz)
     runs = pd.read_csv(results / "mini" / "tables" / "runs.csv")
     scores = pd.read_csv(results / "mini" / "tables" / "scores.csv")
     acc = scores[(scores["metric"] == "acc") & (scores["task"] == "testbed_logic_quick")].set_index("cell")["value"]
-    by_method = {(r.method, r.skip): acc[r.cell] for r in runs.itertuples() if r.ratio == 0.75}
+    cells = {(r.method, r.skip): r.cell for r in runs.itertuples() if r.ratio == 0.75}
+    by_method = {k: acc[c] for k, c in cells.items()}
     findings = (folder / "findings.md").read_text()
     f5 = next(line for line in findings.splitlines() if line.startswith("- F5"))
-    assert f"premoe_taer {by_method[('premoe_taer', 'none')]:.3f}" in f5 and "prep n/a" in f5
-    best = max(by_method[(m, "none")] for m in ("frequency", "reap"))
-    assert f"{best:.3f}" in f5.split("best static")[1]
-    aware = by_method[("premoe_taer", "none")]
-    verdict = "yes" if aware > best else ("tie" if aware == best else "no")
-    assert f5.endswith(f"-> {verdict}")
+    assert f"premoe_taer {100 * by_method[('premoe_taer', 'none')]:.1f} \u00b1 " in f5 and "prep n/a" in f5
+    best = min(("frequency", "reap"), key=lambda m: (-by_method[(m, "none")], cells[(m, "none")]))  # F5's order
+    assert f"{100 * by_method[(best, 'none')]:.1f} \u00b1 " in f5.split("best static")[1]
+    from moebench.grid.items import read_items
+
+    a, b = (read_items(str(results / "mini" / "cells" / cells[(m, "none")])) for m in ("premoe_taer", best))
+    d = a["value"].to_numpy() - b["value"].to_numpy()  # same items in the same order (sorted by doc_id)
+    assert (a["doc_hash"].to_numpy() == b["doc_hash"].to_numpy()).all() and len(d) == 150
+    se = d.std(ddof=1) / len(d) ** 0.5
+    verdict = "tie" if abs(d.mean()) <= 1.96 * se else ("yes" if d.mean() > 0 else "no")
+    assert f"-> {verdict} ({100 * d.mean():+.1f} \u00b1 {100 * se:.1f} points, paired over 150 items" in f5, f5
     f3 = next(line for line in findings.splitlines() if line.startswith("- F3"))
     rate = runs[(runs["method"] == "naee") & (runs["skip"] == "naee")]["skip_rate"].iloc[0]
     assert 0 < rate < 1
-    assert re.search(rf"naee 75%: accuracy {by_method[('naee', 'none')]:.3f} -> {by_method[('naee', 'naee')]:.3f}, "
-                     rf"decode speed x[\d.]+, skip rate {rate:.3f} of routed pairs", f3), f3
+    plain, skipped = 100 * by_method[("naee", "none")], 100 * by_method[("naee", "naee")]
+    assert re.search(rf"naee 75%: accuracy {plain:.1f} \u00b1 [\d.]+% -> {skipped:.1f} \u00b1 [\d.]+% \(change: "
+                     r"(yes|no|tie) \([^)]*paired over 150 items[^)]*\)\), decode speed(: no measurable change \(x"
+                     r"[\d.]+, inside the p10-p90 spread\)| x[\d.]+ \(outside the p10-p90 spread\)), "
+                     rf"skip rate {rate:.3f} of routed pairs", f3), f3
     assert "F2 (domain vs generic calibration): not measured" in findings  # no domain-calibrated cell here
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)  # resumable

@@ -25,7 +25,8 @@ from moebench.grid.spec import load_study
 pytestmark = pytest.mark.slow  # every test runs a grid: one cell subprocess per cell
 
 TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
-          "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha"]
+          "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha",
+          *[f"{s}_tokens_per_s_{q}" for s in ("prefill", "decode") for q in ("p10", "min", "max")]]
 
 
 @pytest.fixture
@@ -147,6 +148,18 @@ def test_grid_measures_latency_per_prompt_length_into_a_table_and_figure(tmp_pat
     assert sorted(latency["prompt_len"].unique()) == [4, 16]
     assert (latency["ms_per_token"] > 0).all() and (latency["ms_per_token_p90"] >= latency["ms_per_token"]).all()
     assert (latency["new_tokens"] == 4).all() and (latency["prefill_ms"] > 0).all()
+    assert (latency["ms_per_token_p10"] <= latency["ms_per_token"]).all()
+    for stage in ("prefill", "decode"):  # the spread over the repetitions, fastest to slowest
+        order = [f"{stage}_tokens_per_s_{q}" for q in ("max", "p10")] + [f"{stage}_tokens_per_s"] + [
+            f"{stage}_tokens_per_s_{q}" for q in ("p90", "min")]
+        assert (runs[order].diff(axis=1).iloc[:, 1:] <= 1e-9).all().all(), runs[order]
+    from moebench.grid.items import read_items
+
+    items = read_items(os.path.join(root, "cells", runs["cell"][0]))  # 8 items (limit) of testbed_logic
+    assert sorted(items["doc_id"]) == list(range(8)) and set(items["metric"]) == {"acc"}
+    assert set(items["value"]) <= {0.0, 1.0} and (items["doc_hash"].str.len() == 12).all()
+    logic = pd.read_csv(os.path.join(root, "tables", "scores.csv")).query("cell == @runs.cell[0]")
+    assert items["value"].mean() == pytest.approx(logic.query("metric == 'acc'")["value"].iloc[0])
     cell = json.loads(Path(os.path.join(root, "cells", runs["cell"][0], "cell.json")).read_text())
     assert cell["metrics"]["latency_dropped"]["prompt_len"] == [200]
     assert "max_position_embeddings=128" in cell["metrics"]["latency_dropped"]["why"]

@@ -166,7 +166,9 @@ def test_recovery_equals_hand_computed(built):
     assert row["decode_speedup"] == pytest.approx(1.2)
     text = Path(os.path.join(built["report"], "report.md")).read_text()
     line = next(x for x in text.splitlines() if x.startswith("| testbed-8e | reap | testbed:mix | 0.50 |"))
-    assert f"| {100 * pruned:.2f} | {100 * pruned / base:.1f} |" in line
+    stderr = (3 * 0.01 ** 2) ** 0.5 / 3  # three tasks, each with stderr 0.01
+    assert row["accuracy_stderr"] == pytest.approx(stderr)
+    assert f"| {100 * pruned:.2f} \u00b1 {100 * stderr:.2f} | {100 * pruned / base:.1f} |" in line
     # acc_norm as the configured metric changes the average the same way for every task
     norm = summary(load_studies(built["folder"])[0], MetricSpec("acc_norm"))
     assert norm.loc[row.name, "accuracy"] == pytest.approx(pruned + 0.01)
@@ -330,9 +332,9 @@ def test_f6_states_pruning_vs_merging_whichever_way_it_falls():
                            ("m_smoe", 0.25): 0.60, ("reap", 0.5): 0.50, ("hc_smoe", 0.5): 0.62})
     text = f6(table)
     assert text.startswith("F6 (pruning vs merging, same experts kept): ")
-    assert ("at 25%: hc_smoe 0.700, m_smoe 0.600, reap 0.800, frequency 0.780; best pruning reap 0.800 vs best "
-            "merging hc_smoe 0.700 -> pruning ahead by 10.0 points") in text
-    assert "best pruning reap 0.500 vs best merging hc_smoe 0.620 -> merging ahead by 12.0 points" in text
+    assert ("at 25%: hc_smoe 70.0%, m_smoe 60.0%, reap 80.0%, frequency 78.0%; best pruning reap 80.0% vs best "
+            "merging hc_smoe 70.0% -> pruning ahead (+10.0 points") in text
+    assert "best pruning reap 50.0% vs best merging hc_smoe 62.0% -> merging ahead (-12.0 points" in text
     absent = f6(_summary_rows({("reap", 0.25): 0.8}))
     assert absent.count("-> not measured") == 2 and "hc_smoe n/a" in absent
 
