@@ -73,3 +73,15 @@ def fill_disk(folder, leave: int = 16 * 1024) -> None:
     stat = os.statvfs(folder)
     with open(os.path.join(folder, "filler"), "wb") as f:
         f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A calibration text file (``file:`` source) of the test tokenizer's words: 20 documents of 40 words."""
+    import random
+
+    rng = random.Random(0)
+    docs = [" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)]
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(docs))
+    return str(path)

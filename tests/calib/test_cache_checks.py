@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import glob
 import os
-import random
 import re
 
 import pytest
 import torch
 from conftest import build_tokenizer, fill_disk
-from tiny_models import VOCAB, tiny_model
+from tiny_models import tiny_model
 
 import moebench.calib.cache as stats_cache
 from moebench.calib.cache import StatsCacheWarning, group_problem
 from moebench.cli import main
 from moebench.method.pipeline import PlanRequest, make_plan
 from moebench.moe.view import MoEView
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = random.Random(0)
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join(" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)))
-    return str(path)
 
 
 @pytest.fixture

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from conftest import build_tokenizer
-from tiny_models import VOCAB, tiny_model
+from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 import moebench.calib.cache as stats_cache
 from moebench.cli import main
 from moebench.method.pipeline import PlanRequest, make_plan
 from moebench.moe.view import MoEView
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A calibration text file of the test tokenizer's words."""
-    rng = random.Random(0)
-    docs = [" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)]
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join(docs))
-    return str(path)
 
 
 @pytest.fixture

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import pytest
 import torch
 import yaml
-from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM
 
 import moebench
 from moebench.cli import main
 from moebench.moe import prune
 from moebench.moe.checkpoint import NonUniformCheckpointWarning, load_model
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = random.Random(0)
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join(" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(40)) for _ in range(20)))
-    return str(path)
 
 
 def run_prune(model_dir, corpus, tmp_path, *budget, method="reap"):
