@@ -8,6 +8,9 @@ statistics. A method needing groups the cache lacks triggers one pass
 that collects only those groups.
 
 A file holds ``{"format": FORMAT_VERSION, "group": name, "layers": {MoE layer index: {stat: tensor}}}``.
+The ``outputs`` group (every expert's output on the subsample, ``[n, E, H]`` per layer) is kept
+one file per MoE layer, ``outputs/layer-<i>.pt`` (same layout, one layer), with ``outputs.pt``
+naming the layers, written last; it is read back memory-mapped on each access (`LayerStats`).
 What is read is checked before use (`group_problem`: readable, format version, the model's MoE
 layers, expert counts, finite values); a file that fails is named in a `StatsCacheWarning` and its
 group is collected again. Files are written atomically (`moebench.util.atomic_write`): a failed
@@ -27,6 +30,7 @@ from dataclasses import asdict
 import torch
 
 from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
+from moebench.moe.layered import LAYERED_ATTR, combine_digests, tensor_digest
 from moebench.moe.ops import mask_signature
 from moebench.moe.view import MoEView
 from moebench.util import atomic_write
@@ -42,14 +46,15 @@ def default_stats_dir() -> str:
 
 
 def model_fingerprint(model) -> str:
-    """A hash of every tensor's name, shape, dtype and a strided sample of its values."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64]
-        h.update(sample.to("cpu", torch.float64).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A hash of every tensor's name, shape, dtype and a strided sample of its values.
+
+    A model opened layer by layer (`moebench.moe.layered`) gets the same fingerprint from its
+    checkpoint, one layer at a time, as the loaded model would.
+    """
+    layered = getattr(model, LAYERED_ATTR, None)
+    if layered is not None:
+        return layered.fingerprint()
+    return combine_digests({name: tensor_digest(name, t) for name, t in model.state_dict().items()})
 
 
 def model_identity(name_or_path: str, revision: str | None = None) -> str:
@@ -107,18 +112,24 @@ EXPERT_AXES = {"counts": (0,), "gate_sum": (0,), "softmax_sum": (0,), "coact": (
 MAY_HOLD_MINUS_INF = {"topk_logits", "logits"}  # router logits of masked experts
 
 
-def group_problem(data, group: str, view: MoEView) -> str | None:
-    """What is wrong with a loaded cache file of ``group`` for the model of ``view``, or None."""
+def group_problem(data, group: str, view: MoEView, only: int | None = None, check: bool = True) -> str | None:
+    """What is wrong with a loaded cache file of ``group`` for the model of ``view``, or None.
+
+    ``only``: the file holds MoE layer ``only`` alone (a per-layer group's file); ``check=False``:
+    the layers' statistics are not checked (a per-layer group's index, which names layers only).
+    """
     if not isinstance(data, dict) or "format" not in data:
         return "it carries no format version (an older moebench wrote it, or it is not a statistics file)"
     if data["format"] != FORMAT_VERSION or data.get("group") != group:
         return (f"format {data['format']!r} of group {data.get('group')!r}; "
                 f"expected format {FORMAT_VERSION} of {group!r}")
     layers = data.get("layers")
-    expected = {layer.index: layer for layer in view.layers}
+    expected = {layer.index: layer for layer in view.layers if only is None or layer.index == only}
     if not isinstance(layers, dict) or sorted(layers) != sorted(expected):
         found = sorted(layers) if isinstance(layers, dict) else type(layers).__name__
         return f"it holds layers {found}, the model's MoE layers are {sorted(expected)}"
+    if not check:
+        return None
     for index, stats in sorted(layers.items()):
         problem = _layer_problem(stats, group, expected[index].num_experts)
         if problem:
@@ -145,14 +156,14 @@ def _layer_problem(stats, group: str, n_experts: int) -> str | None:
     return None
 
 
-def _load_group(path: str, group: str, view: MoEView) -> dict | None:
+def _load_group(path: str, group: str, view: MoEView, check: bool = True) -> dict | None:
     """The layers of a valid cache file, or None (with a `StatsCacheWarning` naming the file)."""
     try:
         data = torch.load(path, weights_only=True)
     except Exception as err:  # truncated, corrupt, not a torch file: any of these means collect again
         problem = f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
     else:
-        problem = group_problem(data, group, view)
+        problem = group_problem(data, group, view, check=check)
     if problem:
         warnings.warn(f"statistics cache file {path}: {problem}; collecting the {group} statistics again",
                       StatsCacheWarning, stacklevel=3)
@@ -160,19 +171,113 @@ def _load_group(path: str, group: str, view: MoEView) -> dict | None:
     return data["layers"]
 
 
+PER_LAYER_GROUPS = ("outputs",)  # one file per MoE layer, read back memory-mapped on each access
+
+
+class LayerStats(dict):
+    """One MoE layer's statistics. Those of a per-layer group (``outputs``: ``[n, E, H]`` per layer)
+    are not held: each access reads them from their file, memory-mapped, so a method working one
+    layer at a time holds one layer's outputs, whatever the number of layers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.files: dict[str, str] = {}  # statistic name -> the per-layer file holding it
+
+    def add_file(self, path: str, names) -> None:
+        for name in names:
+            super().pop(name, None)
+            self.files[name] = path
+
+    def __getitem__(self, name):
+        if name in self.files:
+            return _read_layer_file(self.files[name])[name]
+        return super().__getitem__(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.files or super().__contains__(name)
+
+    def get(self, name, default=None):
+        return self.get(name, default)
+
+    def keys(self):
+        return [*super().keys(), *self.files]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self.files)
+
+    def items(self):
+        return [(name, self[name]) for name in self.keys()]
+
+    def values(self):
+        return [self[name] for name in self.keys()]
+
+
+def _read_layer_file(path: str) -> dict[str, torch.Tensor]:
+    data = torch.load(path, weights_only=True, mmap=True)
+    return next(iter(data["layers"].values()))
+
+
+def _layer_file(folder: str, group: str, index: int) -> str:
+    return os.path.join(folder, group, f"layer-{index}.pt")
+
+
+def _save_group(path: str, group: str, layers: dict) -> None:
+    data = {"format": FORMAT_VERSION, "group": group, "layers": layers}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
+def _load_per_layer(folder: str, group: str, view: MoEView) -> dict | None:
+    """``{layer: {name: file}}`` of a per-layer group whose every file is valid, or None (with a warning)."""
+    index_file = os.path.join(folder, f"{group}.pt")
+    found = _load_group(index_file, group, view, check=False)
+    if found is None:
+        return None
+    files = {}
+    for layer in view.layers:
+        path = _layer_file(folder, group, layer.index)
+        try:
+            data = torch.load(path, weights_only=True, mmap=True)
+        except Exception as err:
+            problem = f"it cannot be read ({type(err).__name__})"
+        else:
+            problem = group_problem(data, group, view, only=layer.index)
+        if problem:
+            warnings.warn(f"statistics cache file {path}: {problem}; collecting the {group} statistics again",
+                          StatsCacheWarning, stacklevel=3)
+            return None
+        files[layer.index] = path
+    return {index: dict.fromkeys(GROUP_STATS[group], path) for index, path in files.items()}
+
+
 def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
-              settings: CollectSettings | None = None, progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+              settings: CollectSettings | None = None, progress: bool = True) -> dict[int, LayerStats]:
     """Statistics for ``groups``: read what ``folder`` holds, collect the rest in one pass, save it.
 
     ``tokens`` is called only when something must be collected (a cache hit reads no data and
-    runs no forward pass). Cached files that fail `group_problem` are collected again.
+    runs no forward pass). Cached files that fail `group_problem` are collected again. A model
+    opened layer by layer (`moebench.moe.layered`, ``sequential``) is calibrated one decoder layer
+    at a time (`moebench.calib.sequential`). The ``outputs`` group is written one file per MoE
+    layer as each layer finishes and read back on access (`LayerStats`): it is never held for
+    all layers at once.
     """
     settings = settings or CollectSettings()
     view = MoEView(model)
-    stats: dict[int, dict[str, torch.Tensor]] = {}
+    stats: dict[int, LayerStats] = {layer.index: LayerStats() for layer in view.layers}
     present = {g for g in GROUP_STATS if os.path.exists(os.path.join(folder, f"{g}.pt"))}
     cached = set(present)
     for group in sorted(set(groups) & present):
+        if group in PER_LAYER_GROUPS:
+            files = _load_per_layer(folder, group, view)
+            if files is None:
+                cached.discard(group)
+            else:
+                for index, named in files.items():
+                    stats[index].add_file(next(iter(named.values())), named)
+            continue
         layers = _load_group(os.path.join(folder, f"{group}.pt"), group, view)
         if layers is None:
             cached.discard(group)
@@ -182,16 +287,36 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
     if missing:
         # A pass is the expensive part: take the cheap groups along so the next method finds them.
         missing = sorted((set(missing) | set(CHEAP_GROUPS)) - cached)
-        fresh = collect(model, tokens(), missing, settings, progress=progress)
+        per_layer = [g for g in missing if g in PER_LAYER_GROUPS]
         os.makedirs(folder, exist_ok=True)
+
+        def on_layer(index: int, layer_stats: dict) -> dict:
+            for group in per_layer:  # written now, then dropped from memory
+                part = {n: t for n, t in layer_stats.items() if n in GROUP_STATS[group]}
+                _save_group(_layer_file(folder, group, index), group, {index: part})
+            return {n: t for n, t in layer_stats.items() if not any(n in GROUP_STATS[g] for g in per_layer)}
+
+        layered = getattr(model, LAYERED_ATTR, None)
+        if layered is not None:
+            from moebench.calib.sequential import collect_sequential
+
+            fresh = collect_sequential(layered, tokens(), missing, settings, progress=progress, on_layer=on_layer)
+        else:
+            everything = collect(model, tokens(), missing, settings, progress=progress)
+            fresh = {i: on_layer(i, s) for i, s in everything.items()}
+            del everything
         for group in missing:
+            if group in PER_LAYER_GROUPS:  # the group's index: which layers it has (each file holds its layer)
+                _save_group(os.path.join(folder, f"{group}.pt"), group, {i: {} for i in fresh})
+                for index in fresh:
+                    stats[index].add_file(_layer_file(folder, group, index), GROUP_STATS[group])
+                continue
             part = {i: {n: t for n, t in s.items() if n in GROUP_STATS[group]} for i, s in fresh.items()}
-            data = {"format": FORMAT_VERSION, "group": group, "layers": part}
-            atomic_write(os.path.join(folder, f"{group}.pt"), lambda tmp, d=data: torch.save(d, tmp))
+            _save_group(os.path.join(folder, f"{group}.pt"), group, part)
         _merge(stats, fresh)
     return stats
 
 
 def _merge(into: dict, part: dict) -> None:
     for index, named in part.items():
-        into.setdefault(int(index), {}).update(named)
+        into.setdefault(int(index), LayerStats()).update(named)

@@ -61,14 +61,15 @@ def resolve(name_or_path: str) -> str:
 
 
 @contextmanager
-def loading_bars():
+def loading_bars(quiet: bool = False):
     """transformers' per-tensor bars (``Loading weights``, ``Writing model shards``) on a terminal only.
 
-    With stderr redirected to a file they are switched off for the duration and on again after.
+    With stderr redirected to a file (or ``quiet``: one layer's loading inside a longer pass, which
+    has its own bar) they are switched off for the duration and on again after.
     """
     from transformers.utils import logging as hf_logging
 
-    if on_terminal() or not hf_logging.is_progress_bar_enabled():
+    if (on_terminal() and not quiet) or not hf_logging.is_progress_bar_enabled():
         yield
         return
     hf_logging.disable_progress_bar()

@@ -1,0 +1,319 @@
+"""A checkpoint opened for one-decoder-layer-at-a-time work: models larger than memory.
+
+`LayeredCheckpoint(name_or_path)` builds the model's skeleton with every parameter on the meta
+device (buffers, such as the rotary frequencies, are real: they are computed from the config, not
+read) and reads the safetensors index, grouping the checkpoint's tensor names by decoder layer.
+`materialise(i)` reads only decoder layer ``i``'s tensors from the shards (`safetensors.safe_open`)
+and loads them into the skeleton through transformers' own checkpoint conversion (per-expert
+checkpoint keys are fused into the ``[E, ...]`` tensors as ``from_pretrained`` fuses them);
+`release(module)` returns a module's parameters to the meta device. At most one layer's weights
+(plus the embeddings while the first inputs are made) are ever in memory.
+
+`layer_inputs(tokens, batch_size)` runs the model's own forward with every decoder layer replaced
+by a recorder, so the embeddings, the attention masks and the rotary position embeddings are the
+ones the model itself computes; it returns the first layer's inputs and the keyword arguments each
+layer is called with, per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from contextlib import ExitStack, suppress
+
+import torch
+from torch import nn
+
+LAYERED_ATTR = "_moebench_layered"  # on a skeleton model: the LayeredCheckpoint it came from
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    """What the fingerprint reads of one tensor: name, shape, dtype and a strided sample of 64 values."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 64)][:64]
+    return f"{name}{tuple(t.shape)}{t.dtype}".encode() + sample.to("cpu", torch.float64).numpy().tobytes()
+
+
+def combine_digests(digests: dict[str, bytes]) -> str:
+    """The fingerprint from every tensor's `tensor_digest`, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(digests[name])
+    return h.hexdigest()[:16]
+
+
+class LayeredLoadError(ValueError):
+    """A checkpoint that cannot be read one layer at a time; the message says why and the fix."""
+
+
+def _weight_map(folder: str) -> dict[str, str]:
+    """Checkpoint tensor name -> shard file (absolute path) of a safetensors checkpoint folder."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            mapping = json.load(f).get("weight_map")
+        if not isinstance(mapping, dict) or not mapping:
+            raise LayeredLoadError(f"{index}: no weight_map; the checkpoint index is damaged (download it again)")
+        return {name: os.path.join(folder, shard) for name, shard in mapping.items()}
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise LayeredLoadError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE}; layer-by-layer work reads "
+                           "safetensors checkpoints only (save the model with save_pretrained first)")
+
+
+def _download(repo_id: str, revision: str | None) -> str:
+    """The local snapshot folder of a hub checkpoint (config, index, shards, tokenizer files)."""
+    from huggingface_hub import snapshot_download
+
+    from moebench.moe.checkpoint import check_hub_config
+
+    check_hub_config(repo_id, revision)
+    return snapshot_download(repo_id, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (``model.model.layers``)."""
+    from moebench.moe.view import _decoder_layers
+
+    return _decoder_layers(model)
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the rest of the forward pass is not needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: keeps the keyword arguments it is called with, passes its input on."""
+
+    def __init__(self, layer: nn.Module, index: int, seen: dict, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its attributes are read through
+        self.index, self.seen, self.last = index, seen, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise LayeredLoadError(f"decoder layer {self.index} is called with positional arguments beyond the "
+                                   "hidden states; layer-by-layer work needs transformers >= 5 decoder layers")
+        self.seen[self.index] = (hidden_states, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _to(value, device, memo: dict):
+    """``value`` with every tensor moved to ``device`` (a tensor shared by several layers is moved once)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device)
+        return memo[id(value)]
+    if isinstance(value, dict):
+        return {k: _to(v, device, memo) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, memo) for v in value)
+    return value
+
+
+class LayeredCheckpoint:
+    """A safetensors checkpoint (hub id, folder or registered name) with the model as a meta skeleton.
+
+    Attributes:
+        path: the local checkpoint folder; ``model``: the skeleton (meta parameters, real buffers);
+        ``layer_keys[i]``: checkpoint tensor names of decoder layer ``i``; ``other_keys``: the rest
+        (embeddings, final norm, head).
+    """
+
+    def __init__(self, name_or_path: str, dtype="auto", device: str = "cpu", revision: str | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        from moebench.moe.checkpoint import _build_skeleton, _config_dtype, per_layer_counts, resolve
+
+        path = resolve(name_or_path)
+        self.path = path if os.path.isdir(path) else _download(path, revision)
+        config = AutoConfig.from_pretrained(self.path)
+        self.dtype = _config_dtype(config) if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str)
+                                                                     else dtype)
+        self.device = torch.device(device)
+        with init_empty_weights(include_buffers=False):
+            self.model = _build_skeleton(config, per_layer_counts(config) or {}, dtype=self.dtype).eval()
+        for module in self.model.modules():  # buffers only: the parameters stay on the meta device
+            for name, buffer in module.named_buffers(recurse=False):
+                if not buffer.is_meta:
+                    module._buffers[name] = buffer.to(self.device)
+        self.weight_map = _weight_map(self.path)
+        self.layer_keys: dict[int, list[str]] = defaultdict(list)
+        self.other_keys: list[str] = []
+        for name in sorted(self.weight_map):
+            found = LAYER_KEY.search(name)
+            (self.layer_keys[int(found.group(1))] if found else self.other_keys).append(name)
+        object.__setattr__(self.model, LAYERED_ATTR, self)  # not a submodule
+        names = {}
+        self.tied: dict[str, str] = {}  # parameter name -> the name it shares its tensor with
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in names:
+                self.tied[name] = names[id(p)]
+            names.setdefault(id(p), name)
+        self.layer_names = {i: name for name, module in self.model.named_modules()
+                            for i, layer in enumerate(decoder_layers(self.model)) if module is layer}
+        self._fingerprint: str | None = None
+        n_layers = len(decoder_layers(self.model))
+        if sorted(self.layer_keys) != list(range(n_layers)):
+            raise LayeredLoadError(f"{self.path}: the checkpoint holds tensors of decoder layers "
+                                   f"{sorted(self.layer_keys)[:8]}..., the config declares {n_layers} layers")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors ``names``, read from their shards (each shard opened once)."""
+        from safetensors import safe_open
+
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        tensors = {}
+        with ExitStack() as stack:
+            for file, keys in by_file.items():
+                handle = stack.enter_context(safe_open(file, framework="pt"))
+                for key in keys:
+                    tensors[key] = handle.get_tensor(key)
+        return tensors
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load checkpoint tensors into the skeleton through transformers' checkpoint conversion."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        from moebench.moe.checkpoint import loading_bars
+
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype,
+                                     weight_mapping=get_model_conversion_mapping(self.model))
+        with loading_bars(quiet=True):
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        if info.mismatched_keys or info.unexpected_keys or info.conversion_errors:
+            raise LayeredLoadError(
+                f"{self.path}: tensors do not fit the model built from its config: mismatched "
+                f"{sorted(info.mismatched_keys)[:3]}, unexpected {sorted(info.unexpected_keys)[:3]}, "
+                f"conversion errors {list(info.conversion_errors)[:3]}")
+
+    def materialise(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` with its weights read from the shards; every parameter is real after it."""
+        layer = decoder_layers(self.model)[index]
+        self.load(self.read(self.layer_keys[index]))
+        meta = [name for name, p in layer.named_parameters() if p.is_meta]
+        if meta:
+            raise LayeredLoadError(f"{self.path}: decoder layer {index} lacks {meta[:3]} in the checkpoint")
+        return layer
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Return ``module``'s parameters to the meta device (their memory is freed; buffers stay)."""
+        for sub in module.modules():
+            for name, p in list(sub.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    setattr(sub, name, nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+
+    def fingerprint(self) -> str:
+        """The statistics-cache fingerprint of the loaded model (`moebench.calib.cache.model_fingerprint`),
+        computed one decoder layer (and one other tensor) at a time; a full read of the checkpoint,
+        memoised per checkpoint (its files' names, sizes and times) under ``$MOEBENCH_CACHE/fingerprints``."""
+        if self._fingerprint is None:
+            memo = self._memo_path()
+            if os.path.exists(memo):
+                with open(memo, encoding="utf-8") as f:
+                    self._fingerprint = f.read().strip()
+            else:
+                self._fingerprint = self._compute_fingerprint()
+                from moebench.util import atomic_write_text
+
+                os.makedirs(os.path.dirname(memo), exist_ok=True)
+                atomic_write_text(memo, self._fingerprint)
+        return self._fingerprint
+
+    def _memo_path(self) -> str:
+        root = os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
+        h = hashlib.sha256(os.path.realpath(self.path).encode())
+        for file in [*sorted(set(self.weight_map.values())), os.path.join(self.path, "config.json")]:
+            st = os.stat(file)
+            h.update(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}:{self.dtype}".encode())
+        return os.path.join(root, "fingerprints", h.hexdigest()[:32])
+
+    def _compute_fingerprint(self) -> str:
+        digests = {}
+        params = dict(self.model.named_parameters())
+        for key in self.other_keys:  # embeddings, final norm, head: one tensor at a time
+            self.load(self.read([key]))
+            for name, _p in params.items():
+                current = self.model.get_parameter(name)
+                inside = any(name.startswith(prefix + ".") for prefix in self.layer_names.values())
+                if not current.is_meta and not inside:
+                    digests[name] = tensor_digest(name, current)
+                    self.release(self.model.get_submodule(name.rpartition(".")[0]))
+        for index in self.layer_keys:
+            layer = self.materialise(index)
+            for name, t in layer.state_dict(prefix=self.layer_names[index] + ".").items():
+                digests[name] = tensor_digest(name, t)
+            self.release(layer)
+        for name, t in self.model.state_dict().items():  # buffers outside the layers (computed, not read)
+            if name not in digests and name not in self.tied and not t.is_meta:
+                digests[name] = tensor_digest(name, t)
+        for alias, source in self.tied.items():
+            if source in digests:
+                digests[alias] = digests[source].replace(source.encode(), alias.encode(), 1)
+        missing = [name for name in self.model.state_dict() if name not in digests]
+        if missing:
+            raise LayeredLoadError(f"{self.path}: the checkpoint lacks {missing[:3]} "
+                                   "(of the model built from its config)")
+        return combine_digests(digests)
+
+    def layer_inputs(self, tokens: torch.Tensor, batch_size: int):
+        """``(hidden [per batch, CPU], kwargs[layer][batch])``: the first decoder layer's input per batch
+        of ``tokens [S, L]`` and the keyword arguments (masks, position embeddings) of every layer."""
+        layers = decoder_layers(self.model)
+        originals = list(layers)
+        embed = self.model.get_input_embeddings()
+        self.load(self.read([k for k in self.other_keys if _is_embedding(k, self.model)]))
+        hidden, kwargs = [], defaultdict(list)
+        try:
+            for start in range(0, tokens.shape[0], batch_size):
+                seen = {}
+                for i, layer in enumerate(originals):
+                    layers[i] = _Recorder(layer, i, seen, last=i == len(originals) - 1)
+                with suppress(_Stop):
+                    self.model(input_ids=tokens[start:start + batch_size].to(self.device), use_cache=False)
+                memo = {}
+                hidden.append(seen[0][0].detach().to("cpu"))
+                for i in range(len(originals)):
+                    kwargs[i].append(_to(seen[i][1], "cpu", memo))
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+            self.release(embed)
+        return hidden, kwargs
+
+
+def _is_embedding(key: str, model: nn.Module) -> bool:
+    """Whether checkpoint tensor ``key`` belongs to the input embeddings (the only non-layer tensor read)."""
+    embed = model.get_input_embeddings()
+    leaf = next(name for name, module in model.named_modules() if module is embed).rsplit(".", 1)[-1]
+    return f"{leaf}." in key or key.startswith(leaf)
+
+
+def to_device(value, device):
+    """``value`` (a batch's layer keyword arguments) with its tensors on ``device``."""
+    return _to(value, device, {})
