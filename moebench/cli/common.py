@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from moebench.calib.sources import calibration_size_problem
 from moebench.method.pipeline import PlanRequest
-from moebench.moe.checkpoint import load_with_tokenizer
+from moebench.moe.checkpoint import default_device, load_with_tokenizer
+from moebench.moe.layered import LayeredCheckpoint, sequential_needed
 from moebench.moe.view import MoEView
+
+log = logging.getLogger(__name__)
 
 
 def token_count(text: str) -> int:
@@ -39,6 +43,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                        help="work one decoder layer at a time (weights read per layer from the safetensors "
+                             "shards; memory bounded by a layer): for models larger than the device. Default: "
+                             "on when the weights exceed the device's free memory")
 
 
 def request_from(args, model, method: str = "none", **extra) -> PlanRequest:
@@ -62,8 +70,25 @@ def check_calibration_size(args) -> None:
 
 
 def load(args):
-    """Model and tokenizer named by the parsed arguments (calibration sizes are checked first)."""
+    """Model and tokenizer named by the parsed arguments (calibration sizes are checked first).
+
+    With ``--sequential`` (or by default when the weights exceed the device's free memory) the
+    model is a meta-device skeleton opened layer by layer (`moebench.moe.layered`): statistics are
+    collected one decoder layer at a time and a pruned checkpoint is written shard by shard.
+    """
     check_calibration_size(args)
+    device = args.device or default_device()
+    sequential = getattr(args, "sequential", False)
+    if sequential is None:
+        why = sequential_needed(args.model, device, args.revision)
+        if why:
+            log.warning(why)
+        sequential = why is not None
+    if sequential:
+        from transformers import AutoTokenizer
+
+        layered = LayeredCheckpoint(args.model, dtype=args.dtype, device=device, revision=args.revision)
+        return layered.model, AutoTokenizer.from_pretrained(layered.path)
     return load_with_tokenizer(args.model, dtype=args.dtype, device=args.device,
                                **({"revision": args.revision} if args.revision else {}))
 

@@ -1,5 +1,9 @@
 """`moebench prune MODEL --method M --ratio R --calib C --out DIR`: plan, prune (or merge), save.
 
+With ``--sequential`` (default when the weights exceed the device's free memory) calibration runs
+one decoder layer at a time and the checkpoint is written shard by shard from the source shards
+(`moebench.moe.streaming`): the model is never in memory whole.
+
 ``DIR`` appears complete or not at all: the files are written into a temporary sibling folder
 that is renamed into place at the end (`moebench.moe.checkpoint.save_folder`); it holds the
 checkpoint, the tokenizer, ``plan.json`` and the model card ``README.md``.
@@ -16,8 +20,10 @@ from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method
 from moebench.moe.card import provenance, record_provenance, write_card
 from moebench.moe.checkpoint import save_folder, save_pruned
+from moebench.moe.layered import LAYERED_ATTR, LayeredCheckpoint
+from moebench.moe.streaming import save_streaming
 from moebench.moe.view import MoEView
-from moebench.util import check_new_folder
+from moebench.util import check_new_folder, on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,16 +55,32 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"method {spec.name} needs calibration statistics ({', '.join(needs)}); give a "
                          "calibration source, e.g. --calib c4 or --calib testbed:mix")
     model, tokenizer = load(args)
+    layered = getattr(model, LAYERED_ATTR, None)
     before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
     request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep, params=params)
     start = time.perf_counter()
-    plan = prepare(model, tokenizer, request).plan
+    try:
+        plan = prepare(model, tokenizer, request).plan  # on a layered skeleton: plans and reshapes the meta model
+    except (NotImplementedError, RuntimeError) as err:
+        if layered is None or "meta" not in str(err):
+            raise
+        raise ValueError(f"method {spec.name} reads the expert weights while planning, which --sequential does "
+                         "not hold in memory; use a method that plans from calibration statistics (moebench "
+                         "methods), or --no-sequential where the model fits") from err
     after = MoEView(model).expert_bytes()
     record = provenance(args.model, plan.method, paper=spec.paper, params=plan.params, ratio=args.ratio,
                         keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,
                         expert_bytes=(before, after), revision=args.revision)
     record_provenance(model, record)  # config.json's "moebench" key
-    save_folder(args.out, {"checkpoint": lambda d: save_pruned(model, d, shown_as=args.out),
+    if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole
+        source = LayeredCheckpoint(layered.path, dtype=layered.dtype, device="cpu")
+
+        def checkpoint(d):
+            save_streaming(source, plan.keep, d, model.config, merge=plan.merge, progress=on_terminal())
+    else:
+        def checkpoint(d):
+            save_pruned(model, d, shown_as=args.out)
+    save_folder(args.out, {"checkpoint": checkpoint,
                            "tokenizer": tokenizer.save_pretrained,
                            "plan.json": lambda d: plan.save(os.path.join(d, "plan.json")),
                            "README.md": lambda d: write_card(d, record)})

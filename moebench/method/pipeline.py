@@ -22,6 +22,7 @@ from moebench.method.registry import (
     realised_ratio,
     resolve_budget,
 )
+from moebench.moe.layered import LAYERED_ATTR
 from moebench.moe.merge import validate_merge
 from moebench.moe.ops import validate_keep
 from moebench.moe.skipping import naee_betas
@@ -116,7 +117,8 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
     settings = request.collect_settings()
     folder = cache_dir(request.stats_dir or default_stats_dir(),
                        model_key(model, request.model_id, request.revision), calib.key, settings)
-    device = next(model.parameters()).device
+    layered = getattr(model, LAYERED_ATTR, None)  # a skeleton opened layer by layer: its parameters are meta
+    device = layered.device if layered is not None else next(model.parameters()).device
     return get_stats(model, lambda: calib.tokens(tokenizer).to(device), groups, folder, settings, progress)
 
 

@@ -170,6 +170,9 @@ class LayeredCheckpoint:
             if id(p) in names:
                 self.tied[name] = names[id(p)]
             names.setdefault(id(p), name)
+        if getattr(self.model.config, "tie_word_embeddings", False) and hasattr(self.model,
+                                                                                "get_expanded_tied_weights_keys"):
+            self.tied.update(self.model.get_expanded_tied_weights_keys(all_submodels=True))  # as from_pretrained ties
         self.layer_names = {i: name for name, module in self.model.named_modules()
                             for i, layer in enumerate(decoder_layers(self.model)) if module is layer}
         self._fingerprint: str | None = None
@@ -317,3 +320,50 @@ def _is_embedding(key: str, model: nn.Module) -> bool:
 def to_device(value, device):
     """``value`` (a batch's layer keyword arguments) with its tensors on ``device``."""
     return _to(value, device, {})
+
+
+def checkpoint_bytes(name_or_path: str, revision: str | None = None) -> int | None:
+    """Bytes of a checkpoint's safetensors weights: the files of a folder, or a hub index's ``total_size``
+    (None where neither can be read, e.g. a hub id offline)."""
+    from moebench.moe.checkpoint import resolve
+
+    path = resolve(name_or_path)
+    if os.path.isdir(path):
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+        return sum(os.path.getsize(os.path.join(path, f)) for f in files) or None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(path, INDEX_FILE, revision=revision), encoding="utf-8") as f:
+            return int(json.load(f)["metadata"]["total_size"])
+    except Exception:  # no index (a single-file model is small), offline, or no such repository
+        return None
+
+
+def free_bytes(device: str | torch.device) -> int | None:
+    """Free memory of ``device``: the GPU's free memory, or the machine's available memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def sequential_needed(name_or_path: str, device: str | torch.device, revision: str | None = None) -> str | None:
+    """Why the model must be worked on one layer at a time (its weights exceed the device's free
+    memory), as a log line; None when it fits or its size is unknown."""
+    size, free = checkpoint_bytes(name_or_path, revision), free_bytes(device)
+    if size is None or free is None or size <= free:
+        return None
+    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB) exceed the free memory of {device} "
+            f"({free / 2**30:.1f} GiB); working one decoder layer at a time (sequential; --no-sequential "
+            "or sequential=false to load it whole)")

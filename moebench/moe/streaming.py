@@ -1,0 +1,90 @@
+"""Streaming prune to disk: write a pruned (or merged) checkpoint one decoder layer at a time.
+
+`save_streaming(checkpoint, keep, out_dir, merge=None)` never holds more than one decoder layer
+(or one non-layer tensor, such as the embeddings) in memory: for each decoder layer it reads
+that layer's tensors from the source shards (`moebench.moe.layered`), applies the plan to that
+layer only (merge groups, then the kept experts), converts the layer back to the checkpoint's
+key names as ``save_pretrained`` does (transformers' reverse conversion; with uneven per-layer
+counts the fused names, which only moebench loads, as `moebench.moe.checkpoint.save_pruned`),
+and writes it as one shard; the other tensors are copied one at a time. The index
+(``model.safetensors.index.json``), ``config.json`` (the pruned model's, from the skeleton the
+plan was applied to) and ``generation_config.json`` are written as transformers writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from moebench.moe.layered import LayeredCheckpoint, decoder_layers
+from moebench.moe.merge import _merge_group
+from moebench.moe.ops import _prune_layer
+from moebench.moe.view import MoEView
+
+INDEX = "model.safetensors.index.json"
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], out_dir: str, config,
+                   merge: dict | None = None, progress: bool = False) -> dict[str, int]:
+    """Write the checkpoint pruned to ``keep`` (per MoE layer) into ``out_dir``, one layer at a time.
+
+    ``config``: the pruned model's config (the skeleton's after the plan was applied). ``merge``:
+    the plan's merge groups per layer (merged tensors are written into each group's ``into``
+    expert before the others are dropped). Returns ``{"shards", "bytes"}``.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moebench.moe.checkpoint import per_layer_counts
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = checkpoint.model
+    view = MoEView(model)
+    moe = {layer.index: layer for layer in view.layers}
+    uniform = per_layer_counts(config) is None
+    n_layers = len(decoder_layers(model))
+    n_shards = n_layers + len(checkpoint.other_keys)  # a shard per decoder layer and per other tensor
+    weight_map, total = {}, 0
+
+    def write(tensors: dict[str, torch.Tensor], shard: int) -> None:
+        nonlocal total
+        name = _shard_name(shard, n_shards)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+
+    for index in tqdm(range(n_layers), desc="writing pruned layers", unit="layer", disable=not progress):
+        layer_module = checkpoint.materialise(index)
+        try:
+            if index in moe:
+                with torch.no_grad():
+                    for group in (merge or {}).get(index, []):
+                        _merge_group(moe[index], group)
+                    _prune_layer(moe[index], list(keep.get(index, range(moe[index].num_experts))))
+            tensors = layer_module.state_dict(prefix=checkpoint.layer_names[index] + ".")
+            if uniform:  # the checkpoint's own key names, as save_pretrained writes them
+                tensors = revert_weight_conversion(model, tensors)
+            write(dict(tensors), index)
+        finally:
+            checkpoint.release(layer_module)
+            del layer_module
+    for j, key in enumerate(checkpoint.other_keys):  # embeddings, norm, head: copied, in the model's dtype
+        t = checkpoint.read([key])[key]
+        write({key: t.to(checkpoint.dtype) if t.is_floating_point() else t}, n_layers + j)
+    with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        f.write("\n")
+    config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and model.can_generate():
+        generation.save_pretrained(out_dir)
+    return {"shards": len(set(weight_map.values())), "bytes": total}

@@ -1,0 +1,78 @@
+"""Streaming prune to disk: a checkpoint written one decoder layer at a time equals in-memory prune + save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tiny_models import sample_ids, tiny_model
+from transformers import AutoModelForCausalLM
+
+from moebench.moe.layered import LayeredCheckpoint
+from moebench.moe.ops import prune
+from moebench.moe.streaming import save_streaming
+from moebench.moe.view import MoEView
+
+
+def keys_of(folder: str) -> set[str]:
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    keys = set()
+    for shard in set(index["weight_map"].values()):
+        with safe_open(os.path.join(folder, shard), framework="pt") as f:
+            keys |= set(f.keys())
+    assert keys == set(index["weight_map"])
+    return keys
+
+
+def saved_keys(folder: str) -> set[str]:
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_streamed_checkpoint_equals_in_memory_prune(family, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "source")
+    keep = {i: [0, 1, 3, 5, 6, 7] for i in MoEView(model).indices}
+    skeleton = LayeredCheckpoint(str(tmp_path / "source"))
+    prune(skeleton.model, keep)  # the plan applied to the meta skeleton gives the pruned config
+    save_streaming(LayeredCheckpoint(str(tmp_path / "source")), keep, str(tmp_path / "streamed"), skeleton.model.config)
+    prune(model, keep)
+    model.save_pretrained(tmp_path / "in-memory")
+    assert keys_of(str(tmp_path / "streamed")) == saved_keys(str(tmp_path / "in-memory"))  # as transformers names them
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_ids()).logits, model(sample_ids()).logits)
+
+
+def run(*args, env):
+    return subprocess.run([sys.executable, "-m", "moebench.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_prune_sequential_cli_equals_prune(tmp_path):
+    """`moebench prune --sequential` (calibration and writing one layer at a time) gives the same plan and
+    logits as `moebench prune`, for a pruning and a merging method."""
+    env = {**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")}
+    common = ["--calib", "testbed:mix", "--samples", "8", "--seq-len", "64"]
+    for method in ("reap", "hc_smoe"):
+        outs, logs = {}, {}
+        for mode in ("--sequential", "--no-sequential"):
+            out = str(tmp_path / f"{method}{mode}")
+            done = run("prune", "testbed-8e", "--method", method, "--ratio", "0.5", *common, mode, "--out", out,
+                       env=env)
+            assert done.returncode == 0, done.stderr[-2000:]
+            outs[mode], logs[mode] = out, done.stderr
+        assert "sequential calibration: done" in logs["--sequential"]
+        assert "calibration" not in logs["--no-sequential"]  # one cache entry: the statistics were found
+        plans = [json.loads((Path(o) / "plan.json").read_text())["keep"] for o in outs.values()]
+        assert plans[0] == plans[1]
+        models = [AutoModelForCausalLM.from_pretrained(o).eval() for o in outs.values()]
+        ids = sample_ids(batch=2, length=16)
+        with torch.no_grad():
+            assert torch.equal(models[0](ids).logits, models[1](ids).logits), method
