@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +46,7 @@ def collect_sequential(checkpoint: LayeredCheckpoint, tokens: torch.Tensor, grou
     if unknown:
         raise ValueError(f"unknown statistic groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
     settings = settings or CollectSettings()
-    model, device = checkpoint.model, checkpoint.device
+    model = checkpoint.model
     view = MoEView(model)
     moe = {layer.index: layer for layer in view.layers}
     total = tokens.numel()
@@ -62,23 +63,12 @@ def collect_sequential(checkpoint: LayeredCheckpoint, tokens: torch.Tensor, grou
     result = {}
     for index in tqdm(range(len(layers)), desc="sequential calibration", unit="layer", disable=not bar):
         layer_module = checkpoint.materialise(index)
-        acc = hooks = None
+        acc = None
         if index in moe:
-            layer = moe[index]
-            acc = _LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen)
-            hooks = [layer.router.register_forward_hook(acc.router_seen)]
-            if not layer.family.experts_slot:
-                hooks.append(layer.block.register_forward_pre_hook(_block_observer(acc)))
+            acc = _LayerAccumulator(moe[index], groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen)
         try:
-            with torch.no_grad(), use_moebench_kernel(model), \
-                    observing([acc.layer.experts] if acc and acc.layer.family.experts_slot else [],
-                              [acc] if acc and acc.layer.family.experts_slot else []):
-                for b, h in enumerate(hidden):
-                    out = layer_module(h.to(device), **to_device(kwargs[index][b], device))
-                    hidden[b] = (out[0] if isinstance(out, tuple) else out).to("cpu")
+            run_layer(checkpoint, layer_module, hidden, kwargs[index], acc)
         finally:
-            for hook in hooks or []:
-                hook.remove()
             checkpoint.release(layer_module)
         kwargs[index] = None  # this layer's masks and position embeddings are not needed again
         if acc is not None:
@@ -87,3 +77,27 @@ def collect_sequential(checkpoint: LayeredCheckpoint, tokens: torch.Tensor, grou
     if progress and not bar:
         print(f"sequential calibration: done in {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
     return result
+
+
+def run_layer(checkpoint: LayeredCheckpoint, layer_module, hidden: list, kwargs: list, acc=None,
+              kernel: bool = True) -> None:
+    """Run every batch's hidden states through one materialised decoder layer, in place (``hidden[b]``
+    becomes the layer's output, on the CPU); ``acc``: the layer's statistics accumulator (None: no
+    observation). ``kernel``: moebench's experts kernel (needed to observe); False keeps the model's own."""
+    model, device = checkpoint.model, checkpoint.device
+    hooks, slot = [], []
+    if acc is not None:
+        hooks.append(acc.layer.router.register_forward_hook(acc.router_seen))
+        if acc.layer.family.experts_slot:
+            slot = [acc]
+        else:
+            hooks.append(acc.layer.block.register_forward_pre_hook(_block_observer(acc)))
+    try:
+        with torch.no_grad(), (use_moebench_kernel(model) if kernel else nullcontext()), \
+                observing([a.layer.experts for a in slot], slot):
+            for b, h in enumerate(hidden):
+                out = layer_module(h.to(device), **to_device(kwargs[b], device))
+                hidden[b] = (out[0] if isinstance(out, tuple) else out).to("cpu")
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-overhead": ("moebench.cli.bench_overhead",
                        "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
     "bench-naee": ("moebench.cli.bench_naee", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
+    "bench-scale": ("moebench.cli.bench_scale",
+                    "memory and time of sequential calibration + streaming prune on a model with real layer shapes"),
     "report": ("moebench.cli.report", "a study's tables -> reports/<study>/: report.md, report.pdf, figures, LaTeX"),
     "leaderboard": ("moebench.cli.leaderboard", "regenerate reports/leaderboard.md and .html from all results"),
 }

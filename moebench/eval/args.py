@@ -18,7 +18,8 @@ from moebench.util import did_you_mean
 # pruned_moe's own model_args and their defaults.
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
-            "skip_beta": None, "offload": False, "subsample_tokens": None, "ratio_samples": None}
+            "skip_beta": None, "offload": False, "subsample_tokens": None, "ratio_samples": None,
+            "sequential": False}
 APPLY_MODES = ("physical", "mask")
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
@@ -117,7 +118,9 @@ class PrunedMoESettings:
     parameters; ``ratio`` / ``keep`` the budget; ``calib`` ... ``stats_dir`` the calibration;
     ``apply`` physical | mask; ``skip`` / ``skip_beta`` dynamic skipping; ``offload`` for select methods;
     ``subsample_tokens`` / ``ratio_samples`` the statistics settings (None: the defaults of
-    `moebench.calib.stats.CollectSettings`; 0: every calibration token).
+    `moebench.calib.stats.CollectSettings`; 0: every calibration token). ``sequential``: calibrate
+    one decoder layer at a time and write the pruned checkpoint shard by shard before lm-eval loads
+    it (the unpruned model is never loaded whole; the pruned one must fit for the evaluation).
     """
 
     method: str = "none"
@@ -135,6 +138,7 @@ class PrunedMoESettings:
     offload: bool = False
     subsample_tokens: int | None = None
     ratio_samples: int | None = None
+    sequential: bool = False
 
     @property
     def spec(self) -> MethodSpec:
@@ -161,7 +165,7 @@ class PrunedMoESettings:
                        skip="none" if args["skip"] is None else str(args["skip"]).strip().lower(),
                        skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]),
                        subsample_tokens=_optional(args["subsample_tokens"], int),
-                       ratio_samples=_optional(args["ratio_samples"], int))
+                       ratio_samples=_optional(args["ratio_samples"], int), sequential=_flag(args["sequential"]))
         settings._check()
         return settings
 
@@ -188,6 +192,10 @@ class PrunedMoESettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be >= 0 (tokens kept for the statistics; 0 = every token)")
+        if self.sequential and (spec.is_identity or spec.kind not in ("prune", "merge") or self.apply != "physical"):
+            raise ValueError(f"sequential=true writes the pruned checkpoint one layer at a time before the evaluation: "
+                             f"it needs a prune or merge method with apply=physical, not method={self.method}, "
+                             f"apply={self.apply}")
         if self.offload and spec.kind != "select":
             raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
                              f"(premoe_taer, prep), not {self.method}")

@@ -33,7 +33,9 @@ from lm_eval.models.huggingface import HFLM
 from moebench.eval.args import EXECUTION_ARGS, PrunedMoESettings, split_model_args
 from moebench.eval.plugin import register as _register
 from moebench.eval.select import SelectMixin
-from moebench.method.pipeline import PlanRequest, calib_key, prepare
+from moebench.method.apply import Applied
+from moebench.method.pipeline import PlanRequest, calib_key, prepare, skip_betas
+from moebench.method.plan import Plan
 from moebench.method.registry import resolve_budget
 from moebench.moe.checkpoint import loading_bars, resolve
 from moebench.moe.skipping import skip_report
@@ -79,8 +81,15 @@ class PrunedMoELM(SelectMixin, HFLM):
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
         self.settings = PrunedMoESettings.from_args(own, params)
         hf.pop("pretrained")
+        self._presliced = None  # sequential=true: (pruned folder, sizes of the unpruned model)
+        load_from = resolve(pretrained) if isinstance(pretrained, str) else pretrained
+        if self.settings.sequential:
+            if not isinstance(pretrained, str):
+                raise ValueError("sequential=true reads a checkpoint layer by layer: "
+                                 "give pretrained=<hub id or folder>")
+            load_from = self._prune_sequentially(pretrained, hf)
         with loading_bars():
-            super().__init__(pretrained=resolve(pretrained) if isinstance(pretrained, str) else pretrained, **hf)
+            super().__init__(pretrained=load_from, **hf)
         self.pretrained_id = self._pretrained_id(pretrained)
         self.request = self._plan_request(hf.get("revision"))
         s = self.settings
@@ -91,6 +100,49 @@ class PrunedMoELM(SelectMixin, HFLM):
         self._relabelled = None
 
     # ----- construction helpers ----------------------------------------------------------------
+
+    def _prune_sequentially(self, pretrained: str, hf: dict) -> str:
+        """Plan on a layer-by-layer skeleton (`moebench.moe.layered`) and write the pruned checkpoint shard by
+        shard into ``$MOEBENCH_CACHE/pruned/<key>`` (reused when present); returns that folder."""
+        from transformers import AutoTokenizer
+
+        from moebench.calib.cache import default_stats_dir, model_key
+        from moebench.method.apply import apply
+        from moebench.method.pipeline import make_plan
+        from moebench.moe.checkpoint import default_device, save_folder
+        from moebench.moe.layered import LayeredCheckpoint
+        from moebench.moe.streaming import save_streaming
+
+        s = self.settings
+        device = str(hf.get("device") or default_device())
+        if device.startswith("cuda") and not torch.cuda.is_available():  # as HFLM falls back
+            device = "cpu"
+        layered = LayeredCheckpoint(pretrained, dtype=hf.get("dtype", "auto"), revision=hf.get("revision"),
+                                    device=device)
+        tokenizer = AutoTokenizer.from_pretrained(layered.path)
+        config = MoEView(layered.model).config
+        seq_len = s.calib_seq_len or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+        request = s.request(self._pretrained_id(pretrained), hf.get("revision"), seq_len)
+        before = model_sizes(layered.model)
+        identity = {"model": model_key(layered.model, request.model_id, request.revision), "method": s.method,
+                    "params": s.params, "ratio": s.ratio, "keep": s.keep, "calib": calib_key(request, s.spec.kind),
+                    "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype)}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        root = os.path.dirname(s.stats_dir or default_stats_dir())
+        folder = os.path.join(root, "pruned", f"{s.method}-{digest}")
+        if os.path.exists(os.path.join(folder, "plan.json")):
+            log.info("pruned_moe: sequential=true: the pruned checkpoint %s exists; evaluating it", folder)
+        else:
+            plan = make_plan(layered.model, tokenizer, request)
+            apply(layered.model, plan, "physical")  # the meta skeleton: the pruned config
+            source = LayeredCheckpoint(layered.path, dtype=layered.dtype, device="cpu")
+            save_folder(folder, {"checkpoint": lambda d: save_streaming(source, plan.keep, d, layered.model.config,
+                                                                        merge=plan.merge),
+                                 "tokenizer": tokenizer.save_pretrained,
+                                 "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})
+            log.info("pruned_moe: sequential=true: wrote the pruned checkpoint to %s", folder)
+        self._presliced = (folder, before)
+        return folder
 
     @staticmethod
     def _pretrained_id(pretrained) -> str:
@@ -103,6 +155,8 @@ class PrunedMoELM(SelectMixin, HFLM):
         """The plan request; the budget is checked against the model now (no statistics needed)."""
         s = self.settings
         seq_len = s.calib_seq_len
+        if self._presliced is not None:  # the loaded model is pruned already; the budget was checked on the source
+            return s.request(self.pretrained_id, revision, seq_len or 2048)
         if not s.spec.is_identity or s.skip != "none":
             view = MoEView(self.model)
             if not s.spec.is_identity:
@@ -202,7 +256,15 @@ class PrunedMoELM(SelectMixin, HFLM):
         record = {"variant": self.variant_name, "variant_id": self.variant_id, "pretrained": self.pretrained_id,
                   "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
                   "calib": self.calib_key, "seed": s.seed, "apply": s.apply, "skip": s.skip}
-        self.applied = prepare(model, self.tokenizer, self.request, s.apply, s.offload, progress=self.rank == 0)
+        if self._presliced is not None:  # sequential=true: loaded pruned; only skipping remains to switch on
+            folder, before = self._presliced  # the sizes of the unpruned model, counted on its skeleton
+            self.applied = Applied(model, Plan.load(os.path.join(folder, "plan.json")), "physical")
+            if self.request.skip != "none":
+                self.applied.enable_skip(skip_betas(model, self.tokenizer, self.request, self.rank == 0),
+                                         self.request.skip)
+            record["sequential"] = folder
+        else:
+            self.applied = prepare(model, self.tokenizer, self.request, s.apply, s.offload, progress=self.rank == 0)
         plan = self.applied.plan
         seconds = round(time.perf_counter() - start, 3)
         if s.spec.is_identity:

@@ -42,3 +42,34 @@ def test_prune_then_lm_eval_share_one_statistics_folder(tmp_path):
     assert "testbed_logic_quick" in second.stdout
     assert snapshot(stats) == before  # no new statistics folder, no file rewritten: nothing was collected
     assert "calibration" not in second.stdout + second.stderr
+
+
+def task_rows(stdout: str) -> list[str]:
+    """The result table's rows of the task (name, metric, value columns)."""
+    return [line for line in stdout.splitlines() if "testbed_logic_quick" in line or "|acc" in line]
+
+
+@pytest.mark.slow
+def test_lm_eval_sequential_true_scores_as_the_in_memory_prune(tmp_path):
+    """`sequential=true`: calibrated layer by layer, pruned shard by shard into the cache, then evaluated: the
+    scores equal those of the model pruned in memory, and a second run reuses the pruned checkpoint."""
+    stats = tmp_path / "cache" / "stats"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = (f"pretrained=testbed-8e,method=reap,ratio=0.5,calib=testbed:mix,calib_samples=8,"
+            f"calib_seq_len=64,stats_dir={stats}")
+
+    def lm_eval(extra: str) -> str:
+        done = subprocess.run([os.path.join(BIN, "lm_eval"), "--model", "pruned_moe", "--model_args", base + extra,
+                               "--tasks", "testbed_logic_quick", "--limit", "16", "--batch_size", "8"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    plain, first = lm_eval(""), lm_eval(",sequential=true")
+    assert task_rows(plain) and [r.split("|")[-3:] for r in task_rows(first)] == \
+        [r.split("|")[-3:] for r in task_rows(plain)]
+    pruned = list((tmp_path / "cache" / "pruned").iterdir())
+    assert len(pruned) == 1 and (pruned[0] / "model.safetensors.index.json").exists()
+    written = snapshot(pruned[0])
+    assert task_rows(lm_eval(",sequential=true")) == task_rows(first)
+    assert snapshot(pruned[0]) == written  # the second run evaluated the same pruned checkpoint, unrewritten
