@@ -42,7 +42,9 @@ def reconstruction_loss(layer, stats: dict, kept, reference: torch.Tensor | None
     return per_group.sqrt().sum().item()
 
 
-GRAM_MAX_EXPERTS = 32  # per-token Gram matrices [n, E, E] in float64 up to this many experts
+GRAM_MAX_EXPERTS = 128  # per-token Gram matrices [n, E, E] in float64 up to this many experts
+GRAM_MAX_BYTES = 2 << 30  # ... and up to this size (E=128, n=2048: 268 MB); beyond, outputs are gathered
+GRAM_CHUNK_TOKENS = 256  # tokens per float64 einsum while the Gram matrices are built (bounds the copy)
 
 
 class Recombiner:
@@ -54,7 +56,7 @@ class Recombiner:
         ||F(x_t) - sum_j w_j o_{t,i_j}||^2
             = ||F(x_t)||^2 - 2 sum_j w_j <F(x_t), o_{t,i_j}> + sum_j sum_l w_j w_l <o_{t,i_j}, o_{t,i_l}>
 
-    With up to ``GRAM_MAX_EXPERTS`` experts the per-token Gram matrices <o_{t,e}, o_{t,f}> are
+    With up to ``GRAM_MAX_EXPERTS`` experts (and ``GRAM_MAX_BYTES``) the per-token Gram matrices <o_{t,e}, o_{t,f}> are
     computed once in float64 and all three terms (the reference F(x_t) is itself a combination) are
     read from them, so a subset costs O(n k^2) instead of O(n k H) and a routing equal to the
     reference's scores exactly 0; beyond that the outputs are gathered and combined directly.
@@ -75,9 +77,8 @@ class Recombiner:
         self.reference = None  # the unpruned routed output, for the gathered path only
         self.tokens = torch.arange(n)
         self.gram = None
-        if n_experts <= GRAM_MAX_EXPERTS:
-            o = self.outputs.double()
-            self.gram = torch.einsum("neh,nfh->nef", o, o)  # [n, E, E]
+        if n_experts <= GRAM_MAX_EXPERTS and n * n_experts * n_experts * 8 <= GRAM_MAX_BYTES:
+            self.gram = _gram(self.outputs)
             with torch.no_grad():
                 routing = layer.route(self.x)
             weights = layer.output_weights(routing.weights)
@@ -137,6 +138,16 @@ class Recombiner:
         with torch.no_grad(), layer_mask(self.layer, subset):
             routing = self.layer.route(self.x)
         return routing.indices.unsqueeze(0).cpu(), self.layer.output_weights(routing.weights).float().unsqueeze(0).cpu()
+
+
+def _gram(outputs: torch.Tensor) -> torch.Tensor:
+    """Per-token Gram matrices ``[n, E, E]`` (float64) of ``outputs [n, E, H]``, built a chunk of tokens at a time."""
+    n, n_experts, _ = outputs.shape
+    gram = torch.empty(n, n_experts, n_experts, dtype=torch.float64)
+    for start in range(0, n, GRAM_CHUNK_TOKENS):
+        o = outputs[start:start + GRAM_CHUNK_TOKENS].double()
+        torch.bmm(o, o.transpose(1, 2), out=gram[start:start + GRAM_CHUNK_TOKENS])
+    return gram
 
 
 def _combine(layer, x, outputs, kept):

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moebench.cli.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),
     "bench-overhead": ("moebench.cli.bench_overhead",
                        "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
+    "bench-kernel": ("moebench.cli.bench_kernel", "experts kernel speed vs transformers' default at real widths"),
     "bench-naee": ("moebench.cli.bench_naee", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
     "bench-scale": ("moebench.cli.bench_scale",
                     "memory and time of sequential calibration + streaming prune on a model with real layer shapes"),

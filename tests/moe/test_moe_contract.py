@@ -189,3 +189,66 @@ def test_transformers4_style_experts_are_an_error():
     block.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(8)])
     with pytest.raises(MoEError, match=r"transformers 4\.x style"):
         _ = MoEView(model).layers  # the layers are resolved on access
+
+
+@pytest.mark.parametrize("decode_max_tokens", [0, 10_000])
+def test_moebench_kernel_equals_eager_on_both_paths(family, decode_max_tokens, monkeypatch):
+    """The loop path (prefill) and the grouped path (decode) of the moebench kernel give the eager
+    kernel's logits, hand an observer the same per-expert outputs, and skip the same pairs."""
+    from moebench.moe import kernels
+    from moebench.moe.skipping import disable_skipping, enable_skipping
+
+    model = tiny_model(family)
+    view = MoEView(model)
+    experts = [layer.experts for layer in view.layers]
+    if not view.family.experts_slot:
+        pytest.skip(f"{family}: experts run outside transformers' experts slot (no kernel to compare)")
+    ids = sample_ids(2, 4)  # 8 tokens per call: the grouped path below its threshold
+    model.set_experts_implementation("eager")
+    reference = logits(model, ids)
+
+    class Record:
+        def __init__(self):
+            self.seen = []
+
+        def routed(self, module, hidden, index, weights, outputs):
+            self.seen.append({e: tuple(t.clone() for t in v) for e, v in outputs.items()})
+
+    monkeypatch.setattr(kernels, "DECODE_MAX_TOKENS", decode_max_tokens)
+    grouped = decode_max_tokens > 0
+    assert kernels.uses_grouped_path(torch.zeros(8, 4), None) == grouped
+    records = [Record() for _ in experts]
+    with kernels.use_moebench_kernel(model), kernels.observing(experts, records):
+        assert torch.allclose(logits(model, ids), reference, atol=1e-5)
+    for module, record in zip(experts, records, strict=True):
+        assert len(record.seen) == 1 and record.seen[0]
+        for e, (token, gate, y) in record.seen[0].items():
+            assert token.tolist() == sorted(token.tolist())  # tokens ascending, as the loop reports them
+            assert torch.allclose(y, kernels.expert_forward(module, e, _block_inputs(model, ids, module)[token]),
+                                  atol=1e-5)
+            assert gate.shape == token.shape
+    betas = {layer.index: 0.5 for layer in view.layers}
+    enable_skipping(model, betas)
+    with kernels.use_moebench_kernel(model):
+        skipped = logits(model, ids)
+    disable_skipping(model)
+    monkeypatch.setattr(kernels, "DECODE_MAX_TOKENS", 10_000 - decode_max_tokens)  # the other path
+    enable_skipping(model, betas)
+    with kernels.use_moebench_kernel(model):
+        assert torch.allclose(logits(model, ids), skipped, atol=1e-5)
+    disable_skipping(model)
+
+
+def _block_inputs(model, ids, experts_module) -> torch.Tensor:
+    """The input ``[T, H]`` that ``experts_module`` receives in a forward of ``ids``."""
+    seen = {}
+
+    def keep(module, args):
+        seen.setdefault("x", args[0].detach())  # returns None: the input is not replaced
+
+    hook = experts_module.register_forward_pre_hook(keep)
+    try:
+        logits(model, ids)
+    finally:
+        hook.remove()
+    return seen["x"]
