@@ -76,3 +76,11 @@ def test_prune_sequential_cli_equals_prune(tmp_path):
         ids = sample_ids(batch=2, length=16)
         with torch.no_grad():
             assert torch.equal(models[0](ids).logits, models[1](ids).logits), method
+
+
+def test_a_method_reading_weights_is_refused_under_sequential_with_the_reason(tmp_path):
+    done = run("prune", "testbed-8e", "--method", "weight_norm", "--ratio", "0.5", "--sequential",
+               "--out", str(tmp_path / "out"), env={**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2
+    assert "reads the expert weights while planning" in done.stderr and "--no-sequential" in done.stderr
+    assert not (tmp_path / "out").exists()
