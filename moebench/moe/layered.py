@@ -48,6 +48,17 @@ def combine_digests(digests: dict[str, bytes]) -> str:
     return h.hexdigest()[:16]
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps a freed layer's many few-MB tensors, such as
+    per-expert checkpoint tensors, in its heap otherwise, and the process grows layer after layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class LayeredLoadError(ValueError):
     """A checkpoint that cannot be read one layer at a time; the message says why and the fix."""
 
@@ -196,8 +207,31 @@ class LayeredCheckpoint:
                     tensors[key] = handle.get_tensor(key)
         return tensors
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load checkpoint tensors into the skeleton through transformers' checkpoint conversion."""
+    def load_from_shards(self, names: list[str]) -> None:
+        """Load the checkpoint tensors ``names`` into the skeleton, each read from its shard only when
+        transformers' conversion needs it (lazy slices, read one after another, not all up front)."""
+        from safetensors import safe_open
+
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # no reading ahead on a thread pool: bounded memory
+        try:
+            with ExitStack() as stack:
+                slices = {}
+                for file, keys in by_file.items():
+                    handle = stack.enter_context(safe_open(file, framework="pt"))
+                    slices.update({key: handle.get_slice(key) for key in keys})
+                self.load(slices)
+        finally:
+            if previous is None:
+                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
+
+    def load(self, tensors: dict) -> None:
+        """Load checkpoint tensors (or safetensors slices) into the skeleton through transformers' conversion."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
@@ -217,7 +251,7 @@ class LayeredCheckpoint:
     def materialise(self, index: int) -> nn.Module:
         """Decoder layer ``index`` with its weights read from the shards; every parameter is real after it."""
         layer = decoder_layers(self.model)[index]
-        self.load(self.read(self.layer_keys[index]))
+        self.load_from_shards(self.layer_keys[index])
         meta = [name for name, p in layer.named_parameters() if p.is_meta]
         if meta:
             raise LayeredLoadError(f"{self.path}: decoder layer {index} lacks {meta[:3]} in the checkpoint")
@@ -230,6 +264,7 @@ class LayeredCheckpoint:
             for name, p in list(sub.named_parameters(recurse=False)):
                 if not p.is_meta:
                     setattr(sub, name, nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+        trim_heap()
 
     def fingerprint(self) -> str:
         """The statistics-cache fingerprint of the loaded model (`moebench.calib.cache.model_fingerprint`),
@@ -290,7 +325,7 @@ class LayeredCheckpoint:
         layers = decoder_layers(self.model)
         originals = list(layers)
         embed = self.model.get_input_embeddings()
-        self.load(self.read([k for k in self.other_keys if _is_embedding(k, self.model)]))
+        self.load_from_shards([k for k in self.other_keys if _is_embedding(k, self.model)])
         hidden, kwargs = [], defaultdict(list)
         try:
             for start in range(0, tokens.shape[0], batch_size):
