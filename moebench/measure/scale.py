@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -88,11 +87,11 @@ def build_random_checkpoint(folder: str, config, seed: int = 0, progress: bool =
     """Write a random model of ``config`` to ``folder`` one decoder layer at a time (safetensors shards,
     the checkpoint's own key names, an index), plus a word-level tokenizer of its vocabulary."""
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
     from moebench.moe.layered import decoder_layers
+    from moebench.moe.streaming import ShardWriter
 
     os.makedirs(folder, exist_ok=True)
     with init_empty_weights(include_buffers=False):
@@ -103,7 +102,7 @@ def build_random_checkpoint(folder: str, config, seed: int = 0, progress: bool =
     parts += [(f"model.{name}", module) for name, module in model.model.named_children() if name != "layers"]
     parts = [(name, module) for name, module in parts if any(True for _ in module.parameters())]
     generator = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
+    shards = ShardWriter(folder, len(parts))
     for n, (prefix, module) in enumerate(parts):
         began = time.perf_counter()
         module.to_empty(device="cpu")
@@ -114,21 +113,15 @@ def build_random_checkpoint(folder: str, config, seed: int = 0, progress: bool =
                 else:
                     p.normal_(0.0, 0.02, generator=generator)
         tensors = revert_weight_conversion(model, module.state_dict(prefix=prefix + "."))
-        shard = f"model-{n + 1:05d}-of-{len(parts):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, shard),
-                  metadata={"format": "pt"})
-        for key, t in tensors.items():
-            weight_map[key] = shard
-            total += t.numel() * t.element_size()
+        shards.write(tensors, n)
         module.to("meta")
         del tensors
         if progress:
             print(f"  wrote {prefix} ({time.perf_counter() - began:.1f}s)", file=sys.stderr, flush=True)
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    written = shards.finish()
     config.save_pretrained(folder)
     _word_tokenizer(config.vocab_size).save_pretrained(folder)
-    return {"bytes": total}
+    return {"bytes": written["bytes"]}
 
 
 def _word_tokenizer(vocab: int):

@@ -26,8 +26,31 @@ from moebench.moe.view import MoEView
 INDEX = "model.safetensors.index.json"
 
 
-def _shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+class ShardWriter:
+    """Writes a checkpoint's shards one at a time (``model-0000i-of-0000n.safetensors``) and, last, the index."""
+
+    def __init__(self, folder: str, n_shards: int):
+        self.folder, self.n_shards = folder, n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write(self, tensors: dict[str, torch.Tensor], shard: int) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{shard + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(self.folder, name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            self.weight_map[key] = name
+            self.total += t.numel() * t.element_size()
+
+    def finish(self) -> dict[str, int]:
+        """Write the index as transformers does; ``{"shards", "bytes"}``."""
+        with open(os.path.join(self.folder, INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                      f, indent=2)
+            f.write("\n")
+        return {"shards": len(set(self.weight_map.values())), "bytes": self.total}
 
 
 def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], out_dir: str, config,
@@ -38,7 +61,6 @@ def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], ou
     the plan's merge groups per layer (merged tensors are written into each group's ``into``
     expert before the others are dropped). Returns ``{"shards", "bytes"}``.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -51,16 +73,7 @@ def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], ou
     uniform = per_layer_counts(config) is None
     n_layers = len(decoder_layers(model))
     n_shards = n_layers + len(checkpoint.other_keys)  # a shard per decoder layer and per other tensor
-    weight_map, total = {}, 0
-
-    def write(tensors: dict[str, torch.Tensor], shard: int) -> None:
-        nonlocal total
-        name = _shard_name(shard, n_shards)
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
-        for key, t in tensors.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+    shards = ShardWriter(out_dir, n_shards)
 
     for index in tqdm(range(n_layers), desc="writing pruned layers", unit="layer", disable=not progress):
         layer_module = checkpoint.materialise(index)
@@ -73,18 +86,16 @@ def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], ou
             tensors = layer_module.state_dict(prefix=checkpoint.layer_names[index] + ".")
             if uniform:  # the checkpoint's own key names, as save_pretrained writes them
                 tensors = revert_weight_conversion(model, tensors)
-            write(dict(tensors), index)
+            shards.write(dict(tensors), index)
         finally:
             checkpoint.release(layer_module)
             del layer_module
     for j, key in enumerate(checkpoint.other_keys):  # embeddings, norm, head: copied, in the model's dtype
         t = checkpoint.read([key])[key]
-        write({key: t.to(checkpoint.dtype) if t.is_floating_point() else t}, n_layers + j)
-    with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        f.write("\n")
+        shards.write({key: t.to(checkpoint.dtype) if t.is_floating_point() else t}, n_layers + j)
+    written = shards.finish()
     config.save_pretrained(out_dir)
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():
         generation.save_pretrained(out_dir)
-    return {"shards": len(set(weight_map.values())), "bytes": total}
+    return written
