@@ -79,7 +79,6 @@ def environment(model) -> dict:
 def evaluate(folder: str) -> None:
     """Run the cell in ``folder`` and write its result files (DONE last)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from moebench.eval.model import PrunedMoELM
     from moebench.measure.speed import (
@@ -92,7 +91,7 @@ def evaluate(folder: str) -> None:
         weight_bytes,
     )
     from moebench.moe.checkpoint import default_device
-    from moebench.tasks import task_dir
+    from moebench.tasks import task_manager
 
     with open(os.path.join(folder, "spec.json")) as f:
         meta = json.load(f)
@@ -103,7 +102,7 @@ def evaluate(folder: str) -> None:
     passed = {k: v for k, v in cell.lm_eval.items() if k != "batch_size"}  # batch_size is the model's
     results = lm_eval.simple_evaluate(
         model=lm, tasks=list(cell.tasks), **passed,
-        task_manager=TaskManager(include_path=[task_dir(), *cell.include_path]), random_seed=cell.seed,
+        task_manager=task_manager(cell.tasks, cell.include_path), random_seed=cell.seed,
         numpy_random_seed=cell.seed, torch_random_seed=cell.seed, fewshot_random_seed=cell.seed)
     record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
     metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}

@@ -123,15 +123,10 @@ def _check_measure(spec) -> list[str]:
 
 
 def _check_tasks(spec) -> list[str]:
-    from lm_eval.tasks import TaskManager
-
-    from moebench.tasks import task_dir
+    from moebench.tasks import task_manager
 
     tasks = as_list(spec["tasks"])
-    paths = [task_dir(), *as_list(spec.get("include_path") or [])]
-    known = set(TaskManager(include_path=paths, include_defaults=False).all_tasks)
-    if not set(tasks) <= known:  # indexing lm-eval's own tasks takes seconds: only when needed
-        known = set(TaskManager(include_path=paths).all_tasks)
+    known = set(task_manager(tasks, as_list(spec.get("include_path") or [])).all_tasks)
     return [f"task {t!r} is unknown to lm-eval{did_you_mean(t, known)}" for t in tasks if t not in known]
 
 

@@ -37,11 +37,9 @@ def compare_overhead(model: str, tasks: list[str], reps: int = 3, include_path: 
                      dtype: str = "float32") -> dict:
     """Alternate hf and pruned_moe runs after one warm-up; returns every run's seconds, the medians,
     their ratio and whether the scores agree."""
-    from lm_eval.tasks import TaskManager
-
     from moebench.eval.plugin import register
     from moebench.moe.checkpoint import default_device, resolve
-    from moebench.tasks import task_dir
+    from moebench.tasks import task_manager
 
     if reps < 1:
         raise ValueError(f"--reps {reps} must be >= 1")
@@ -49,7 +47,7 @@ def compare_overhead(model: str, tasks: list[str], reps: int = 3, include_path: 
     options = {"tasks": tasks, "batch_size": batch_size, "limit": limit, "device": device or default_device(),
                "dtype": dtype}
     pretrained = resolve(model)
-    manager = TaskManager(include_path=[task_dir()] + ([include_path] if include_path else []))
+    manager = task_manager(tasks, [include_path] if include_path else [])
     evaluate_once("hf", pretrained, options, manager)  # warm-up: imports, task data, file caches
     times: dict[str, list[float]] = {"hf": [], "pruned_moe": []}
     scores: dict[str, dict] = {}

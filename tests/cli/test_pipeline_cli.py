@@ -94,7 +94,10 @@ def test_calibrate_cli_takes_the_statistics_settings(saved_models, corpus, tmp_p
     saved = list((tmp_path / "stats").rglob("outputs.pt"))
     every = stats_cache._settings_hash(CollectSettings(subsample_tokens=0))
     assert len(saved) == 1 and saved[0].parent.name.endswith(every)
-    layer = next(iter(torch.load(saved[0], weights_only=True)["layers"].values()))
+    index = torch.load(saved[0], weights_only=True)
+    first = sorted(index["layers"])[0]
+    # outputs are kept one file per MoE layer, named by the index file
+    layer = torch.load(saved[0].parent / "outputs" / f"layer-{first}.pt", weights_only=True)["layers"][first]
     assert layer["all_outputs"].shape[0] == 64
     with pytest.raises(SystemExit):
         main([*args[:-1], "-5"])
