@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
 
 from moebench.method.registry import planner
-from moebench.moe.ops import layer_mask, row_mask
+from moebench.moe.ops import layer_mask, replayed_logits, router_linear_logits, row_mask
 from moebench.moe.view import MoEError
 
 CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subsets (128 MiB in fp32)
@@ -61,7 +62,9 @@ class Recombiner:
     read from them, so a subset costs O(n k^2) instead of O(n k H) and a routing equal to the
     reference's scores exactly 0; beyond that the outputs are gathered and combined directly.
     Many subsets share one router call, each copy of the inputs masked to its subset (`row_mask`); routers with a
-    score-correction bias (one selection per call) are routed one subset at a time. The loss per
+    score-correction bias (one selection per call) are routed one subset at a time. The router's
+    linear is computed once on the cached inputs and replayed for every subset (`replayed_logits`),
+    so a subset costs its softmax / top-k selection, not n H E multiply-adds. The loss per
     subset is the paper's sum over forward batches (``batch_sequences`` calibration sequences each)
     of the Frobenius norm of the error. Where the gate scales the expert's input, w_j = 1 (the
     cached output holds the gate).
@@ -76,6 +79,11 @@ class Recombiner:
         n, n_experts, hidden = self.outputs.shape
         self.reference = None  # the unpruned routed output, for the gathered path only
         self.tokens = torch.arange(n)
+        # the router's linear output on the cached inputs, computed once: every subset's re-routing
+        # replays it under its mask (the linear would otherwise cost n H E per subset)
+        self.logits = router_linear_logits(layer, self.x)
+        if self.logits is not None and not self._replay_matches():
+            self.logits = None
         self.gram = None
         if n_experts <= GRAM_MAX_EXPERTS and n * n_experts * n_experts * 8 <= GRAM_MAX_BYTES:
             self.gram = _gram(self.outputs)
@@ -86,22 +94,47 @@ class Recombiner:
             self.ref_sq = self._inner(self.ref_routing, self.ref_routing)  # [1, n]
         else:
             self.reference = _combine(layer, stats["inputs"], self.outputs, None) if reference is None else reference
-        # subsets per router call: the repeated inputs [C n, H] (and gathered outputs) stay near the chunk size
-        self.per_call = max(1, CHUNK_ELEMENTS // (n * hidden * (1 if self.gram is not None else layer.top_k)))
+        # subsets per router call: the repeated inputs [C n, H] (or, replayed, the logits [C n, E] and
+        # Gram entries [C n, k, k]) and gathered outputs stay near the chunk size
+        k = layer.top_k
+        per_token = (n_experts + k * k) if self.logits is not None else hidden
+        per_token = per_token if self.gram is not None else hidden * k
+        self.per_call = max(1, CHUNK_ELEMENTS // (n * per_token))
 
-    def _route(self, part: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _route(self, part: list, replay: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(indices, weights)`` ``[C, n, k]`` for the subsets in ``part``; None for correction-bias routers."""
         n = self.x.shape[0]
         allowed = torch.zeros(len(part), self.outputs.shape[1], dtype=torch.bool)
         for row, subset in enumerate(part):
             allowed[row, list(subset)] = True
         try:
-            with torch.no_grad(), row_mask(self.layer, allowed):
-                routing = self.layer.route(self.x.repeat(len(part), 1))
+            with torch.no_grad(), self._replay(len(part), replay) as inputs, row_mask(self.layer, allowed):
+                routing = self.layer.route(inputs)
         except MoEError:
             return None
         return (routing.indices.reshape(len(part), n, -1).cpu(),
                 self.layer.output_weights(routing.weights).reshape(len(part), n, -1).float().cpu())
+
+    @contextmanager
+    def _replay(self, copies: int, replay: bool = True):
+        """The router input for ``copies`` re-routings of the cached tokens. Replayed, the router's
+        linear reads the stored logits, so the input only gives the row count: one row broadcast
+        (no copy of ``copies x n x H``); otherwise the inputs repeated."""
+        if self.logits is None or not replay:
+            yield self.x.repeat(copies, 1)
+            return
+        with replayed_logits(self.layer, self.logits, copies):
+            yield self.x[:1].expand(copies * self.x.shape[0], -1)
+
+    def _replay_matches(self) -> bool:
+        """Whether replayed routing equals routing the real inputs, on the full set and the set without
+        expert 0 (checked once per layer: a router using its input beyond the linear is not replayed)."""
+        n_experts = self.outputs.shape[1]
+        probe = [tuple(range(n_experts))] + ([tuple(range(1, n_experts))] if n_experts > self.layer.top_k else [])
+        replayed, direct = self._route(probe), self._route(probe, replay=False)
+        if replayed is None:  # correction-bias router: one subset per call
+            replayed, direct = self._route_one(probe[-1]), self._route_one(probe[-1], replay=False)
+        return all(torch.equal(a, b) for a, b in zip(replayed, direct, strict=True))
 
     def _squared_errors(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Per-token squared error ``[C, n]`` (float64) of the routings ``indices`` / ``weights``."""
@@ -117,9 +150,12 @@ class Recombiner:
     def _inner(self, a: tuple, b: tuple) -> torch.Tensor:
         """<sum_j wa_j o_{ia_j}, sum_l wb_l o_{ib_l}> per token from the Gram matrices, ``[C, n]``."""
         (ia, wa), (ib, wb) = a, b
-        t = self.tokens[None, :, None, None]
-        pair = self.gram[t, ia[..., :, None], ib[..., None, :]]  # [C, n, k, k]
-        return torch.einsum("cnj,cnl,cnjl->cn", wa, wb, pair)
+        c, n, k = ia.shape
+        n_experts = self.gram.shape[-1]
+        flat = (ia.unsqueeze(-1) * n_experts + ib.unsqueeze(-2)).view(c, n, k * ib.shape[-1])
+        # one gather from the token's flattened [E * E] Gram row (no copy of the Gram per subset)
+        pair = torch.gather(self.gram.view(n, -1).expand(c, -1, -1), 2, flat).view(c, n, k, -1)  # [C, n, k, k]
+        return ((pair @ wb.unsqueeze(-1)).squeeze(-1) * wa).sum(-1)
 
     def losses(self, subsets: list) -> torch.Tensor:
         """The loss of every subset in ``subsets``, float64 ``[len(subsets)]``."""
@@ -134,9 +170,9 @@ class Recombiner:
             out.append(per_seq.sqrt().sum(1))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
-    def _route_one(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), layer_mask(self.layer, subset):
-            routing = self.layer.route(self.x)
+    def _route_one(self, subset, replay: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), self._replay(1, replay) as inputs, layer_mask(self.layer, subset):
+            routing = self.layer.route(inputs)
         return routing.indices.unsqueeze(0).cpu(), self.layer.output_weights(routing.weights).float().unsqueeze(0).cpu()
 
 

@@ -160,6 +160,53 @@ class _LogitMask(TorchFunctionMode):
         return out
 
 
+class _ReplayLogits(TorchFunctionMode):
+    """Answers the router's ``[.., E]`` linear with stored logits instead of computing it.
+
+    ``logits [n, E]`` were computed once on inputs ``x [n, H]``; a router call on ``x`` repeated
+    ``copies`` times (``[copies * n, H]``) gets them repeated, so re-routing cached inputs under many
+    masks costs the selection only, not ``copies * n * H * E`` multiply-adds. A mask (`_LogitMask`)
+    entered inside still applies to what is returned. Capture mode (``logits`` None) records the
+    first such linear output in ``captured``.
+    """
+
+    def __init__(self, n_experts: int, logits: torch.Tensor | None = None, copies: int = 1):
+        super().__init__()
+        self.n_experts, self.logits, self.copies = n_experts, logits, copies
+        self.captured: torch.Tensor | None = None
+        self.done = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and not self.done and args[1].shape[0] == self.n_experts:
+            self.done = True
+            if self.logits is None:
+                self.captured = func(*args, **(kwargs or {}))
+                return self.captured
+            rows = args[0].shape[:-1]
+            if rows.numel() != self.copies * self.logits.shape[0]:
+                raise MoEError(f"router input has {rows.numel()} rows, the stored logits cover "
+                               f"{self.copies} x {self.logits.shape[0]}")
+            return self.logits.repeat(self.copies, 1).reshape(*rows, self.n_experts)
+        return func(*args, **(kwargs or {}))
+
+
+def router_linear_logits(layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The output ``[T, E]`` of ``layer``'s router linear on ``hidden [T, H]`` (before any softmax,
+    bias or mask), for `replayed_logits`; None if the router computes no ``[.., E]`` linear."""
+    capture = _ReplayLogits(layer.num_experts)
+    with torch.no_grad(), capture:
+        layer.route(hidden)
+    return capture.captured
+
+
+@contextmanager
+def replayed_logits(layer: MoELayer, logits: torch.Tensor, copies: int = 1):
+    """Within the block, ``layer.route`` on ``copies`` repeats of the inputs that gave ``logits``
+    (`router_linear_logits`) reads them instead of running the router's linear; masks still apply."""
+    with _ReplayLogits(layer.num_experts, logits, copies):
+        yield layer
+
+
 class _RouterMask:
     """Hooks on one router: run it with dropped experts' logits (and correction bias) at -inf."""
 
