@@ -243,6 +243,9 @@ def naive_exhaustive(layer, stats, r: int, batch_sequences: int = AUTHORS_BATCH)
 def beam(layer, stats, r: int, width: int, batch_sequences: int = AUTHORS_BATCH) -> list[int]:
     """Backward elimination with a beam of ``width`` sets, then 1-for-1 swaps until none helps."""
     n = layer.num_experts
+    if not layer.top_k <= r <= n:
+        raise ValueError(f"naee beam: layer {layer.index} keeps {r} experts; give a number from its top-k "
+                         f"{layer.top_k} to its {n} experts")
     recombiner = Recombiner(layer, stats, batch_sequences=batch_sequences)
     frontier = [tuple(range(n))]
     for size in range(n - 1, r - 1, -1):

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                        "wall time of lm-eval with pruned_moe method=none vs hf on one task"),
     "bench-kernel": ("moebench.cli.bench_kernel", "experts kernel speed vs transformers' default at real widths"),
     "bench-naee": ("moebench.cli.bench_naee", "benchmark NAEE enumeration: cached recombination vs naive re-forward"),
+    "bench-beam": ("moebench.cli.bench_beam", "time NAEE's beam search per layer at real widths and 16-128 experts"),
     "bench-scale": ("moebench.cli.bench_scale",
                     "memory and time of sequential calibration + streaming prune on a model with real layer shapes"),
     "report": ("moebench.cli.report", "a study's tables -> reports/<study>/: report.md, report.pdf, figures, LaTeX"),

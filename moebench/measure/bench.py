@@ -4,6 +4,8 @@ A select method adds per-request selection, selection with expert offloading and
 the same ratio (`moebench.measure.select_bench`).
 
 All variants run in one process on the same inputs (warm-up, then repetitions; median and p90).
+The unpruned model is measured with transformers' default experts kernel and with the moebench
+kernel (the one skipping needs).
 With skipping it also states the ideal skipping speedup implied by the measured skip rate s and the
 experts' measured share f of forward time, 1 / (1 - f * s), beside the measured one.
 """
@@ -95,13 +97,19 @@ def bench_variants(model, tokenizer, base: PlanRequest, settings: BenchSettings,
     default_kernel = model.config._experts_implementation
     bench = Bench(model, tokenizer, base, settings)
     bench.measure("unpruned")
-    lines = [bench.skip_pair("unpruned")] if skip == "naee" else []
+    if skip == "naee":  # the moebench kernel without and with skipping
+        lines = [bench.skip_pair("unpruned")]
+    else:  # both kernels, so skipping's kernel is known to cost nothing by itself
+        register()
+        model.set_experts_implementation(KERNEL_NAME)
+        bench.measure("unpruned, moebench kernel")
+        lines = []
+    model.set_experts_implementation(default_kernel)
     if method and get_method(method).kind == "select":  # select / offload variants
         from moebench.measure.select_bench import measure_select
 
         lines += measure_select(bench, replace(base, method=method))
     elif method:
-        model.set_experts_implementation(default_kernel)
         request = replace(base, method=method)
         apply(model, make_plan(model, tokenizer, request))  # pruned, or merged for merge methods
         bench.measure(f"{method} {base.ratio if base.ratio is not None else f'keep {base.keep}'}")

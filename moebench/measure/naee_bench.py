@@ -47,8 +47,11 @@ def compare_naee(model, tokenizer, request: PlanRequest, ratio: float) -> dict:
 
 
 # One MoE layer of real width (hidden size, top-k) at a chosen expert count.
-BEAM_LAYERS = {"qwen3-30b-a3b": {"family": "qwen3_moe", "hidden": 2048, "top_k": 8, "intermediate": 768},
-               "mixtral-8x7b": {"family": "mixtral", "hidden": 4096, "top_k": 2, "intermediate": 14336}}
+# ``layers`` / ``experts``: the real model's MoE layers and experts per layer, for the whole-model figure.
+BEAM_LAYERS = {"qwen3-30b-a3b": {"family": "qwen3_moe", "hidden": 2048, "top_k": 8, "intermediate": 768,
+                                 "layers": 48, "experts": 128},
+               "mixtral-8x7b": {"family": "mixtral", "hidden": 4096, "top_k": 2, "intermediate": 14336,
+                                "layers": 32, "experts": 8}}
 
 
 def real_width_layer(name: str, experts: int, tokens: int, seed: int = 0):

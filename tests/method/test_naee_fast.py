@@ -63,3 +63,38 @@ def test_gram_beyond_its_byte_limit_gathers_instead(monkeypatch):
     stats = collect(model, sample_ids(2, 8), ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
     layer = MoEView(model).layers[0]
     assert naee.Recombiner(layer, stats[layer.index]).gram is None
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_replayed_router_logits_give_the_losses_of_real_re_routing(family, gram, monkeypatch):
+    """Every family: the router's linear computed once and replayed under each subset's mask scores
+    every subset exactly as routing the real inputs again does (Gram and gathered paths)."""
+    if not gram:
+        monkeypatch.setattr(naee, "GRAM_MAX_EXPERTS", 0)
+    model = tiny_model(family)
+    stats = collect(model, sample_ids(2, 8), ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
+    layer = MoEView(model).layers[-1]
+    replayed = naee.Recombiner(layer, stats[layer.index])
+    assert replayed.logits is not None  # every family's router is a linear the replay can answer
+    direct = naee.Recombiner(layer, stats[layer.index])
+    direct.logits = None
+    n = layer.num_experts
+    subsets = [tuple(c) for c in itertools.combinations(range(n), max(layer.top_k, n - 2))
+               if naee._valid(layer, c)][:12]
+    assert torch.equal(replayed.losses(subsets), direct.losses(subsets))
+
+
+def test_a_router_reading_its_input_beyond_the_linear_is_not_replayed():
+    model = tiny_model("mixtral")
+    stats = collect(model, sample_ids(2, 8), ["outputs"], CollectSettings(subsample_tokens=1000), progress=False)
+    layer = MoEView(model).layers[0]
+    original = layer.router.forward
+
+    def forward(hidden):  # a router whose scores also depend on the input's norm, not only the linear
+        logits, weights, indices = original(hidden)
+        scale = hidden.reshape(-1, hidden.shape[-1]).norm(dim=-1, keepdim=True)
+        weights = torch.softmax(logits * scale, -1).gather(-1, indices)
+        return logits, weights, indices
+
+    layer.router.forward = forward
+    assert naee.Recombiner(layer, stats[layer.index]).logits is None  # falls back to re-routing the inputs
