@@ -21,7 +21,8 @@ def logit_similarity(gram: torch.Tensor) -> torch.Tensor:
          paper="Li et al. 2024, 'Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing "
                "Policy', ICLR 2024 (MC-SMoE's merging stage M-SMoE); code: UNITES-Lab/MC-SMoE",
          source="ours: the router keeps one row per group, the dominant's (router=dominant) or the frequency-weighted "
-              "average (router=average); weight matching on gate, up and down together; each layer keeps >= top_k")
+              "average (router=average); weight matching on gate, up and down together; each layer keeps >= top_k",
+         reads_weights=lambda params: params["align"])  # the weight matching reads the experts' weights
 def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = True,
            router: Literal["dominant", "average"] = "dominant"):
     """Dominant experts by routing frequency; the others join the most similar dominant by router logits.

@@ -9,7 +9,7 @@ from moebench.method.registry import score_method
 
 @score_method("weight_norm", paper="data-free weight-magnitude baseline (moebench; in the spirit of "
                                    "magnitude pruning, Han et al. 2015, applied per expert)",
-              source="moebench's own data-free baseline")
+              source="moebench's own data-free baseline", reads_weights=True)
 def weight_norm(ctx, layer):
     """s_e = ||W_gate_up,e||_F * ||W_down,e||_F: experts with small weights change the output least.
 

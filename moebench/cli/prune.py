@@ -17,7 +17,7 @@ import time
 
 from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
 from moebench.method.pipeline import prepare
-from moebench.method.registry import get_method
+from moebench.method.registry import get_method, sequential_refusal
 from moebench.moe.card import provenance, record_provenance, write_card
 from moebench.moe.checkpoint import save_folder, save_pruned
 from moebench.moe.layered import LAYERED_ATTR, LayeredCheckpoint
@@ -54,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if needs and not args.calib:  # before the (possibly long) load
         raise ValueError(f"method {spec.name} needs calibration statistics ({', '.join(needs)}); give a "
                          "calibration source, e.g. --calib c4 or --calib testbed:mix")
+    if args.sequential:  # before the load: the method cannot plan on a layer-by-layer skeleton
+        spec.check_sequential(params)
     model, tokenizer = load(args)
     layered = getattr(model, LAYERED_ATTR, None)
+    if layered is not None:  # --sequential by default (the model exceeds the device): before calibrating
+        spec.check_sequential(params)
     before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
     request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep, params=params)
     start = time.perf_counter()
@@ -64,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
     except (NotImplementedError, RuntimeError) as err:
         if layered is None or "meta" not in str(err):
             raise
-        raise ValueError(f"method {spec.name} reads the expert weights while planning, which --sequential does "
-                         "not hold in memory; use a method that plans from calibration statistics (moebench "
-                         "methods), or --no-sequential where the model fits") from err
+        raise ValueError(sequential_refusal(spec.name)) from err  # one that did not declare reads_weights
     after = MoEView(model).expert_bytes()
     record = provenance(args.model, plan.method, paper=spec.paper, params=plan.params, ratio=args.ratio,
                         keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,

@@ -196,6 +196,8 @@ class PrunedMoESettings:
             raise ValueError(f"sequential=true writes the pruned checkpoint one layer at a time before the evaluation: "
                              f"it needs a prune or merge method with apply=physical, not method={self.method}, "
                              f"apply={self.apply}")
+        if self.sequential:
+            spec.check_sequential(self.params)
         if self.offload and spec.kind != "select":
             raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
                              f"(premoe_taer, prep), not {self.method}")

@@ -88,6 +88,9 @@ class MethodSpec:
     takes_budget: bool = True  # False only for the identity method `none` (the unpruned model)
     extra_needs: Callable[[dict], tuple[str, ...]] | None = None  # groups that depend on a parameter
     source: str = ""  # how the implementation relates to the published method (authors' code, ours, ...)
+    # whether planning reads the expert weights (a bool, or params -> bool), which a layer-by-layer
+    # (--sequential) skeleton does not hold
+    reads_weights: bool | Callable[[dict], bool] = False
 
     def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
         """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
@@ -95,6 +98,17 @@ class MethodSpec:
             return self.needs
         extra = self.extra_needs(self.parse_params(params))
         return tuple(dict.fromkeys((*self.needs, *extra)))
+
+    def reads_weights_for(self, params: dict | None = None) -> bool:
+        """Whether planning with ``params`` reads the expert weights (then --sequential cannot plan it)."""
+        if callable(self.reads_weights):
+            return bool(self.reads_weights(self.parse_params(params)))
+        return self.reads_weights
+
+    def check_sequential(self, params: dict | None = None) -> None:
+        """Refuse, naming the way out, a method that cannot plan on a layer-by-layer skeleton."""
+        if self.reads_weights_for(params):
+            raise ValueError(sequential_refusal(self.name))
 
     @property
     def is_identity(self) -> bool:
@@ -137,8 +151,15 @@ def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
     return params
 
 
+def sequential_refusal(name: str) -> str:
+    """Why method ``name`` cannot run under --sequential, and what to do instead."""
+    return (f"method {name} reads the expert weights while planning, which --sequential does not hold in "
+            "memory; use a method that plans from calibration statistics (moebench methods), or --no-sequential "
+            "(lm-eval: sequential=false) where the model fits")
+
+
 def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None,
-              source=""):
+              source="", reads_weights=False):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     needs = tuple(needs)
@@ -151,32 +172,36 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, ta
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
                                      fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
-                                     extra_needs, source)
+                                     extra_needs, source, reads_weights)
         return fn
 
     return decorate
 
 
-def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None, extra_needs=None, source: str = ""):
+def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None, extra_needs=None, source: str = "",
+                 reads_weights=False):
     """Register ``fn(ctx, layer, *, params) -> scores [E]``; the best experts of each layer are kept.
 
     ``needs``: the statistic groups; ``extra_needs(params) -> groups``: more groups where they
     depend on a parameter; ``source``: one line on what the implementation follows (the authors'
-    code, the paper, a reconstruction) and which choices are moebench's own.
+    code, the paper, a reconstruction) and which choices are moebench's own; ``reads_weights``
+    (bool, or params -> bool): planning reads the expert weights, so --sequential refuses it up front.
     """
-    return _register(name, "prune", needs, paper, bounds, scoring=True, extra_needs=extra_needs, source=source)
+    return _register(name, "prune", needs, paper, bounds, scoring=True, extra_needs=extra_needs, source=source,
+                     reads_weights=reads_weights)
 
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
-            global_budget: bool = False, takes_budget: bool = True, extra_needs=None, source: str = ""):
+            global_budget: bool = False, takes_budget: bool = True, extra_needs=None, source: str = "",
+            reads_weights=False):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
     ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
-    False only for the identity method (`none`), which takes no ratio or keep. ``needs`` and
-    ``extra_needs`` and ``source`` as for `score_method`.
+    False only for the identity method (`none`), which takes no ratio or keep. ``needs``,
+    ``extra_needs``, ``source`` and ``reads_weights`` as for `score_method`.
     """
     return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
-                     takes_budget=takes_budget, extra_needs=extra_needs, source=source)
+                     takes_budget=takes_budget, extra_needs=extra_needs, source=source, reads_weights=reads_weights)
 
 
 def load_methods() -> dict[str, MethodSpec]:

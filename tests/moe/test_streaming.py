@@ -79,8 +79,32 @@ def test_prune_sequential_cli_equals_prune(tmp_path):
 
 
 def test_a_method_reading_weights_is_refused_under_sequential_with_the_reason(tmp_path):
+    env = {**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")}
     done = run("prune", "testbed-8e", "--method", "weight_norm", "--ratio", "0.5", "--sequential",
-               "--out", str(tmp_path / "out"), env={**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")})
+               "--out", str(tmp_path / "out"), env=env)
     assert done.returncode == 2
     assert "reads the expert weights while planning" in done.stderr and "--no-sequential" in done.stderr
     assert not (tmp_path / "out").exists()
+    # m_smoe's weight matching reads weights: refused before any calibration (nothing cached)
+    done = run("prune", "testbed-8e", "--method", "m_smoe", "--ratio", "0.5", "--calib", "testbed:mix",
+               "--samples", "4", "--seq-len", "32", "--sequential", "--out", str(tmp_path / "out"), env=env)
+    assert done.returncode == 2 and "method m_smoe reads the expert weights" in done.stderr
+    assert not (tmp_path / "cache" / "stats").exists() and not (tmp_path / "out").exists()
+
+
+def test_which_methods_read_weights_follows_their_parameters():
+    from moebench.method.registry import get_method
+
+    assert get_method("weight_norm").reads_weights_for({})
+    assert get_method("m_smoe").reads_weights_for({}) and not get_method("m_smoe").reads_weights_for({"align": False})
+    assert not get_method("reap").reads_weights_for({}) and not get_method("hc_smoe").reads_weights_for({})
+
+
+def test_lm_eval_sequential_true_refuses_a_weight_reading_method_when_its_arguments_are_read():
+    import pytest
+
+    from moebench.eval.args import PrunedMoESettings
+
+    with pytest.raises(ValueError, match=r"method weight_norm reads the expert weights .* sequential=false"):
+        PrunedMoESettings.from_args({"method": "weight_norm", "ratio": "0.5", "sequential": "true"}, {})
+    PrunedMoESettings.from_args({"method": "weight_norm", "ratio": "0.5"}, {})  # in memory: fine
