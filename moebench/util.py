@@ -78,7 +78,7 @@ def _free_bytes(folder: str) -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def _disk_full(err: BaseException, folder: str) -> bool:
+def disk_full(err: BaseException, folder: str) -> bool:
     """Whether ``err`` (or an error it came from) means the device holding ``folder`` is full.
 
     Some writers (torch.save) report a full disk without an errno: then less than 1 MiB left
@@ -93,7 +93,8 @@ def _disk_full(err: BaseException, folder: str) -> bool:
     return isinstance(err, Exception) and free is not None and free < 2**20
 
 
-def _disk_full_error(folder: str, what: str) -> OSError:
+def disk_full_error(folder: str, what: str) -> OSError:
+    """The error for a full device: which folder, what was being written, what to do."""
     return OSError(errno.ENOSPC, f"no space left on the device holding {folder} while writing {what}; "
                                  "free space there and run again")
 
@@ -119,10 +120,10 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        full = _disk_full(err, folder)
+        full = disk_full(err, folder)
         _remove(tmp)
         if full:
-            raise _disk_full_error(folder, os.path.basename(path)) from err
+            raise disk_full_error(folder, os.path.basename(path)) from err
         raise
 
 
@@ -139,7 +140,8 @@ def partial_folders(path: str) -> list[str]:
         return []
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -157,7 +159,7 @@ def clear_partial_folders(path: str) -> list[str]:
     removed = []
     for folder in partial_folders(path):
         pid = folder.rsplit(PARTIAL, 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             raise ValueError(f"process {pid} is writing {path} (into {folder}); wait for it to finish, "
                              "or stop it and run again")
         _remove(folder)
@@ -193,10 +195,10 @@ def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
         write(tmp)
         os.rename(tmp, path)  # atomic; replaces an empty folder, fails on a non-empty one
     except BaseException as err:
-        full = _disk_full(err, parent)
+        full = disk_full(err, parent)
         _remove(tmp)
         if full:
-            raise _disk_full_error(parent, os.path.basename(path)) from err
+            raise disk_full_error(parent, os.path.basename(path)) from err
         raise
     return removed
 

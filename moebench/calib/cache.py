@@ -19,21 +19,23 @@ write leaves no temporary file, and a full disk is an error naming the folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
-from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect
+from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect, spill_file
 from moebench.moe.layered import LAYERED_ATTR, combine_digests, tensor_digest
 from moebench.moe.ops import mask_signature
 from moebench.moe.view import MoEView
-from moebench.util import atomic_write
+from moebench.util import atomic_write, disk_full, disk_full_error, pid_alive
 
 # Collected whenever a pass runs: they cost little beside the forward pass itself.
 CHEAP_GROUPS = ("routing", "norms", "logits")
@@ -261,8 +263,9 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
     runs no forward pass). Cached files that fail `group_problem` are collected again. A model
     opened layer by layer (`moebench.moe.layered`, ``sequential``) is calibrated one decoder layer
     at a time (`moebench.calib.sequential`). The ``outputs`` group is written one file per MoE
-    layer as each layer finishes and read back on access (`LayerStats`): it is never held for
-    all layers at once.
+    layer and read back on access (`LayerStats`): it is never held for all layers at once (in the
+    one-forward pass the expert outputs are appended to a spill file per layer as the batches
+    pass, `_one_pass`).
     """
     settings = settings or CollectSettings()
     view = MoEView(model)
@@ -302,9 +305,7 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
 
             fresh = collect_sequential(layered, tokens(), missing, settings, progress=progress, on_layer=on_layer)
         else:
-            everything = collect(model, tokens(), missing, settings, progress=progress)
-            fresh = {i: on_layer(i, s) for i, s in everything.items()}
-            del everything
+            fresh = _one_pass(model, tokens, missing, settings, progress, folder, on_layer)
         for group in missing:
             if group in PER_LAYER_GROUPS:  # the group's index: which layers it has (each file holds its layer)
                 _save_group(os.path.join(folder, f"{group}.pt"), group, {i: {} for i in fresh})
@@ -315,6 +316,46 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
             _save_group(os.path.join(folder, f"{group}.pt"), group, part)
         _merge(stats, fresh)
     return stats
+
+
+def _one_pass(model, tokens, groups, settings, progress, folder, on_layer) -> dict:
+    """`collect` in one forward pass, each layer's statistics handed to ``on_layer`` after it. The
+    expert outputs go to a spill folder in ``folder`` as the pass runs (never held for every layer),
+    and each layer's spill is removed once ``on_layer`` has written it to its cache file."""
+    spill = _spill_folder(folder) if "outputs" in groups else None
+    try:
+        try:
+            everything = collect(model, tokens(), groups, settings, progress=progress, spill_dir=spill)
+        except OSError as err:
+            if spill and disk_full(err, spill):
+                raise disk_full_error(folder, "the expert outputs of the calibration pass") from err
+            raise
+        fresh = {}
+        for index in list(everything):
+            fresh[index] = on_layer(index, everything.pop(index))
+            if spill:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(spill_file(spill, index))
+        return fresh
+    finally:
+        if spill:
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+SPILL_PREFIX = ".outputs-spill-"
+
+
+def _spill_folder(folder: str) -> str:
+    """A fresh spill folder for this process's pass in ``folder``; spill folders that processes no
+    longer running left behind (killed mid-pass) are removed first."""
+    for name in os.listdir(folder):
+        pid = name[len(SPILL_PREFIX):]
+        if name.startswith(SPILL_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    spill = os.path.join(folder, f"{SPILL_PREFIX}{os.getpid()}")
+    shutil.rmtree(spill, ignore_errors=True)
+    os.makedirs(spill)
+    return spill
 
 
 def _merge(into: dict, part: dict) -> None:

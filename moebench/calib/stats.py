@@ -42,6 +42,7 @@ runs the same per-expert function on the inputs the model feeds it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ class _LayerAccumulator:
     data: dict[str, object] = field(default_factory=dict)
     pending: tuple | None = None
     ratio_chosen: torch.Tensor | None = None
+    spill: str | None = None  # file the ``all_outputs`` rows are appended to (None: kept in memory)
+    spilled: int = 0  # rows written to ``spill``
+    spill_shape: tuple = ()  # ``(E, H)`` of each spilled row
 
     def router_seen(self, module, args, output) -> None:
         """Router forward hook: keep its input and logits for the kernel call that follows."""
@@ -213,7 +217,14 @@ class _LayerAccumulator:
         ys = self._every_expert(experts, x, logits[rows])
         self._append("sub_inputs", x.float())
         self._append("sub_logits", logits[rows])
-        self._append("all_outputs", ys.float())
+        if self.spill is None:
+            self._append("all_outputs", ys.float())
+        else:  # on disk as the pass goes: the pass never holds every layer's outputs
+            rows_f32 = ys.float().cpu().contiguous()
+            with open(self.spill, "ab") as f:
+                f.write(memoryview(rows_f32.numpy()).cast("B"))
+            self.spilled += rows_f32.shape[0]
+            self.spill_shape = tuple(rows_f32.shape[1:])
         self._append("sub_sample_ids", positions[keep] // self.seq_len)
 
     def _expert_means(self, experts, inputs, logits, chunk: int = 2048) -> None:
@@ -228,7 +239,12 @@ class _LayerAccumulator:
     def result(self) -> dict[str, torch.Tensor]:
         """The finished statistics of this layer (lists concatenated, names as documented)."""
         rename = {"sub_inputs": "inputs", "sub_logits": "logits", "sub_sample_ids": "outputs_sample_ids"}
-        return {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v) for k, v in self.data.items()}
+        result = {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v) for k, v in self.data.items()}
+        if self.spilled:  # memory-mapped from the spill file, read page by page when used
+            size = self.spilled * self.spill_shape[0] * self.spill_shape[1]
+            flat = torch.from_file(self.spill, shared=False, size=size, dtype=torch.float32)
+            result["all_outputs"] = flat.view(self.spilled, *self.spill_shape)
+        return result
 
 
 def _reference_gates(layer: MoELayer, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -277,11 +293,19 @@ def _forward_batches(model, tokens: torch.Tensor, batch_size: int, device, group
         print(f"calibration: done in {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
 
 
+def spill_file(spill_dir: str, index: int) -> str:
+    """The file of MoE layer ``index``'s spilled expert outputs in ``spill_dir`` (see `collect`)."""
+    return os.path.join(spill_dir, f"layer-{index}.f32")
+
+
 def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | None = None,
-            progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+            progress: bool = True, spill_dir: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Run the calibration ``tokens [S, L]`` through ``model`` once; statistics per MoE layer.
 
     Returns ``{decoder layer index: {statistic name: tensor}}`` for the requested ``groups``.
+    ``spill_dir``: an existing folder where each layer's ``all_outputs`` rows are appended to
+    ``layer-<i>.f32`` as the batches pass (returned memory-mapped from there), so the pass holds
+    one batch of expert outputs in memory instead of every layer's; the caller removes the folder.
     """
     groups = set(groups)
     unknown = groups - set(GROUPS)
@@ -292,7 +316,9 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
     total = tokens.numel()
     chosen = subsample(total, settings.subsample_tokens, settings.seed)
     ratio_chosen = subsample(total, settings.ratio_samples, settings.seed)
-    accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen)
+    spill = spill_dir is not None and "outputs" in groups
+    accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen,
+                              spill=spill_file(spill_dir, layer.index) if spill else None)
             for layer in view.layers]
     hooks = [acc.layer.router.register_forward_hook(acc.router_seen) for acc in accs]
     slot = [acc for acc in accs if acc.layer.family.experts_slot]
