@@ -320,6 +320,9 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
     accs = [_LayerAccumulator(layer, groups, settings, chosen, tokens.shape[1], ratio_chosen=ratio_chosen,
                               spill=spill_file(spill_dir, layer.index) if spill else None)
             for layer in view.layers]
+    for acc in accs:
+        if acc.spill:  # start empty: rows of an earlier pass must not precede this one's
+            open(acc.spill, "wb").close()
     hooks = [acc.layer.router.register_forward_hook(acc.router_seen) for acc in accs]
     slot = [acc for acc in accs if acc.layer.family.experts_slot]
     hooks += [acc.layer.block.register_forward_pre_hook(_block_observer(acc))

@@ -32,6 +32,7 @@ def test_spilled_outputs_equal_the_in_memory_ones_and_live_in_their_file(family,
     settings = CollectSettings(subsample_tokens=40, batch_size=2)  # three batches append to each file
     groups = ["outputs", "routing"]
     held = collect(model, tokens, groups, settings, progress=False)
+    (tmp_path / "layer-1.f32").write_bytes(b"\1" * 64)  # an earlier pass's rows: not read as this one's
     spilled = collect(model, tokens, groups, settings, progress=False, spill_dir=str(tmp_path))
     maps = mapped_files()
     for layer in MoEView(model).layers:
