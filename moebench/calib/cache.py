@@ -24,18 +24,17 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
-from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect, spill_file
+from moebench.calib.stats import FORMAT_VERSION, GROUP_STATS, CollectSettings, collect, spill_file, spill_folder
 from moebench.moe.layered import LAYERED_ATTR, combine_digests, tensor_digest
 from moebench.moe.ops import mask_signature
 from moebench.moe.view import MoEView
-from moebench.util import atomic_write, disk_full, disk_full_error, pid_alive
+from moebench.util import atomic_write, disk_full, disk_full_error
 
 # Collected whenever a pass runs: they cost little beside the forward pass itself.
 CHEAP_GROUPS = ("routing", "norms", "logits")
@@ -322,8 +321,7 @@ def _one_pass(model, tokens, groups, settings, progress, folder, on_layer) -> di
     """`collect` in one forward pass, each layer's statistics handed to ``on_layer`` after it. The
     expert outputs go to a spill folder in ``folder`` as the pass runs (never held for every layer),
     and each layer's spill is removed once ``on_layer`` has written it to its cache file."""
-    spill = _spill_folder(folder) if "outputs" in groups else None
-    try:
+    with spill_folder(folder) if "outputs" in groups else contextlib.nullcontext() as spill:
         try:
             everything = collect(model, tokens(), groups, settings, progress=progress, spill_dir=spill)
         except OSError as err:
@@ -337,25 +335,6 @@ def _one_pass(model, tokens, groups, settings, progress, folder, on_layer) -> di
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(spill_file(spill, index))
         return fresh
-    finally:
-        if spill:
-            shutil.rmtree(spill, ignore_errors=True)
-
-
-SPILL_PREFIX = ".outputs-spill-"
-
-
-def _spill_folder(folder: str) -> str:
-    """A fresh spill folder for this process's pass in ``folder``; spill folders that processes no
-    longer running left behind (killed mid-pass) are removed first."""
-    for name in os.listdir(folder):
-        pid = name[len(SPILL_PREFIX):]
-        if name.startswith(SPILL_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-    spill = os.path.join(folder, f"{SPILL_PREFIX}{os.getpid()}")
-    shutil.rmtree(spill, ignore_errors=True)
-    os.makedirs(spill)
-    return spill
 
 
 def _merge(into: dict, part: dict) -> None:

@@ -43,8 +43,10 @@ runs the same per-expert function on the inputs the model feeds it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +54,7 @@ from tqdm.auto import tqdm
 
 from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
 from moebench.moe.view import MoELayer, MoEView
-from moebench.util import on_terminal
+from moebench.util import on_terminal, pid_alive
 
 GROUP_STATS = {
     "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "score_sum", "coact", "ratio_samples"),
@@ -291,6 +293,27 @@ def _forward_batches(model, tokens: torch.Tensor, batch_size: int, device, group
         model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
     if progress and not bar:
         print(f"calibration: done in {time.perf_counter() - began:.1f}s", file=sys.stderr, flush=True)
+
+
+SPILL_PREFIX = ".outputs-spill-"
+
+
+@contextmanager
+def spill_folder(parent: str):
+    """A fresh folder in ``parent`` for this process's spilled expert outputs (`collect`'s
+    ``spill_dir``), removed afterwards; ones that processes no longer running left (killed mid-pass)
+    are removed first."""
+    for name in os.listdir(parent):
+        pid = name[len(SPILL_PREFIX):]
+        if name.startswith(SPILL_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    spill = os.path.join(parent, f"{SPILL_PREFIX}{os.getpid()}")
+    shutil.rmtree(spill, ignore_errors=True)
+    os.makedirs(spill)
+    try:
+        yield spill
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def spill_file(spill_dir: str, index: int) -> str:

@@ -7,8 +7,8 @@ import logging
 
 from moebench.calib.sources import calibration_size_problem
 from moebench.method.pipeline import PlanRequest
-from moebench.moe.checkpoint import default_device, load_with_tokenizer
-from moebench.moe.layered import LayeredCheckpoint, sequential_needed
+from moebench.moe.checkpoint import default_device, load_with_tokenizer, sequential_needed
+from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.view import MoEView
 
 log = logging.getLogger(__name__)

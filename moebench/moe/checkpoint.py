@@ -7,11 +7,15 @@ cannot build the model from its config (one count per model), so `save_pruned` w
 tensors as they are plus ``moebench_experts_per_layer`` in config.json, warns, and only
 `load_model` can load it back: it builds the model with the largest count, cuts each layer to
 its own count, then loads the tensors.
+
+`sequential_needed` says whether a checkpoint's weights exceed a device's free memory, the
+default for working one decoder layer at a time (`moebench.moe.layered`).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import warnings
@@ -20,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
@@ -242,3 +247,50 @@ def load_with_tokenizer(name_or_path: str, dtype="auto", device: str | None = No
     model = load_model(name_or_path, dtype=dtype, **kwargs).to(device or default_device())
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=kwargs.get("revision"))
     return model, tokenizer
+
+
+# ----- the size checks behind --sequential's default (moebench.moe.layered does the layered work) -----
+
+def checkpoint_bytes(name_or_path: str, revision: str | None = None) -> int | None:
+    """Bytes of a checkpoint's safetensors weights: the files of a folder, or a hub index's ``total_size``
+    (None where neither can be read, e.g. a hub id offline)."""
+    path = resolve(name_or_path)
+    if os.path.isdir(path):
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+        return sum(os.path.getsize(os.path.join(path, f)) for f in files) or None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(path, SAFE_WEIGHTS_INDEX_NAME, revision=revision), encoding="utf-8") as f:
+            return int(json.load(f)["metadata"]["total_size"])
+    except Exception:  # no index (a single-file model is small), offline, or no such repository
+        return None
+
+
+def free_bytes(device: str | torch.device) -> int | None:
+    """Free memory of ``device``: the GPU's free memory, or the machine's available memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def sequential_needed(name_or_path: str, device: str | torch.device, revision: str | None = None) -> str | None:
+    """Why the model must be worked on one layer at a time (its weights exceed the device's free
+    memory), as a log line; None when it fits or its size is unknown."""
+    size, free = checkpoint_bytes(name_or_path, revision), free_bytes(device)
+    if size is None or free is None or size <= free:
+        return None
+    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB) exceed the free memory of {device} "
+            f"({free / 2**30:.1f} GiB); working one decoder layer at a time (sequential; --no-sequential "
+            "or sequential=false to load it whole)")

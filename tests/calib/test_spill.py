@@ -9,7 +9,7 @@ import torch
 from tiny_models import sample_ids, tiny_model
 
 import moebench.calib.cache as stats_cache
-from moebench.calib.stats import CollectSettings, collect, spill_file
+from moebench.calib.stats import SPILL_PREFIX, CollectSettings, collect, spill_file
 from moebench.moe.view import MoEView
 
 
@@ -49,8 +49,8 @@ def test_get_stats_leaves_no_spill_and_clears_what_dead_passes_left(tmp_path):
     model = tiny_model("mixtral")
     folder = tmp_path / "cache"
     folder.mkdir()
-    dead = folder / f"{stats_cache.SPILL_PREFIX}999999999"  # a pass killed mid-way (no such process)
-    live = folder / f"{stats_cache.SPILL_PREFIX}{os.getppid()}"  # another pass, still running
+    dead = folder / f"{SPILL_PREFIX}999999999"  # a pass killed mid-way (no such process)
+    live = folder / f"{SPILL_PREFIX}{os.getppid()}"  # another pass, still running
     for spill in (dead, live):
         spill.mkdir()
         (spill / "layer-1.f32").write_bytes(b"\0" * 64)
