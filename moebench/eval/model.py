@@ -75,6 +75,7 @@ class PrunedMoELM(SelectMixin, HFLM):
         variant_name: ``<pretrained>__<method>-<budget>-<hash>``, the ``--output_path`` folder name.
         applied: the model with its plan in effect (`moebench.method.apply.Applied`), after the first request.
         record: what was applied; the results' ``config["moebench"]``.
+        source: where the unpruned model comes from (``path``, ``revision``, ``trust_remote_code``).
     """
 
     def __init__(self, pretrained, **kwargs):
@@ -91,6 +92,8 @@ class PrunedMoELM(SelectMixin, HFLM):
         with loading_bars():
             super().__init__(pretrained=load_from, **hf)
         self.pretrained_id = self._pretrained_id(pretrained)
+        self.source = {"path": resolve(pretrained) if isinstance(pretrained, str) else None,
+                       "revision": hf.get("revision"), "trust_remote_code": bool(hf.get("trust_remote_code"))}
         self.request = self._plan_request(hf.get("revision"))
         s = self.settings
         self.calib_key = calib_key(self.request, s.spec.kind) if s.uses_data else None
@@ -242,6 +245,27 @@ class PrunedMoELM(SelectMixin, HFLM):
     def generate_until(self, requests, *args, **kwargs):
         self._prepare()
         return super().generate_until(requests, *args, **kwargs)
+
+    def apply_plan(self) -> dict:
+        """Make and apply the plan now rather than at the first request (grid cells do, so that memory is
+        measured after it); returns the record."""
+        self._prepare()
+        return self.record
+
+    @property
+    def presliced(self) -> bool:
+        """Whether the model was loaded pruned (``sequential=true``)."""
+        return self._presliced is not None
+
+    @property
+    def unpruned_bytes(self) -> int:
+        """Weight bytes of the unpruned model: now, before the plan is applied; afterwards (and for a model
+        loaded pruned) the current bytes with the routed experts counted as they were before."""
+        total = sum(t.numel() * t.element_size() for t in {id(p): p for p in self.model.parameters()}.values())
+        if self._presliced is None and self.record is None:
+            return total
+        experts_before = self._presliced[1][1] if self.record is None else self.record["expert_bytes"]["before"]
+        return total - model_sizes(self.model)[1] + experts_before
 
     def _prepare(self) -> None:
         self._restore_label()

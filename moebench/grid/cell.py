@@ -21,12 +21,13 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
-from moebench.grid.items import write_items
-from moebench.grid.spec import Cell
+from moebench.measure.load import Slot
 from moebench.util import atomic_write_json, atomic_write_text
 
-SPREAD = ("tokens_per_s_p10", "tokens_per_s_min", "tokens_per_s_max")
+if TYPE_CHECKING:
+    from moebench.grid.spec import Cell
 
 
 def _write(folder: str, name: str, data) -> None:
@@ -76,57 +77,53 @@ def environment(model) -> dict:
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
 
 
-def evaluate(folder: str) -> None:
-    """Run the cell in ``folder`` and write its result files (DONE last)."""
-    import lm_eval
+def evaluate(folder: str, slot=None) -> None:
+    """Run the cell in ``folder`` and write its result files (DONE last).
 
-    from moebench.eval.model import PrunedMoELM
-    from moebench.measure.speed import (
-        decode_latency,
-        decode_speed,
-        max_positions,
-        peak_memory,
-        prefill_speed,
-        reset_peak_memory,
-        weight_bytes,
-    )
-    from moebench.moe.checkpoint import default_device
-    from moebench.tasks import task_manager
+    Order, so that each figure means what its name says (`moebench.measure.memory`,
+    `moebench.measure.reference`): load the model; decide the speed pairing; (sequential pairing
+    only) time the unpruned model; apply the method; read the load peak and reset it; evaluate; time
+    the variant alone (latency, one pass of each timed workload) and read the run peak; then load
+    the unpruned reference and time both interleaved. ``slot``: this machine's timing slot
+    (`moebench.measure.load.Slot`), held shared while working and exclusively while timing; one is
+    taken here when not given.
+    """
+    from moebench.grid.spec import Cell
 
     with open(os.path.join(folder, "spec.json")) as f:
         meta = json.load(f)
     cell = Cell.from_dict(meta["spec"])
+    own = slot is None
+    if own:
+        slot = Slot()
+        slot.shared()
+    try:
+        _run(folder, meta, cell, slot)
+    finally:
+        if own:
+            slot.close()
+
+
+def _run(folder: str, meta: dict, cell: Cell, slot) -> None:
+    from moebench.eval.model import PrunedMoELM
+    from moebench.grid.items import write_items
+    from moebench.measure.memory import MemoryMeter, model_devices
+    from moebench.measure.reference import needs_moebench_kernel, plan_pairing, time_alone
+    from moebench.method.apply import unchanged
+    from moebench.moe.checkpoint import default_device, free_bytes
+
     lm = PrunedMoELM(**cell.model_args(meta.get("stats_dir"), meta.get("device") or default_device()))
-    reset_peak_memory(lm.device)
-    start = time.perf_counter()
-    passed = {k: v for k, v in cell.lm_eval.items() if k != "batch_size"}  # batch_size is the model's
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(cell.tasks), **passed,
-        task_manager=task_manager(cell.tasks, cell.include_path), random_seed=cell.seed,
-        numpy_random_seed=cell.seed, torch_random_seed=cell.seed, fewshot_random_seed=cell.seed)
-    record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
-    metrics = {"eval_s": time.perf_counter() - start, **weight_bytes(lm.model)}
-    memory = peak_memory(lm.device)
-    metrics["peak_memory_bytes"] = memory.get("peak_allocated_bytes", memory.get("peak_rss_bytes"))
-    metrics["planning_s"] = record.get("seconds")
-    metrics["skip_rate"] = (record.get("skipping") or {}).get("skip_rate")
-    metrics["experts_kept"] = json.dumps(record.get("experts_per_layer"), sort_keys=True)
-    if cell.measure:
-        m = cell.measure
-        runner = lm.applied  # select plans are timed with their per-request selection
-        pre = prefill_speed(lm.model, m["batch"], m["prompt_len"], m["reps"], m["warmup"], runner)
-        dec = decode_speed(lm.model, m["batch"], min(32, m["prompt_len"]), m["new_tokens"], m["reps"], 1, runner)
-        metrics.update(prefill_tokens_per_s=pre["tokens_per_s"], prefill_tokens_per_s_p90=pre["tokens_per_s_p90"],
-                       decode_tokens_per_s=dec["tokens_per_s"], decode_tokens_per_s_p90=dec["tokens_per_s_p90"])
-        for stage, speed in (("prefill", pre), ("decode", dec)):  # the spread over the repetitions
-            metrics.update({f"{stage}_{k}": speed[k] for k in SPREAD})
-        if m.get("latency_lengths"):
-            latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
-                                              m["reps"], m["warmup"], runner)
-            metrics["latency"] = latency
-            if dropped:
-                metrics["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "
-                                              f"max_position_embeddings={max_positions(lm.model)}"}
+    pairing = plan_pairing(cell.is_baseline, lm.presliced, lm.unpruned_bytes, free_bytes(lm.device)) \
+        if cell.measure else ("", "")
+    before = None
+    if pairing[0] == "sequential":
+        with slot.exclusive():
+            before = time_alone(unchanged(lm.model), cell.measure, needs_moebench_kernel(lm.settings))
+    lm.apply_plan()
+    meter = MemoryMeter(model_devices(lm.model))
+    meter.end_load()
+    results, record, metrics = _evaluate(lm, cell)
+    metrics.update(_measure(lm, meter, cell, slot, pairing, before))
     write_items(folder, results.pop("samples", None))  # per-item values, for paired comparisons
     _write(folder, "results.json", portable(results))
     if not cell.is_baseline:  # the complete plan: kept sets, skip thresholds, selector state
@@ -139,9 +136,76 @@ def evaluate(folder: str) -> None:
     atomic_write_text(os.path.join(folder, "DONE"), meta["id"] + "\n")
 
 
+def _evaluate(lm, cell: Cell) -> tuple[dict, dict, dict]:
+    """lm-eval on the cell's tasks: ``(results, record, metrics)``."""
+    import lm_eval
+
+    from moebench.tasks import task_manager
+
+    start = time.perf_counter()
+    passed = {k: v for k, v in cell.lm_eval.items() if k != "batch_size"}  # batch_size is the model's
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=list(cell.tasks), **passed,
+        task_manager=task_manager(cell.tasks, cell.include_path), random_seed=cell.seed,
+        numpy_random_seed=cell.seed, torch_random_seed=cell.seed, fewshot_random_seed=cell.seed)
+    record = copy.deepcopy(lm.record or {})  # counters the speed measurement below must not change
+    metrics = {"eval_s": time.perf_counter() - start, "planning_s": record.get("seconds"),
+               "skip_rate": (record.get("skipping") or {}).get("skip_rate"),
+               "experts_kept": json.dumps(record.get("experts_per_layer"), sort_keys=True)}
+    return results, record, metrics
+
+
+def _measure(lm, meter, cell: Cell, slot, pairing: tuple[str, str], before) -> dict:
+    """Resident weights, load and run peaks, and (with ``measure``) the speed figures."""
+    from moebench.measure.load import CpuLoad
+    from moebench.measure.memory import resident_bytes
+    from moebench.measure.reference import load_reference, measure_speed, release
+    from moebench.measure.speed import decode_latency, max_positions, prefill_speed
+
+    offloader = lm.applied.offloader
+    out = resident_bytes(lm.model, offloader.host_bytes if offloader is not None else 0)
+    out["weight_bytes_by_device"] = json.dumps(out.pop("by_device"), sort_keys=True)
+    out["parameters"] = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+    if offloader is not None:  # what the working sets held on the device at most
+        out["offload_device_expert_bytes_peak"] = offloader.counters["resident_bytes_peak"]
+    out.update(load_peak_bytes=meter.load_peak, **meter.describe())
+    if not cell.measure:
+        out["run_peak_bytes"] = meter.run_peak()
+        return out
+    m, runner = cell.measure, lm.applied  # select plans are timed with their per-request selection
+    with slot.exclusive(), CpuLoad() as load:
+        prefill_speed(lm.model, m["batch"], m["prompt_len"], 1, 0, runner)  # the variant's own timed pass
+        runner.generate(_ids_like(lm.model, m), m["new_tokens"])
+        if m.get("latency_lengths"):
+            latency, dropped = decode_latency(lm.model, m["latency_lengths"], m["batch"], m["new_tokens"],
+                                              m.get("latency_reps", m["reps"]), m["warmup"], runner)
+            out["latency"] = latency
+            if dropped:
+                out["latency_dropped"] = {"prompt_len": dropped, "why": "prompt + new_tokens exceeds "
+                                          f"max_position_embeddings={max_positions(lm.model)}"}
+        out["run_peak_bytes"] = meter.run_peak()  # before the reference is loaded
+        reference = None
+        if pairing[0] == "interleaved":
+            src = lm.source
+            reference = load_reference(src["path"], lm.model, src["revision"], src["trust_remote_code"])
+        out.update(measure_speed(runner, m, pairing[0], reference, before))
+        if reference is not None:
+            release(reference)
+    out.update(speed_pairing_note=pairing[1], **load.record())
+    return out
+
+
+def _ids_like(model, m: dict):
+    from moebench.measure.speed import _ids
+
+    return _ids(model, m["batch"], min(32, m["prompt_len"]), seed=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one cell; exit 0 when it is done (now or before), 1 on failure (failure.json written),
     75 when another process holds the cell (nothing touched)."""
+    slot = Slot()  # first: the imports below are heavy and must never run while another cell times
+    slot.shared()
     from moebench.grid.executors.base import is_done
     from moebench.grid.guard import BUSY_EXIT, die_with_parent, holder, try_lock
     from moebench.grid.runner import clean_partial
@@ -157,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_partial(folder)
     print(f"moebench cell: started {os.path.basename(os.path.abspath(folder))} (pid {os.getpid()})", flush=True)
     try:
-        evaluate(folder)
+        evaluate(folder, slot)
         return 0
     except Exception:  # recorded for the user and retried by the next run, never swallowed
         _write(folder, "failure.json", {"traceback": traceback.format_exc(), "time": time.time()})

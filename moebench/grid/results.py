@@ -23,12 +23,23 @@ import pandas as pd
 
 from moebench.util import atomic_write
 
+SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")
+            for stage in ("prefill", "decode") for q in ("", "_lo", "_hi")]
 RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "tasks",
-               "limit", "limited", "experts_kept", "parameters", "expert_bytes", "other_bytes",
-               "peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
-               "decode_tokens_per_s_p90", "prefill_tokens_per_s_p10", "prefill_tokens_per_s_min",
-               "prefill_tokens_per_s_max", "decode_tokens_per_s_p10", "decode_tokens_per_s_min",
-               "decode_tokens_per_s_max", "calibration_s", "planning_s", "eval_s", "skip_rate",
+               "limit", "limited", "experts_kept", "parameters",
+               # memory (moebench.measure.memory)
+               "expert_bytes", "other_bytes", "weight_bytes", "host_expert_bytes",
+               "offload_device_expert_bytes_peak", "weight_bytes_by_device",
+               "load_peak_bytes", "run_peak_bytes", "memory_measure",
+               # speed: the variant's rates, the reference's, the paired ratios (moebench.measure.reference)
+               "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "prefill_tokens_per_s_p10",
+               "prefill_tokens_per_s_min", "prefill_tokens_per_s_max", "decode_tokens_per_s",
+               "decode_tokens_per_s_p90", "decode_tokens_per_s_p10", "decode_tokens_per_s_min",
+               "decode_tokens_per_s_max", "ref_prefill_tokens_per_s", "ref_decode_tokens_per_s", *SPEEDUPS,
+               "speed_pairing", "speed_pairing_note", "speed_kernel", "ref_kernel_default",
+               # how busy the machine was while timing (moebench.measure.load)
+               "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "under_load",
+               "calibration_s", "planning_s", "eval_s", "skip_rate",
                "lm_eval_version", "moebench_version", "torch_version", "transformers_version", "git_sha",
                "device", "dtype", "expert_kernel", "seed", "task_versions"]
 

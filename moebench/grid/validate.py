@@ -18,6 +18,8 @@ STATS_KEYS = ("subsample_tokens", "ratio_samples")  # statistics settings; 0 = e
 REQUIRED = ("name", "models", "methods", "ratios", "tasks")
 DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
                    "latency_lengths": [16, 64, 256, 1024, 4096]}
+# measure keys a spec may add; absent, they are left out of the cell (so cell ids stay as they were)
+OPTIONAL_MEASURE = {"latency_reps": "reps"}  # key -> the key whose value it defaults to
 
 
 def as_list(value) -> list:
@@ -101,10 +103,12 @@ def _check_measure(spec) -> list[str]:
         return []
     if not isinstance(measure, dict):
         return [f"measure={measure!r} must be false or a mapping of {sorted(DEFAULT_MEASURE)}"]
-    problems = [f"measure: unknown key {k!r}{did_you_mean(k, DEFAULT_MEASURE)}"
-                for k in measure if k not in DEFAULT_MEASURE]
-    for key in ("batch", "prompt_len", "new_tokens", "reps"):
-        value = measure.get(key, DEFAULT_MEASURE[key])
+    known = {**DEFAULT_MEASURE, **OPTIONAL_MEASURE}
+    problems = [f"measure: unknown key {k!r}{did_you_mean(k, known)}" for k in measure if k not in known]
+    for key in ("batch", "prompt_len", "new_tokens", "reps", *OPTIONAL_MEASURE):
+        if key in OPTIONAL_MEASURE and key not in measure:
+            continue
+        value = measure[key] if key in OPTIONAL_MEASURE else measure.get(key, DEFAULT_MEASURE[key])
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"measure: {key}={value!r} must be a whole number >= 1")
     new_tokens = measure.get("new_tokens", DEFAULT_MEASURE["new_tokens"])

@@ -1,15 +1,15 @@
-"""Speed and memory measurements: warm up, synchronise, then time; report median and p90.
+"""Speed measurements of one model: warm up, synchronise, then time; report median and p90.
 
-Used by `moebench bench` and by the grid. Inputs are random token ids (the speed of a forward pass
-does not depend on which tokens), seeded so runs are comparable.
+The pieces `moebench.measure.paired` builds on (a variant against its reference) and the variant-alone
+latency the grid records. Memory: `moebench.measure.memory`. Inputs are random token ids (the speed of
+a forward pass does not depend on which tokens), seeded so runs are comparable.
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -72,24 +72,60 @@ def prefill_speed(model: nn.Module, batch: int = 1, length: int = 128, reps: int
     return summary(times, batch * length)
 
 
+class DecodeSession:
+    """Greedy decoding of ``ids [B, L]`` one step at a time, as generation runs the model: the prompt's forward
+    with the KV cache (`start`), then one forward of one new token per sequence (`step`).
+
+    A select plan's per-row selection is made once from the prompts and in effect only inside `start`
+    and `step` (so sessions of other sides on the same model can run between the steps).
+    """
+
+    def __init__(self, runner: Applied, ids: torch.Tensor):
+        self.runner, self.ids = runner, ids
+        self.keeps = [runner.select(row.tolist()) for row in ids] if runner.selects else None
+        self.cache = self.next = None
+
+    def _routing(self):
+        return self.runner.batch(self.keeps) if self.keeps is not None else nullcontext()
+
+    @torch.no_grad()
+    def start(self) -> None:
+        with self._routing():
+            out = self.runner.model(input_ids=self.ids, use_cache=True)
+        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with self._routing():
+            out = self.runner.model(input_ids=self.next, past_key_values=self.cache, use_cache=True)
+        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
 def decode_speed(model: nn.Module, batch: int = 1, prompt: int = 32, new_tokens: int = 32, reps: int = 5,
                  warmup: int = 1, runner: Applied | None = None) -> dict:
-    """Decode throughput: greedy generation of exactly ``new_tokens`` after a ``prompt``, per token.
-
-    Generation = the prompt's forward (which yields the first new token) + ``new_tokens - 1`` decode
-    steps; decode time = generation time - the prompt's forward (with KV cache), per decode step.
-    Work done once per request (a selection pass, say) is in both and cancels.
-    """
+    """Decode throughput after a ``prompt``: per repetition, the median of the ``new_tokens - 1`` decode steps
+    of a `DecodeSession` (token 1 comes from the prompt's forward, timed on its own as ``prefill_s``)."""
     if new_tokens < 2:
         raise ValueError(f"decode speed needs new_tokens >= 2 (got {new_tokens}): the first new token comes "
                          "from the prompt's forward, decode steps are the rest")
     runner = runner or unchanged(model)
     ids = _ids(model, batch, prompt, seed=1)
     prefill = _timed(lambda: runner.forward(ids, use_cache=True), ids.device, reps, warmup)
-    total = _timed(lambda: runner.generate(ids, new_tokens), ids.device, reps, warmup)
-    decode_times = [max(t - statistics.median(prefill), 1e-9) for t in total]
-    return {**summary(decode_times, batch * (new_tokens - 1)), "prefill_s": statistics.median(prefill)}
+    per_rep = []
+    for rep in range(warmup + reps):
+        session = DecodeSession(runner, ids)
+        session.start()
+        steps = []
+        for _ in range(new_tokens - 1):
+            _sync(ids.device)
+            start = time.perf_counter()
+            session.step()
+            _sync(ids.device)
+            steps.append(time.perf_counter() - start)
+        if rep >= warmup:
+            per_rep.append(statistics.median(steps))
+    return {**summary(per_rep, batch), "prefill_s": statistics.median(prefill)}
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -156,26 +192,10 @@ def expert_share(model: nn.Module, batch: int = 1, length: int = 128, reps: int 
 
 
 def weight_bytes(model: nn.Module) -> dict:
-    """Resident weight bytes: routed experts and everything else."""
-    view = MoEView(model)
-    experts, total = view.expert_bytes(), view.total_bytes()
-    return {"expert_bytes": experts, "other_bytes": total - experts, "total_bytes": total,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    """Resident weight bytes (`moebench.measure.memory.resident_bytes`): ``expert_bytes``, ``other_bytes``,
+    ``total_bytes``, and the number of ``parameters``."""
+    from moebench.measure.memory import resident_bytes
 
-
-def peak_memory(device: torch.device | str) -> dict:
-    """Peak memory so far: CUDA allocated / reserved on a GPU, the process's peak RSS on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        _sync(device)
-        return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak-memory window (CUDA only; process RSS peaks cannot be reset)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    r = resident_bytes(model)
+    return {"expert_bytes": r["expert_bytes"], "other_bytes": r["other_bytes"], "total_bytes": r["weight_bytes"],
+            "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}

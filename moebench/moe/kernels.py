@@ -168,6 +168,30 @@ def register() -> None:
     ExpertsInterface.register(KERNEL_NAME, moebench_experts_forward)
 
 
+_BEFORE_ATTR = "_moebench_kernel_before"
+
+
+def switch_to_kernel(model: nn.Module) -> None:
+    """Switch ``model`` to moebench's kernel, remembering the kernel it had (for `restore_kernel`)."""
+    register()
+    current = getattr(model.config, "_experts_implementation", None)
+    if current != KERNEL_NAME and not hasattr(model, _BEFORE_ATTR):
+        setattr(model, _BEFORE_ATTR, current)
+    model.set_experts_implementation(KERNEL_NAME)
+
+
+def restore_kernel(model: nn.Module) -> None:
+    """Give ``model`` back the kernel it had before `switch_to_kernel`, unless a skip rule or an offloading
+    provider still needs moebench's (then the last one removed restores it)."""
+    if any(hasattr(m, SKIP_ATTR) or hasattr(m, PROVIDER_ATTR) for m in model.modules()):
+        return
+    if hasattr(model, _BEFORE_ATTR):
+        before = getattr(model, _BEFORE_ATTR)
+        delattr(model, _BEFORE_ATTR)
+        if before is not None and getattr(model.config, "_experts_implementation", None) == KERNEL_NAME:
+            model.set_experts_implementation(before)
+
+
 @contextmanager
 def use_moebench_kernel(model: nn.Module):
     """Run ``model`` with the moebench kernel inside the block; restore its kernel afterwards."""

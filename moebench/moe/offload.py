@@ -2,9 +2,9 @@
 
 `ExpertOffloader(model)` moves every routed expert tensor ``[E, ...]`` of every MoE layer into a CPU
 store (pinned when CUDA is present) and leaves an empty placeholder on the module, so the model's
-resident expert bytes are only the working sets. It switches the model to moebench's kernel, which
-reads expert weights from the attached provider (`moebench.moe.kernels.PROVIDER_ATTR`) instead of the
-module's parameters.
+resident expert bytes are only the working sets. It switches the model to moebench's kernel (`close`
+gives the previous one back), which reads expert weights from the attached provider
+(`moebench.moe.kernels.PROVIDER_ATTR`) instead of the module's parameters.
 
 Inside ``with offloader.batch(keeps):`` (one selection per batch row; None = unknown) each MoE
 layer's working set becomes the union of the rows' kept experts: on entry to layer l its missing
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from moebench.moe.kernels import KERNEL_NAME, PROVIDER_ATTR, expert_forward, register
+from moebench.moe.kernels import PROVIDER_ATTR, expert_forward, restore_kernel, switch_to_kernel
 from moebench.moe.ops import _replace_tensor
 from moebench.moe.view import MoEError, MoELayer, MoEView
 
@@ -116,8 +116,7 @@ class ExpertOffloader:
         self.entered: set[int] = set()
         self.hooks = [layer.block.register_forward_pre_hook(self._enter_hook(n))
                       for n, layer in enumerate(self.view.layers)]
-        register()
-        model.set_experts_implementation(KERNEL_NAME)
+        switch_to_kernel(model)
 
     def _moved(self, nbytes: int) -> None:
         self.counters["bytes_moved"] += nbytes
@@ -166,11 +165,18 @@ class ExpertOffloader:
         finally:
             self.cpu_side = False
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the experts held in host memory (the store; pinned where CUDA is present)."""
+        return sum(t.numel() * t.element_size() for store in self.stores for t in store.cpu.values())
+
     def close(self) -> None:
-        """Put every expert tensor back on the module (on the compute device) and detach."""
+        """Put every expert tensor back on the module (on the compute device), detach, and give the model
+        back the experts kernel it had before offloading (unless skipping still needs moebench's)."""
         for hook in self.hooks:
             hook.remove()
         for store in self.stores:
             for name, t in store.cpu.items():
                 _replace_tensor(store.layer.experts, name, t.to(self.device))
             delattr(store.layer.experts, PROVIDER_ATTR)
+        restore_kernel(self.model)

@@ -12,10 +12,12 @@ expert loop, so they cost no compute.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from moebench.moe.kernels import KERNEL_NAME, SKIP_ATTR, register
+from moebench.moe.kernels import SKIP_ATTR, restore_kernel, switch_to_kernel
 from moebench.moe.view import MoEError, MoEView
 
 
@@ -25,8 +27,13 @@ class SkipRule:
     def __init__(self, beta: float):
         self.beta = float(beta)
         self.pairs = 0
-        self.skipped = 0
         self.tokens = 0
+        self._skipped = 0  # a device tensor once counting starts: read back only when asked (no sync per call)
+
+    @property
+    def skipped(self) -> int:
+        """Pairs skipped so far."""
+        return int(self._skipped)
 
     def __call__(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rescaled weights [T,k], active slots [T,k] bool)`` for gate values ``weights [T,k]``."""
@@ -37,7 +44,7 @@ class SkipRule:
         scale = w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
         self.pairs += active.numel()
         self.tokens += active.shape[0]
-        self.skipped += int((~active).sum())
+        self._skipped = self._skipped + (~active).sum()
         return (kept * scale).to(weights.dtype), active
 
 
@@ -63,22 +70,39 @@ def naee_betas(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
 
 
 def enable_skipping(model: nn.Module, betas: dict[int, float]) -> None:
-    """Attach a skip rule to each MoE layer and switch the model to moebench's kernel."""
+    """Attach a skip rule to each MoE layer and switch the model to moebench's kernel (`disable_skipping`
+    gives the previous kernel back)."""
     view = MoEView(model)
     if not view.family.experts_slot:
         raise MoEError(f"{view.family.name} experts run outside transformers' experts slot; "
                        "dynamic skipping is not available for this family")
-    register()
     for layer in view.layers:
         setattr(layer.experts, SKIP_ATTR, SkipRule(betas.get(layer.index, 0.0)))
-    model.set_experts_implementation(KERNEL_NAME)
+    switch_to_kernel(model)
 
 
 def disable_skipping(model: nn.Module) -> None:
-    """Remove the skip rules (the model keeps moebench's kernel, which then skips nothing)."""
+    """Remove the skip rules and give the model back the experts kernel it had before skipping (unless
+    offloading still needs moebench's)."""
     for layer in MoEView(model).layers:
         if hasattr(layer.experts, SKIP_ATTR):
             delattr(layer.experts, SKIP_ATTR)
+    restore_kernel(model)
+
+
+@contextmanager
+def skipping_paused(model: nn.Module):
+    """Inside the block the skip rules are detached (the kernel stays); afterwards they are back, counters intact."""
+    rules = {}
+    for layer in MoEView(model).layers:
+        if hasattr(layer.experts, SKIP_ATTR):
+            rules[layer.experts] = getattr(layer.experts, SKIP_ATTR)
+            delattr(layer.experts, SKIP_ATTR)
+    try:
+        yield
+    finally:
+        for experts, rule in rules.items():
+            setattr(experts, SKIP_ATTR, rule)
 
 
 def skip_report(model: nn.Module) -> dict:

@@ -27,7 +27,7 @@ from moebench.report.layout import (
     shared_legend,
 )
 from moebench.report.textfmt import byte_unit
-from moebench.report.uncertainty import speed_interval, spread_note
+from moebench.report.uncertainty import speedup_interval
 
 __all__ = [
     "Figure",
@@ -148,43 +148,45 @@ def recovery_vs_ratio(table: pd.DataFrame) -> Figure:
 
 
 def speedup_vs_ratio(table: pd.DataFrame, reps: int | None = None) -> Figure | Skipped:
-    """Decode speedup over the unpruned model vs ratio, with the spread of both over the repetitions."""
+    """Paired decode speedup over the unpruned model vs ratio, with its 95% interval; hollow markers: cells
+    timed unpaired or under load."""
     if table["decode_speedup"].notna().sum() == 0:
         return Skipped("speedup_vs_ratio", "Decode speedup vs ratio",
-                       "no decode speed in the runs table (decode_tokens_per_s): the study ran without `measure`")
+                       "no paired decode speedup in the runs table (decode_speedup): the study ran without "
+                       "`measure`, or its cells are from before paired timing")
     panels, series = _panels(table)
-    names = set()
-    common = ["unpruned: median (dashed), spread (grey)"]
+    common = ["unpruned (1 by definition)"]
     parts = facet_grid([p.labels() for p in panels], common)
     fig, axes = parts[:2]
+    flagged = 0
     for ax, panel in zip(axes, panels, strict=True):
         part = table[table["model"] == panel.model]
-        base = part[part["baseline"]]
-        ref = speed_interval(base.iloc[0]) if len(base) else None
-        if ref:
-            names.add(ref[3])
-            ax.axhspan(ref[0] / ref[1], ref[2] / ref[1], color=style.BAND_COLOUR, alpha=0.45, linewidth=0, zorder=0)
-            _reference(ax, 1.0, common[0])
+        _reference(ax, 1.0, common[0])
         for i, (method, calib) in enumerate(panel.series):
             group = part[(part["method"] == method) & (part["calib"] == calib) & ~part["baseline"]].sort_values("ratio")
-            points = [(r.ratio, speed_interval(r._asdict())) for r in group.itertuples(index=False)]
-            points = [(x, s) for x, s in points if s is not None and ref]
+            points = [(r.ratio, speedup_interval(r._asdict()), r.speed_flag) for r in group.itertuples(index=False)]
+            points = [p for p in points if p[1] is not None]
             if not points:
                 continue
-            names |= {s[3] for _, s in points}
             dodge = (i - (len(panel.series) - 1) / 2) * 0.012
-            xs = [x + dodge for x, _ in points]
-            ys = [s[1] / ref[1] for _, s in points]
-            err = [[(s[1] - s[0]) / ref[1] for _, s in points], [(s[2] - s[1]) / ref[1] for _, s in points]]
             kw = style.series_style(i, panel.variant(calib))
+            xs, ys = [x + dodge for x, _, _ in points], [s[1] for _, s, _ in points]
+            err = [[s[1] - s[0] for _, s, _ in points], [s[2] - s[1] for _, s, _ in points]]
             ax.errorbar(xs, ys, yerr=err, capsize=2, elinewidth=0.8, label=style.text(panel.label(method, calib)),
                         **kw)
+            hollow = [(x, y) for x, y, (_, _, flag) in zip(xs, ys, points, strict=True) if flag]
+            flagged += len(hollow)
+            if hollow:
+                ax.scatter(*zip(*hollow, strict=True), facecolors="white", edgecolors=kw["color"], marker=kw["marker"],
+                           s=16, zorder=3)
         ax.set_title(style.text(panel.title))
     _legends(parts, panels, common, XLABEL, "decode speedup (x unpruned)", _ratios(table))
+    hollow = (f" Hollow markers ({flagged}): timed unpaired or under load, no verdict." if flagged else "")
     return Figure("speedup_vs_ratio", "Decode speedup vs pruning ratio",
-                  "Decode tokens/s relative to the unpruned model's median, at the median of timed repetitions; "
-                  f"{spread_note(names, reps)}, each divided by the unpruned median; grey: the unpruned model's own "
-                  "spread. Points are offset sideways to keep bars apart." + series.note(), fig)
+                  "Each cell's decode speedup over the unpruned model, timed interleaved with it in the cell's own "
+                  "process and experts kernel: the median of the per-repetition time ratios, bars its 95% interval"
+                  + (f" over {reps} repetitions" if reps else "") + ". Points are offset sideways to keep bars apart."
+                  + hollow + series.note(), fig)
 
 
 def pareto_front(memory: list[float], accuracy: list[float]) -> list[int]:
@@ -199,10 +201,11 @@ def pareto_front(memory: list[float], accuracy: list[float]) -> list[int]:
 
 
 def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
-    """Peak GPU memory (resident weights on CPUs or where not measured) vs average accuracy, a panel per
-    method kind, with the Pareto front of all of the model's cells in each."""
-    gpu = table["peak_memory_bytes"].notna().any() and table["device"].astype(str).str.startswith("cuda").all()
-    column = "peak_memory_bytes" if gpu else "weight_bytes"
+    """Measured run peak on GPUs (resident weights on CPUs or where not measured) vs average accuracy, a panel
+    per method kind, with the Pareto front of all of the model's cells in each."""
+    gpu = (table["run_peak_bytes"].notna().all() and len(table) > 0
+           and table["memory_measure"].astype(str).str.startswith("cuda").all())
+    column = "run_peak_bytes" if gpu else "weight_bytes"
     data = table[table[column].notna() & table["accuracy"].notna()]
     if data.empty:
         return Skipped("memory_pareto", "Memory vs accuracy",
@@ -231,10 +234,11 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
                 ax.scatter(mem[i], acc[i], facecolors=face, edgecolors=kw["color"], marker=kw["marker"], s=22,
                            label=style.text(panel.label(method, calib)), zorder=2)
         ax.set_title(style.text(panel.title))
-    _legends(parts, panels, common, ("peak memory" if gpu else "resident weights") + f" ({unit})",
+    _legends(parts, panels, common, ("run peak, GPU" if gpu else "resident weights") + f" ({unit})",
              "average accuracy (%)")
-    what = ("peak GPU memory" if gpu else "resident weight bytes (peak memory on a CPU is the whole process's "
-            "resident set, mostly the runtime; it is in the main table)")
+    what = ("GPU memory at its peak while evaluated and timed (bytes torch allocated, after the method was "
+            "applied)" if gpu else "resident weight bytes (the measured run peak on a CPU is the whole "
+            "process's resident set, mostly the runtime; it is in the main table)")
     return Figure("memory_pareto", "Memory vs accuracy (Pareto front)",
                   f"Each cell's {what} vs average accuracy, a panel per kind of method; the dark steps join the cells "
                   "no other cell of the model beats on both; grey dots: the model's other cells." + series.note(), fig)

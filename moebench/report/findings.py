@@ -5,8 +5,9 @@ Every number comes from the study's tidy tables through `moebench.report.tables.
 cells are absent says so instead of guessing. Accuracies are in percent with their standard error
 (``94.4 ± 0.7%``); a comparison says "tie" only when the difference lies inside its 95% interval,
 paired over per-item results where both sides have them, else from the stderrs, and names which
-(`moebench.report.uncertainty`). Speeds differ only when their spreads over the repetitions do not
-overlap ("no measurable change" otherwise).
+(`moebench.report.uncertainty`). Speeds are paired ratios measured in one process; they differ only
+when their 95% interval excludes 1 ("no measurable change" otherwise), and cells timed unpaired or
+under load get no speed verdict.
 
 Shared helpers (other findings use them): `_acc` (mean accuracy of the matching cells, a `Score`
 carrying its uncertainty), `_fmt` (a score as text) and `_verdict` (yes / no / tie of one score
@@ -20,7 +21,7 @@ import pandas as pd
 from moebench.method.registry import load_methods
 from moebench.report.domains import calibration_effect
 from moebench.report.tables import MetricSpec, StudyData, summary
-from moebench.report.uncertainty import Estimate, cell_estimates, combine, difference, overlaps, speed_interval
+from moebench.report.uncertainty import Estimate, cell_estimates, combine, difference, speed_verdict
 
 GENERIC = ("testbed:mix", "c4")
 
@@ -116,21 +117,12 @@ def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
             f"(a tie: inside the 95% interval), mean change {effect['delta'].mean():+.1f} points ({'; '.join(lines)})")
 
 
-def _speed_text(row, plain) -> str:
-    """Decode speed of ``row`` against ``plain``: the ratio when the spreads are apart, else no measurable change."""
-    a, b = speed_interval(row), speed_interval(plain)
-    if a is None or b is None:
-        return "decode speed not measured"
-    ratio = a[1] / b[1]
-    spread = a[3] if a[3] == b[3] else f"{a[3]} / {b[3]}"
-    if overlaps(a, b):
-        return f"decode speed: no measurable change (x{ratio:.2f}, inside the {spread} spread)"
-    one_sided = "; no p10 recorded" if "p90 to median" in spread else ""
-    return f"decode speed x{ratio:.2f} (outside the {spread} spread{one_sided})"
-
-
 def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
-    """What accuracy does skipping trade for what speed (and at what realised skip rate)?"""
+    """What accuracy does skipping trade for what speed (and at what realised skip rate)?
+
+    Speed: the skip cell's own paired ratio against the same pruning with its skip rules paused, in
+    the same kernel and process (``skip_decode_speedup``); no verdict on flagged cells.
+    """
     rates = {} if runs is None or "skip_rate" not in runs else dict(zip(runs["cell"], runs["skip_rate"], strict=True))
     skipped = table[table["skip"] != "none"]
     if skipped.empty:
@@ -141,13 +133,14 @@ def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
                       & (table["skip"] == "none") & (table["calib"] == row["calib"])]
         if plain.empty:
             continue
-        p = plain.iloc[0]
         skip_acc, plain_acc = Score(_estimate_of(skipped.loc[[row.name]])), Score(_estimate_of(plain.iloc[[0]]))
         rate = rates.get(row["cell"])
         rate_text = f", skip rate {rate:.3f} of routed pairs" if rate is not None and rate == rate else ""
+        speed = speed_verdict(row, "skip_", flag=row.get("speed_flag", "") or "")
         parts.append(f"{row['method_id']} {row['ratio']:.0%}: accuracy {_fmt(plain_acc)} -> {_fmt(skip_acc)} "
-                     f"(change: {_verdict(skip_acc, plain_acc)}), {_speed_text(row, p)}{rate_text}")
-    return "F3 (dynamic skipping, accuracy and decode speed vs the same pruning without skipping): " + "; ".join(parts)
+                     f"(change: {_verdict(skip_acc, plain_acc)}), {speed}{rate_text}")
+    return ("F3 (dynamic skipping, accuracy and decode speed vs the same pruning without skipping; speed paired "
+            "in the skip cell's process, same experts kernel): " + "; ".join(parts))
 
 
 def f4(table: pd.DataFrame) -> str:

@@ -110,11 +110,11 @@ def _html(sections: list[tuple[str, str, list, list, list]], intro: list[str]) -
 
 
 def _section(rows: pd.DataFrame, everything: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list]]:
-    header, text = main_rows(rows, with_study=True, units_of=everything)
-    header, text = header[:-1], [r[:-1] for r in text]  # no flags column: limited cells are not listed
-    values = [[None] * 4 + [r.ratio, r.accuracy, r.recovery, r.weight_bytes, r.peak_memory_bytes, r.decode_speedup]
+    header, text = main_rows(rows, with_study=True, units_of=everything)  # limited cells are not listed
+    header[-1] = "speed flags"
+    values = [[None] * 4 + [r.ratio, r.accuracy, r.recovery, r.weight_bytes, r.run_peak_bytes, r.decode_speedup]
               for r in rows.itertuples()]
-    return header, text, values
+    return header, text, [[*v, None] for v in values]
 
 
 def write_leaderboard(results_dir: str, out: str, spec: MetricSpec) -> list[str]:
@@ -122,8 +122,11 @@ def write_leaderboard(results_dir: str, out: str, spec: MetricSpec) -> list[str]
     rows, limited, notes = leaderboard_table(results_dir, spec)
     intro = [f"Average accuracy: {spec.describe()}, over each study's tasks "
              "(leaf tasks reporting the metric), mean \u00b1 standard error in percent; recovery in % of the same "
-             "model's unpruned cell; decode speedup over the unpruned cell; resident weights: the bytes the variant "
-             "keeps in memory.",
+             "model's unpruned cell; resident weights: the bytes the variant keeps in memory (computed); run peak: "
+             "the memory measured at its peak while the variant was evaluated and timed (GPU: bytes torch "
+             "allocated; CPU: the cell process's peak resident set, runtime included); decode speedup: paired with "
+             "the unpruned model in the cell's process, median [95% interval]; speed flags: unpaired or under load, "
+             "no verdict.",
              f"{len(rows)} cells from {len(notes)} stud{'y' if len(notes) == 1 else 'ies'}; {limited} cells run with "
              "an lm-eval limit are left out.", "Tasks per study: " + "; ".join(notes) + "."]
     sections = []

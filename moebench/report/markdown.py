@@ -16,7 +16,9 @@ from moebench.report.settings import settings_pairs
 from moebench.report.textfmt import main_rows, markdown_table, md_escape, num, pm
 
 MAIN_NOTE = ("avg acc: mean \u00b1 standard error over the averaged tasks' items, in percent; weights: the bytes "
-             "resident in memory (input-aware and masked variants free nothing).")
+             "resident in memory (input-aware and masked variants free nothing); run peak: memory measured at its "
+             "peak while evaluated and timed; decode speedup: paired with the unpruned model, median [95% interval]; "
+             "flags: `limited` (lm-eval limit), `unpaired` / `under load` (no speed verdict).")
 LIMITED_NOTE = ("`limited`: the cell ran with an lm-eval `limit` (a subset of each task); its numbers are "
                 "indicative only and it is left off the leaderboard.")
 

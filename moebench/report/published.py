@@ -14,7 +14,7 @@ last path component, case-insensitive), method and skip rule are equal, the rati
 1e-6, the entry's params agree with those the cell sets, and the calibration is equal where both
 have one (unpruned and data-free cells have none). The measured number is computed the entry's way:
 its metric on its tasks (which the study must have evaluated), decode speedup over the unpruned
-cell, or peak memory in MiB.
+cell (the cell's paired ratio), or peak memory in MiB (the cell's measured run peak).
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def matches(entry: Published, row) -> bool:
 def _measured(entry: Published, row, study: StudyData) -> tuple[float | None, str]:
     if entry.quantity == "decode_speedup":
         return row["decode_speedup"], ""
-    if entry.quantity == "peak_memory_mib":
-        return row["peak_memory_bytes"] / 2 ** 20, ""
+    if entry.quantity == "peak_memory_mib":  # the paper's peak GPU memory: the measured run peak
+        caveat = "" if str(row["memory_measure"]).startswith("cuda") else \
+            "measured on a CPU: the cell process's peak resident set, runtime included"
+        return row["run_peak_bytes"] / 2 ** 20, caveat
     if not entry.tasks:
         return row["accuracy"] * entry.scale, "the paper's task set is not restated: measured on the study's tasks"
     if not set(entry.tasks) <= set(study.scores["task"]):

@@ -41,7 +41,17 @@ def _measured_on(runs: pd.DataFrame) -> list[tuple[str, str]]:
     note = (f"; on a CPU, speeds of models this small (at most {largest / 1e6:.1f} M parameters) are dominated "
             "by fixed per-call costs and say little about the methods on real models"
             if small and all(w.startswith("cpu") for w in where) else "")
-    return [("speed and memory measured on", "; ".join(where) + note)]
+    pairs = [("speed and memory measured on", "; ".join(where) + note)]
+    pairing = measured["speed_pairing"].astype(str).value_counts() if "speed_pairing" in measured else None
+    if pairing is not None and len(pairing):
+        pairs.append(("speed pairing", ", ".join(f"{k or 'not recorded'} {v}" for k, v in sorted(pairing.items()))
+                      + " cells (interleaved: timed alternately with the unpruned model in the cell's process; "
+                        "self: the unpruned cell)"))
+    if "under_load" in measured:
+        loaded = int(measured["under_load"].astype(str).str.lower().eq("true").sum())
+        pairs.append(("measured under load", f"{loaded} of {len(measured)} cells (this process's threads plus other "
+                                             "processes' CPU use exceeded the cores while timing; no speed verdict)"))
+    return pairs
 
 
 def _versions(runs: pd.DataFrame) -> list[tuple[str, str]]:
@@ -70,7 +80,13 @@ def settings_pairs(study, table, tasks, spec) -> list[tuple[str, str]]:
                                   "sample count) are left out"),
              ("uncertainty", UNCERTAINTY),
              ("recovery, speedup", "recovery: average accuracy / the unpruned cell's (method none, ratio 0) of the "
-                                   "same model x 100; decode speedup: decode tokens/s / the unpruned cell's"),
+                                   "same model x 100; decode speedup: the median over repetitions of the unpruned "
+                                   "model's time / the variant's, timed interleaved in the cell's process and "
+                                   "experts kernel, with a 95% interval of that median"),
+             ("memory", "resident weights: bytes of the parameters after the method (computed); run peak: measured "
+                        "from after the method is applied to the end of evaluation and the variant's own timing "
+                        "(GPU: bytes torch allocated, summed over devices; CPU: the cell process's peak resident "
+                        "set, VmHWM, reset after the method is applied)"),
              ("limited runs", f"{limited} of {len(runs)}" + (" (flagged limited; not on the leaderboard)" if limited
                                                              else "")),
              *_measured_on(runs), *_versions(runs)]

@@ -15,7 +15,12 @@ Definitions:
   tasks asked for. A cell missing any of them has no average.
 * **recovery**: a cell's average accuracy / that of the unpruned cell (method ``none``, ratio 0)
   of the same model, x 100.
-* **decode speedup**: a cell's ``decode_tokens_per_s`` / the unpruned cell's.
+* **decode speedup**: the cell's own paired ratio ``decode_speedup`` (`moebench.measure.paired`: the
+  median over repetitions of the unpruned reference's time / the variant's, timed interleaved in the
+  cell's process, in the same experts kernel), with its p10 and p90. Cells whose speed was not
+  paired (``speed_pairing`` other than ``interleaved`` / ``self``) or measured under load are flagged.
+* **memory**: resident weights (``weight_bytes``, computed after the method) and the measured
+  ``run_peak_bytes`` (`moebench.measure.memory`).
 * **stderr of the average**: sqrt(sum of the tasks' squared stderrs) / number of tasks (the tasks'
   items are independent); missing when a task reports no stderr.
 """
@@ -34,8 +39,11 @@ from moebench.report.facets import facet_of, registered_kind
 LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
 SPEED_COLUMNS = ["decode_tokens_per_s", "decode_tokens_per_s_p90", "decode_tokens_per_s_p10",
                  "decode_tokens_per_s_min", "decode_tokens_per_s_max"]
-NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "peak_memory_bytes", *SPEED_COLUMNS,
-                       "prefill_tokens_per_s", "parameters", "limit"]
+SPEEDUP_COLUMNS = [f"{p}decode_speedup{q}" for p in ("", "skip_") for q in ("", "_lo", "_hi")]
+NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "weight_bytes", "load_peak_bytes", "run_peak_bytes",
+                       *SPEED_COLUMNS, *SPEEDUP_COLUMNS, "prefill_tokens_per_s", "parameters", "limit", "others_cpu",
+                       "cpu_cores", "load_before", "load_after"]
+PAIRED = ("interleaved", "self")  # speed_pairing values whose ratio is paired
 FALLBACK_METRICS = ("acc", "exact_match")
 
 
@@ -94,7 +102,12 @@ def _normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", ""), ("apply", "physical")):
         runs[col] = (runs[col] if col in runs else pd.Series(default, index=runs.index)).astype(object)
         runs[col] = runs[col].astype(object).where(runs[col].notna(), default).astype(str)
-    runs["limited"] = runs["limited"].map(lambda v: str(v).strip().lower() in ("true", "1"))
+    for col in ("limited", "under_load"):
+        values = runs[col] if col in runs else pd.Series(False, index=runs.index)
+        runs[col] = values.map(lambda v: str(v).strip().lower() in ("true", "1"))
+    for col in ("speed_pairing", "speed_pairing_note", "memory_measure"):
+        values = runs[col] if col in runs else pd.Series("", index=runs.index)
+        runs[col] = values.astype(object).where(values.notna(), "").astype(str)
     for col in NUMERIC_RUN_COLUMNS:  # tables from older cells lack the speed spread: NaN, said in the report
         runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else float("nan")
     runs["cell"] = runs["cell"].astype(str)
@@ -250,8 +263,19 @@ def baselines(runs: pd.DataFrame) -> dict[str, str]:
 
 
 SUMMARY_COLUMNS = ["model", "method", "calib", "ratio", "accuracy", "accuracy_stderr", "recovery", "weight_bytes",
-                   "peak_memory_bytes", "decode_speedup", "limited", "cell", "method_id", "params", "skip", "baseline",
-                   "kind", "facet", "apply", "device", *SPEED_COLUMNS]
+                   "run_peak_bytes", "load_peak_bytes", "memory_measure", "decode_speedup", "limited", "cell",
+                   "method_id", "params", "skip", "baseline", "kind", "facet", "apply", "device", "speed_pairing",
+                   "under_load", "speed_flag", *SPEED_COLUMNS, *SPEEDUP_COLUMNS[1:]]
+
+
+def speed_flag(run) -> str:
+    """Why a cell's speed ratio is not to be read as a paired measurement on a quiet machine ("" if it is)."""
+    pairing = str(getattr(run, "speed_pairing", "") or "")
+    if pd.isna(getattr(run, "decode_speedup", float("nan"))):
+        return ""
+    if pairing not in PAIRED:
+        return "unpaired"
+    return "under load" if bool(getattr(run, "under_load", False)) else ""
 
 
 def plan_kind(study: StudyData, cell: str, method: str) -> str:
@@ -261,30 +285,31 @@ def plan_kind(study: StudyData, cell: str, method: str) -> str:
 
 
 def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
-    """The main table: one row per cell with accuracy (and its stderr), recovery, weights, memory, speedup,
-    the method's kind and figure facet (`moebench.report.facets`) and the decode speed spread."""
+    """The main table: one row per cell with accuracy (and its stderr), recovery, resident weights, run peak,
+    the paired decode speedup and its spread and flag, the method's kind and figure facet
+    (`moebench.report.facets`)."""
     runs = study.runs
     acc, err = average_accuracy(study.scores, spec), average_stderr(study.scores, spec)
     base = baselines(runs)
     rows = []
     for run in runs.itertuples(index=False):
         ref = base.get(run.model)
-        ref_run = runs[runs["cell"] == ref].iloc[0] if ref else None
         accuracy = acc.get(run.cell, float("nan"))
         ref_acc = acc.get(ref, float("nan")) if ref else float("nan")
-        speed = run.decode_tokens_per_s / ref_run["decode_tokens_per_s"] if ref else float("nan")
+        weights = run.weight_bytes if not pd.isna(run.weight_bytes) else run.expert_bytes + run.other_bytes
         kind = plan_kind(study, run.cell, run.method)
         row = {"model": run.model, "method": method_label(run.method, run.params, run.skip),
                "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
                "accuracy_stderr": err.get(run.cell, float("nan")),
                "recovery": 100.0 * accuracy / ref_acc if ref_acc else float("nan"),
-               "weight_bytes": run.expert_bytes + run.other_bytes,
-               "peak_memory_bytes": run.peak_memory_bytes, "decode_speedup": speed,
+               "weight_bytes": weights, "run_peak_bytes": run.run_peak_bytes, "load_peak_bytes": run.load_peak_bytes,
+               "memory_measure": run.memory_measure, "decode_speedup": run.decode_speedup,
                "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
                "params": run.params, "skip": run.skip, "baseline": run.cell == ref, "kind": kind,
                "facet": facet_of(run.method, run.skip, kind), "apply": str(getattr(run, "apply", "physical")),
-               "device": str(getattr(run, "device", "") or "")}
-        row.update({c: getattr(run, c, float("nan")) for c in SPEED_COLUMNS})
+               "device": str(getattr(run, "device", "") or ""), "speed_pairing": run.speed_pairing,
+               "under_load": bool(run.under_load), "speed_flag": speed_flag(run)}
+        row.update({c: getattr(run, c, float("nan")) for c in (*SPEED_COLUMNS, *SPEEDUP_COLUMNS[1:])})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     frame["order"] = (~frame["baseline"]).astype(int)

@@ -60,19 +60,29 @@ def main_rows(table: pd.DataFrame, with_study: bool = False,
     (default: the table itself), so several tables can share them."""
     ref = table if units_of is None else units_of
     wdiv, wunit = byte_unit(ref["weight_bytes"])
-    mdiv, munit = byte_unit(ref["peak_memory_bytes"])
+    mdiv, munit = byte_unit(ref["run_peak_bytes"])
     header = (["study"] if with_study else []) + [
         "model", "method", "calibration", "ratio", "avg acc ± stderr (%)", "recovery (%)",
-        f"resident weights ({wunit})", f"peak memory ({munit})", "decode speedup (x)", "flags"]
+        f"resident weights ({wunit})", f"run peak ({munit})", "decode speedup (x)", "flags"]
     rows = []
     for r in table.itertuples(index=False):
-        flags = ",".join(f for f, on in (("limited", r.limited),) if on)
+        flags = ",".join(f for f, on in (("limited", r.limited), (r.speed_flag, bool(r.speed_flag))) if on)
         rows.append(([r.study] if with_study else []) + [
             r.model, r.method, r.calib or MISSING, num(r.ratio, 2), pm(r.accuracy, r.accuracy_stderr, 2, 100),
-            num(r.recovery, 1),
-            num(r.weight_bytes, 2, 1 / wdiv), num(r.peak_memory_bytes, 2, 1 / mdiv), num(r.decode_speedup, 2),
+            num(r.recovery, 1), num(r.weight_bytes, 2, 1 / wdiv), num(r.run_peak_bytes, 2, 1 / mdiv),
+            speedup_text(r.decode_speedup, getattr(r, "decode_speedup_lo", None),
+                         getattr(r, "decode_speedup_hi", None)),
             flags or MISSING])
     return header, rows
+
+
+def speedup_text(median, lo, hi) -> str:
+    """``1.05 [0.98, 1.10]``: a paired speedup and its 95% interval (the median alone where none), or ``-``."""
+    if missing(median):
+        return MISSING
+    if missing(lo) or missing(hi) or lo == hi == median:
+        return num(median, 2)
+    return f"{num(median, 2)} [{num(lo, 2)}, {num(hi, 2)}]"
 
 
 def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int | None = None) -> str:

@@ -17,10 +17,12 @@ A difference is a **tie** when it lies inside its 95% interval, |d| <= 1.96 x st
 z-test at 5%; a zero stderr ties only an exact zero). Means over several cells (random over seeds)
 average values, items and stderrs (sqrt(sum se^2) / k).
 
-Speed. A cell's decode tokens/s is the median over repetitions; its spread is the rates at the p90
-(slow end) and p10 (fast end) of the repetition times (`speed_interval`). Tables from before the p10
-was recorded give the p90 alone: the spread then runs from the p90 to the median. Two speeds differ
-measurably only when their spreads do not overlap.
+Speed. A speedup is a cell's own paired ratio (`moebench.measure.paired`): the median over
+repetitions of reference time / variant time, timed interleaved in one process, with a 95%
+distribution-free interval of that median (``_lo``, ``_hi``). It differs measurably from 1 only when
+the interval excludes 1 (`speed_verdict`), and no verdict is given for a cell whose timing was not
+paired or ran under load (`moebench.report.tables.speed_flag`). Cells from before paired timing
+have no speedup.
 """
 
 from __future__ import annotations
@@ -150,27 +152,33 @@ def task_difference(study: StudyData, table: pd.DataFrame, cell_a: str, cell_b: 
     return difference(*ests)
 
 
-def speed_interval(row, stage: str = "decode") -> tuple[float, float, float, str] | None:
-    """(slow end, median, fast end, spread name) of a runs or summary row's tokens/s; None if not measured."""
-    median = row.get(f"{stage}_tokens_per_s")
+def speedup_interval(row, prefix: str = "", stage: str = "decode") -> tuple[float, float, float] | None:
+    """``(lo, median, hi)`` of a runs or summary row's paired speedup (``{prefix}{stage}_speedup``); None when
+    not measured. A missing interval is the median alone."""
+    median = row.get(f"{prefix}{stage}_speedup")
     if median is None or pd.isna(median):
         return None
-    slow, fast = row.get(f"{stage}_tokens_per_s_p90"), row.get(f"{stage}_tokens_per_s_p10")
-    slow = median if slow is None or pd.isna(slow) else slow
-    if fast is None or pd.isna(fast):
-        return float(slow), float(median), float(median), "p90 to median"
-    return float(slow), float(median), float(fast), "p10-p90"
+    lo, hi = row.get(f"{prefix}{stage}_speedup_lo"), row.get(f"{prefix}{stage}_speedup_hi")
+    lo = median if lo is None or pd.isna(lo) else lo
+    hi = median if hi is None or pd.isna(hi) else hi
+    return float(lo), float(median), float(hi)
 
 
-def overlaps(a: tuple, b: tuple) -> bool:
-    """Whether two speed intervals (slow, median, fast, name) overlap: no measurable difference."""
-    return a[0] <= b[2] and b[0] <= a[2]
+def speed_verdict(row, prefix: str = "", stage: str = "decode", flag: str = "") -> str:
+    """A paired speedup in words: ``x1.12 (95% interval 1.05-1.20)`` when the interval excludes 1, ``no measurable
+    change (...)`` when it holds 1, ``not measured``, or, with a ``flag`` (`tables.speed_flag`), the
+    figure with no verdict."""
+    got = speedup_interval(row, prefix, stage)
+    if got is None:
+        return f"{stage} speed not measured"
+    lo, median, hi = got
+    figure = f"x{median:.2f}, 95% interval {lo:.2f}-{hi:.2f}"
+    if flag:
+        return f"{stage} speed {figure}: no verdict ({flag}: {FLAG_MEANING.get(flag, flag)})"
+    if lo <= 1.0 <= hi:
+        return f"{stage} speed: no measurable change ({figure})"
+    return f"{stage} speed {'faster' if median > 1 else 'slower'} ({figure})"
 
 
-def spread_note(names: set[str], reps: int | None = None) -> str:
-    """Sentence naming the speed spread shown (``names`` from `speed_interval`)."""
-    over = f" over {reps} timed repetitions" if reps else " over the timed repetitions"
-    if names == {"p10-p90"}:
-        return f"bars and bands: p10-p90 of the rates{over} (at few repetitions, their extremes)"
-    return (f"bars and bands: from the rate at the p90 of the times (slow end) to the median{over}; these cells "
-            "recorded no p10 (fast end), so the spread shown is one-sided")
+FLAG_MEANING = {"unpaired": "not timed interleaved with its reference",
+                "under load": "other processes used the cores it needed while it was timed"}

@@ -18,14 +18,17 @@ import yaml
 from tiny_models import VOCAB
 
 import moebench.calib.cache as stats_cache
-from moebench.grid.results import build_tables
+from moebench.grid.results import SPEEDUPS, build_tables
 from moebench.grid.runner import run_grid, status
 from moebench.grid.spec import load_study
 
 pytestmark = pytest.mark.slow  # every test runs a grid: one cell subprocess per cell
 
-TIMING = ["peak_memory_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90", "decode_tokens_per_s",
-          "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha",
+# measured figures (memory, speed, load, durations) and the commit: everything else must reproduce exactly
+TIMING = ["load_peak_bytes", "run_peak_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90",
+          "decode_tokens_per_s", "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha",
+          "ref_prefill_tokens_per_s", "ref_decode_tokens_per_s", *SPEEDUPS, "load_before", "load_after",
+          "others_cpu", "under_load",
           *[f"{s}_tokens_per_s_{q}" for s in ("prefill", "decode") for q in ("p10", "min", "max")]]
 
 

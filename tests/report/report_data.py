@@ -29,15 +29,26 @@ def _samples(items: dict[str, list[int]]) -> dict:
 
 
 def _run_row(c: dict, study: str) -> dict:
+    """One ``runs`` row. ``speed``: (median, p90, p10) decode tokens/s; ``speedup`` / ``skip_speedup``: the
+    paired ratio (median, lo, hi); ``pairing`` and ``under_load`` as a cell records them."""
     row = dict.fromkeys(RUN_COLUMNS)
     speed = c.get("speed", (100.0, 95.0, 105.0))  # median, p90 (slow end), p10 (fast end) tokens/s
+    baseline = c["method"] == "none" and c.get("skip", "none") == "none"
+    speedup = c.get("speedup", (1.0, 1.0, 1.0) if baseline else (speed[0] / 100.0, speed[1] / 100.0, speed[2] / 100.0))
+    row.update(decode_speedup=speedup[0], decode_speedup_lo=speedup[1], decode_speedup_hi=speedup[2],
+               speed_pairing=c.get("pairing", "self" if baseline else "interleaved"),
+               under_load=c.get("under_load", False))
+    if "skip_speedup" in c:
+        row.update(zip(("skip_decode_speedup", "skip_decode_speedup_lo", "skip_decode_speedup_hi"), c["skip_speedup"],
+                       strict=True))
     resident = c.get("kind") == "select" or c.get("apply") == "mask"  # nothing freed
     row.update(cell=c["cell"], study=study, model=c.get("model", "testbed-8e"), method=c["method"],
                params=json.dumps(c.get("params", {}), sort_keys=True), skip=c.get("skip", "none"), ratio=c["ratio"],
                calib="" if c["method"] in ("none", "random", "weight_norm") else c["calib"],
                apply=c.get("apply", "physical"), tasks="t", limit=None, limited=False,
                expert_bytes=int(8_000_000 * (1 if resident else 1 - c["ratio"])),
-               other_bytes=1_000_000, peak_memory_bytes=20_000_000, decode_tokens_per_s=speed[0],
+               other_bytes=1_000_000, run_peak_bytes=20_000_000, memory_measure="host_rss (VmHWM)",
+               decode_tokens_per_s=speed[0],
                decode_tokens_per_s_p90=speed[1], lm_eval_version="0.4.13", task_versions="{}", seed=0,
                device="cpu", dtype="float32", expert_kernel="moebench")
     if len(speed) > 2 and speed[2] is not None:

@@ -38,7 +38,8 @@ def rich_study(root: str, spread: bool = True) -> str:
                 cells.append(cell(f"s{k:02d}", method, ratio, 0.85 - ratio / 2 - k / 400, calib=calib,
                                   speed=(100 + k, 97 + k, 103 + k)))
         cells += [cell(f"n{ratio}", "naee", ratio, 0.8 - ratio / 3), cell(f"g{ratio}", "grape", ratio, 0.7 - ratio / 4),
-                  cell(f"k{ratio}", "naee", ratio, 0.79 - ratio / 3, skip="naee", speed=(80.0, 76.0, 83.0)),
+                  cell(f"k{ratio}", "naee", ratio, 0.79 - ratio / 3, skip="naee", speed=(80.0, 76.0, 83.0),
+                       under_load=ratio == 0.5),
                   cell(f"t{ratio}", "premoe_taer", ratio, 0.88 - ratio / 8, calib="testbed:arithmetic",
                                   kind="select"),
                   cell(f"x{ratio}", "mystery", ratio, 0.6)]
@@ -100,20 +101,21 @@ def test_accuracy_figure_is_faceted_by_kind_with_band_and_reference(table):
         style.close(figure.fig)
 
 
-def test_speed_figure_shows_the_spread_and_names_it(tmp_path, table):
+def test_speed_figure_shows_the_paired_interval_and_hollow_flagged_cells(tmp_path, table):
     with style.figure_style():
         figure = F.speedup_vs_ratio(table, reps=5)
         _check_panel_figure(figure.fig, 7)
-        assert "p10-p90 of the rates over 5 timed repetitions" in figure.caption
+        assert "timed interleaved with it" in figure.caption and "95% interval over 5 repetitions" in figure.caption
+        assert "Hollow markers (1)" in figure.caption  # naee+skip at 50%, measured under load
         ax = figure.fig.axes[0]
         bars = [c for c in ax.collections if type(c).__name__ == "LineCollection"]
         assert bars and all(len(c.get_segments()) == 2 for c in bars)  # a bar per ratio per series
+        hollow = [c for ax in figure.fig.axes for c in ax.collections if type(c).__name__ == "PathCollection"]
+        assert len(hollow) == 1 and tuple(hollow[0].get_facecolor()[0]) == (1.0, 1.0, 1.0, 1.0)
         style.close(figure.fig)
-        old = summary(load_studies(rich_study(str(tmp_path), spread=False))[0], MetricSpec())
-        figure = F.speedup_vs_ratio(old)
-        assert "from the rate at the p90 of the times (slow end) to the median" in figure.caption
-        assert "one-sided" in figure.caption
-        style.close(figure.fig)
+        old = summary(load_studies(rich_study(str(tmp_path)))[0], MetricSpec()).assign(decode_speedup=float("nan"))
+        skipped = F.speedup_vs_ratio(old)  # cells from before paired timing
+        assert type(skipped).__name__ == "Skipped" and "before paired timing" in skipped.note
 
 
 def test_heat_maps_have_colour_bars_with_units_and_maps_say_what_0_and_1_mean(tmp_path, table):

@@ -62,8 +62,11 @@ def make_results(root, study="toy", small=False) -> str:
         row = dict.fromkeys(RUN_COLUMNS)
         row.update(cell=cell, study=study, model=model, method=method, params="{}", skip="none", ratio=ratio,
                    calib=calib, apply="physical", tasks="testbed_mc", limit=20 if limited else None, limited=limited,
-                   expert_bytes=expert, other_bytes=500_000, peak_memory_bytes=expert + 2_000_000,
-                   decode_tokens_per_s=round(100.0 * (1 + 0.4 * ratio), 3), lm_eval_version="0.4.13",
+                   expert_bytes=expert, other_bytes=500_000, run_peak_bytes=expert + 2_000_000,
+                   memory_measure="cuda_allocated", decode_tokens_per_s=round(100.0 * (1 + 0.4 * ratio), 3),
+                   decode_speedup=round(1 + 0.4 * ratio, 3), decode_speedup_lo=round(0.98 + 0.4 * ratio, 3),
+                   decode_speedup_hi=round(1.02 + 0.4 * ratio, 3),
+                   speed_pairing="self" if method == "none" else "interleaved", lm_eval_version="0.4.13",
                    task_versions="{}", seed=0)
         runs.append(row)
         for task in MC_TASKS:

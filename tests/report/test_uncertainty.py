@@ -69,20 +69,28 @@ def test_findings_helpers_say_tie_only_inside_the_interval_and_name_the_test(tmp
     assert _fmt(0.5) == "50.0%" and _fmt(None) == "n/a"
 
 
-def test_speed_findings_say_no_measurable_change_inside_the_spread(tmp_path):
-    cells = [cell("base", "none", 0.0, 0.9, speed=(100.0, 95.0, 104.0)),
-             cell("plain", "naee", 0.5, 0.6, speed=(100.0, 96.0, 103.0)),
-             cell("skip", "naee", 0.5, 0.6, skip="naee", speed=(98.0, 94.0, 101.0)),
-             cell("plain75", "naee", 0.75, 0.5, speed=(100.0, 98.0, 102.0)),
-             cell("skip75", "naee", 0.75, 0.5, skip="naee", speed=(60.0, 55.0, 64.0))]
+def test_speed_findings_call_a_change_only_outside_the_paired_interval_and_never_on_flagged_cells(tmp_path):
+    cells = [cell("base", "none", 0.0, 0.9),
+             cell("plain", "naee", 0.5, 0.6),
+             cell("skip", "naee", 0.5, 0.6, skip="naee", skip_speedup=(0.98, 0.95, 1.02)),
+             cell("plain75", "naee", 0.75, 0.5),
+             cell("skip75", "naee", 0.75, 0.5, skip="naee", skip_speedup=(0.60, 0.55, 0.64)),
+             cell("plain25", "naee", 0.25, 0.7),
+             cell("skip25", "naee", 0.25, 0.7, skip="naee", skip_speedup=(1.30, 1.20, 1.40), under_load=True),
+             cell("plain0", "naee", 0.1, 0.8),
+             cell("skip0", "naee", 0.1, 0.8, skip="naee", skip_speedup=(1.30, 1.20, 1.40), pairing="sequential")]
     study = load_studies(write_study(str(tmp_path), cells))[0]
     text = f3(summary(study, MetricSpec()), study.runs)
-    assert "naee 50%" in text and "decode speed: no measurable change (x0.98, inside the p10-p90 spread)" in text
-    assert "decode speed x0.60 (outside the p10-p90 spread)" in text
-    # tables from before the p10 was recorded: the spread is the p90 to the median, and said so
-    old = load_studies(write_study(str(tmp_path / "old"), cells, spread=False))[0]
-    text = f3(summary(old, MetricSpec()), old.runs)
-    assert "inside the p90 to median spread" in text and "no p10 recorded" in text
+    assert "naee 50%" in text and "decode speed: no measurable change (x0.98, 95% interval 0.95-1.02)" in text
+    assert "decode speed slower (x0.60, 95% interval 0.55-0.64)" in text
+    # the same clear speedup, measured under load or unpaired: the figure, but no verdict
+    assert "naee 25%" in text and "decode speed x1.30, 95% interval 1.20-1.40: no verdict (under load" in text
+    assert "naee 10%" in text and "decode speed x1.30, 95% interval 1.20-1.40: no verdict (unpaired" in text
+    assert "faster" not in text
+    # cells from before paired timing: no speedup, said so
+    old = load_studies(write_study(str(tmp_path / "old"), [{**c, "speedup": (None, None, None)} for c in cells]))[0]
+    table = summary(old, MetricSpec())
+    assert table["decode_speedup"].isna().all()
 
 
 def test_report_and_leaderboard_show_stderr_and_rank_input_aware_rows_apart(tmp_path):
