@@ -17,13 +17,35 @@ def logit_similarity(gram: torch.Tensor) -> torch.Tensor:
     return gram / norm[:, None] / norm[None, :]
 
 
+ALIGN_MAX_UNITS = 4096  # expert width up to which weight matching is done (one assignment ~ a minute at 4096)
+ALIGN_SECONDS_AT_1024 = 0.3  # measured: scipy's linear_sum_assignment on a dense 1024 x 1024 cost, 1 core
+
+
+def check_alignment_cost(layer, view) -> None:
+    """Refuse weight matching where one assignment of I x I units would take too long, with the estimate."""
+    from moebench.moe.merge import intermediate_size
+
+    units = intermediate_size(layer)
+    if units <= ALIGN_MAX_UNITS:
+        return
+    per_member = ALIGN_SECONDS_AT_1024 * (units / 1024) ** 3
+    members = sum(max(0, layer_.num_experts - layer_.top_k) for layer_ in view.layers)
+    total_h = per_member * members / 3600
+    raise ValueError(f"m_smoe align=true: weight matching solves a {units} x {units} assignment per merged expert, "
+                     f"O(I^3): about {per_member / 60:.0f} min each, up to {members} of them (~{total_h:.0f} h); "
+                     f"moebench aligns up to {ALIGN_MAX_UNITS} units per expert. Use align=false (the authors' "
+                     "Mixtral script does not align)")
+
+
 @planner("m_smoe", kind="merge", needs=("routing", "router_gram"), global_budget=True,
          paper="Li et al. 2024, 'Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing "
                "Policy', ICLR 2024 (MC-SMoE's merging stage M-SMoE); code: UNITES-Lab/MC-SMoE",
-         source="ours: the router keeps one row per group, the dominant's (router=dominant) or the frequency-weighted "
-              "average (router=average); weight matching on gate, up and down together; each layer keeps >= top_k",
+         source="the authors' Mixtral script: no weight matching by default (align=true: the paper's, on gate, up and "
+              "down together; refused beyond 4096 units per expert); ours: the router keeps one row per group, the "
+              "dominant's (router=dominant) or the frequency-weighted average (router=average); each layer keeps "
+              ">= top_k",
          reads_weights=lambda params: params["align"])  # the weight matching reads the experts' weights
-def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = True,
+def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = False,
            router: Literal["dominant", "average"] = "dominant"):
     """Dominant experts by routing frequency; the others join the most similar dominant by router logits.
 
@@ -34,13 +56,15 @@ def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = T
     ``scope=layer``: the budget's count of most-used experts in every layer. Each non-dominant
     expert e joins the dominant d maximising cos(l_e, l_d), l_e the column of router logits of
     expert e over all calibration tokens (within e's routing group). ``align`` (the paper's weight
-    matching, our default): before averaging, each member's intermediate units are permuted to
-    match the dominant's (linear assignment maximising sum_j <[gate_j, up_j, down_j]_d,
-    [gate, up, down]_{e, perm(j)}>); the authors' Mixtral script merges without it, and the
-    assignment costs O(I^3) per member (I the expert width). Merge: W_d <- sum_{e in group} f_e
-    P_e(W_e) / sum f_e. The merged expert keeps the dominant's slot and router row
+    matching; off by default, as the authors' Mixtral script merges without it): before averaging,
+    each member's intermediate units are permuted to match the dominant's (linear assignment
+    maximising sum_j <[gate_j, up_j, down_j]_d, [gate, up, down]_{e, perm(j)}>); it costs O(I^3) per
+    member (I the expert width) and is refused, with the estimate, beyond `ALIGN_MAX_UNITS`. Merge:
+    W_d <- sum_{e in group} f_e P_e(W_e) / sum f_e. The merged expert keeps the dominant's slot and router row
     (``router=dominant``) or the f-weighted average row (``router=average``, ours).
     """
+    if align:
+        check_alignment_cost(ctx.view.layers[0], ctx.view)
     freqs = {layer.index: frequency(ctx, layer) for layer in ctx.view.layers}
     if scope == "global":
         counts = global_counts(ctx, {i: f / f.sum().clamp_min(1) for i, f in freqs.items()})

@@ -18,6 +18,12 @@ CHUNK_ELEMENTS = 1 << 25  # repeated inputs / gathered outputs per batch of subs
 AUTHORS_BATCH = 8  # calibration sequences per forward batch in the authors' code (main.py, --batch_size)
 
 
+def router_input(layer, x: torch.Tensor) -> torch.Tensor:
+    """Cached inputs ``x [n, H]`` (kept in CPU memory) on the router's device and in its dtype."""
+    weight = layer.router.weight
+    return x.to(device=weight.device, dtype=weight.dtype)
+
+
 def loss_groups(stats: dict, batch_sequences: int) -> torch.Tensor:
     """The loss group of each cached token ``[n]``: its calibration sequence // ``batch_sequences``."""
     if batch_sequences < 1:
@@ -73,7 +79,7 @@ class Recombiner:
     def __init__(self, layer, stats: dict, reference: torch.Tensor | None = None,
                  batch_sequences: int = AUTHORS_BATCH):
         self.layer = layer
-        self.x = stats["inputs"].to(layer.router.weight.dtype)
+        self.x = router_input(layer, stats["inputs"])  # on the router's device; losses are summed on the CPU
         self.outputs, self.seq = stats["all_outputs"], loss_groups(stats, batch_sequences)
         self.n_seq = int(self.seq.max()) + 1
         n, n_experts, hidden = self.outputs.shape
@@ -189,10 +195,10 @@ def _gram(outputs: torch.Tensor) -> torch.Tensor:
 def _combine(layer, x, outputs, kept):
     with torch.no_grad():
         if kept is None:
-            routing = layer.route(x.to(layer.router.weight.dtype))
+            routing = layer.route(router_input(layer, x))
         else:
             with layer_mask(layer, kept):
-                routing = layer.route(x.to(layer.router.weight.dtype))
+                routing = layer.route(router_input(layer, x))
     picked = outputs.gather(1, routing.indices.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]).cpu())
     return (picked * layer.output_weights(routing.weights).float().cpu().unsqueeze(-1)).sum(1)
 
@@ -219,7 +225,7 @@ def naive_exhaustive(layer, stats, r: int, batch_sequences: int = AUTHORS_BATCH)
     Same loss as `reconstruction_loss`, but every expert is recomputed for every subset, as a direct
     implementation of the paper would. Used to check and to benchmark the recombination.
     """
-    x, seq = stats["inputs"].to(layer.router.weight.dtype).unsqueeze(0), loss_groups(stats, batch_sequences)
+    x, seq = router_input(layer, stats["inputs"]).unsqueeze(0), loss_groups(stats, batch_sequences)
 
     def run():
         out = layer.block(x)
@@ -280,7 +286,8 @@ def _swap_refine(recombiner: Recombiner, kept: list[int]) -> list[int]:
                                             "batch_sequences": (1, 1 << 20)},
          paper="Lu et al. 2024, 'Not All Experts are Equal: Efficient Expert Pruning and Skipping for "
                "Mixture-of-Experts Large Language Models', ACL (Sec. 3.2, layer-wise enumeration)",
-         source="the authors' code (loss, batches of 8); token subsample default and beam search beyond E=16: ours")
+         source="the authors' code (loss, batches of 8); token subsample default and beam search beyond E=16: ours",
+         runs_routers=True)  # re-routes the cached inputs under each subset's mask
 def naee(ctx, *, search: Literal["auto", "exhaustive", "beam"] = "auto", beam_width: int = 8,
          max_exhaustive: int = 16, batch_sequences: int = AUTHORS_BATCH):
     """Keep, per layer, the set C of r experts minimising sum over batches b of ||F(X_b) - F(X_b; C)||_F.

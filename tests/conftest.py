@@ -46,6 +46,18 @@ def saved_models(tmp_path_factory):
     return get
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m gpu` on a machine with a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_generate_tests(metafunc):
     """Tests taking a `family` argument run once per supported family."""
     already = any("family" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))

@@ -55,7 +55,31 @@ def model_fingerprint(model) -> str:
     layered = getattr(model, LAYERED_ATTR, None)
     if layered is not None:
         return layered.fingerprint()
-    return combine_digests({name: tensor_digest(name, t) for name, t in model.state_dict().items()})
+    state = model.state_dict()
+    digests = {name: tensor_digest(name, t) for name, t in state.items() if not t.is_meta}
+    if len(digests) < len(state):  # weights accelerate offloaded (device_map with cpu / disk): read module by module
+        digests.update(_offloaded_digests(model, {name for name, t in state.items() if t.is_meta}))
+    return combine_digests(digests)
+
+
+def _offloaded_digests(model, names: set[str]) -> dict[str, str]:
+    """Digests of the tensors ``names`` that accelerate keeps offloaded, each module's brought to the CPU in turn."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    found = {}
+    for prefix, module in model.named_modules():
+        if not has_offloaded_params(module):
+            continue
+        with align_module_device(module, torch.device("cpu")):
+            for name, t in module.state_dict().items():
+                key = f"{prefix}.{name}" if prefix else name
+                if key in names and key not in found and not t.is_meta:
+                    found[key] = tensor_digest(key, t)
+    missing = sorted(names - set(found))
+    if missing:
+        raise ValueError(f"the weights {missing[:3]} are on the meta device and no accelerate hook holds them: "
+                         "load the model fully (no meta tensors) before calibrating")
+    return found
 
 
 def model_identity(name_or_path: str, revision: str | None = None) -> str:

@@ -56,6 +56,8 @@ from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
 from moebench.moe.view import MoELayer, MoEView
 from moebench.util import on_terminal, pid_alive
 
+OUTPUT_CHUNK_ELEMENTS = 1 << 26  # every expert's outputs are computed this many elements at a time (128 MiB bf16)
+
 GROUP_STATS = {
     "routing": ("tokens", "counts", "gate_sum", "softmax_sum", "score_sum", "coact", "ratio_samples"),
     "norms": ("norm_sum", "norm_sq_sum", "gate_norm_sum", "norm_count", "ref_norm_sum", "ref_gate_norm_sum"),
@@ -155,7 +157,8 @@ class _LayerAccumulator:
         self.offset += t
 
     def _add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().to("cpu", torch.float64)
+        """Accumulate in float64 on the value's device (copied to the CPU once, in `result`)."""
+        value = value.detach().to(torch.float64)
         self.data[name] = self.data[name] + value if name in self.data else value
 
     def _append(self, name: str, value: torch.Tensor) -> None:
@@ -178,19 +181,20 @@ class _LayerAccumulator:
             self._append("ratio_samples", ratios)
 
     def _norms(self, outputs, ungated, logits, index) -> None:
+        """Per-expert norm sums, accumulated on the device (no copy to the host per expert)."""
         n = self.layer.num_experts
-        sums = {k: torch.zeros(n, dtype=torch.float64) for k in GROUP_STATS["norms"]}
+        sums = {k: torch.zeros(n, dtype=torch.float64, device=logits.device) for k in GROUP_STATS["norms"]}
         reference = _reference_gates(self.layer, logits, index)
         for e, (token, gate, y) in outputs.items():
-            norm = y.float().norm(dim=-1).double().cpu()
-            plain = ungated[e].float().norm(dim=-1).double().cpu() if e in ungated else norm
-            weight = self.layer.output_weights(gate.double().cpu())
+            norm = y.float().norm(dim=-1).double()
+            plain = ungated[e].float().norm(dim=-1).double() if e in ungated else norm
+            weight = self.layer.output_weights(gate.double())
             sums["norm_sum"][e] += norm.sum()
             sums["norm_sq_sum"][e] += (norm ** 2).sum()
             sums["gate_norm_sum"][e] += (weight * norm).sum()
             sums["norm_count"][e] += len(token)
             sums["ref_norm_sum"][e] += plain.sum()
-            sums["ref_gate_norm_sum"][e] += (reference[token.cpu(), e] * plain).sum()
+            sums["ref_gate_norm_sum"][e] += (reference[token.to(reference.device), e] * plain).sum()
         for name, value in sums.items():
             self._add(name, value)
 
@@ -215,33 +219,38 @@ class _LayerAccumulator:
         if not keep.any():
             return
         rows = keep.nonzero().squeeze(1).to(inputs.device)
-        x = inputs[rows]
-        ys = self._every_expert(experts, x, logits[rows])
-        self._append("sub_inputs", x.float())
+        self._append("sub_inputs", inputs[rows].float())
         self._append("sub_logits", logits[rows])
-        if self.spill is None:
-            self._append("all_outputs", ys.float())
-        else:  # on disk as the pass goes: the pass never holds every layer's outputs
-            rows_f32 = ys.float().cpu().contiguous()
-            with open(self.spill, "ab") as f:
-                f.write(memoryview(rows_f32.numpy()).cast("B"))
-            self.spilled += rows_f32.shape[0]
-            self.spill_shape = tuple(rows_f32.shape[1:])
+        # every expert on every kept token, a bounded chunk of tokens at a time ([chunk, E, H] on the device)
+        chunk = max(1, OUTPUT_CHUNK_ELEMENTS // (self.layer.num_experts * inputs.shape[-1]))
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            ys = self._every_expert(experts, inputs[part], logits[part]).float().cpu()
+            if self.spill is None:
+                self._append("all_outputs", ys)
+            else:  # on disk as the pass goes: the pass never holds every layer's outputs
+                with open(self.spill, "ab") as f:
+                    f.write(memoryview(ys.contiguous().numpy()).cast("B"))
+                self.spilled += ys.shape[0]
+                self.spill_shape = tuple(ys.shape[1:])
         self._append("sub_sample_ids", positions[keep] // self.seq_len)
 
-    def _expert_means(self, experts, inputs, logits, chunk: int = 2048) -> None:
-        """Add every expert's summed output y_e over the batch's tokens (``chunk`` tokens at a time)."""
-        total = torch.zeros(self.layer.num_experts, inputs.shape[-1], dtype=torch.float64)
-        for start in range(0, inputs.shape[0], chunk):
-            ys = self._every_expert(experts, inputs[start:start + chunk], logits[start:start + chunk])
-            total += ys.double().sum(0).cpu()
+    def _expert_means(self, experts, inputs, logits) -> None:
+        """Add every expert's summed output y_e over the batch's tokens, one expert at a time (summed in
+        float64 on the device, no ``[T, E, H]`` tensor)."""
+        gates = self.layer.expert_gates(logits) if self.layer.family.gate_scales_input else None
+        total = torch.zeros(self.layer.num_experts, inputs.shape[-1], dtype=torch.float64, device=inputs.device)
+        with torch.no_grad():
+            for e in range(self.layer.num_experts):
+                x = inputs if gates is None else inputs * gates[:, e:e + 1].to(inputs.dtype)
+                total[e] = expert_forward(experts, e, x).sum(0, dtype=torch.float64)
         self._add("output_sum", total)
         self._add("output_tokens", torch.tensor([inputs.shape[0]]))
 
     def result(self) -> dict[str, torch.Tensor]:
         """The finished statistics of this layer (lists concatenated, names as documented)."""
         rename = {"sub_inputs": "inputs", "sub_logits": "logits", "sub_sample_ids": "outputs_sample_ids"}
-        result = {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v) for k, v in self.data.items()}
+        result = {rename.get(k, k): (torch.cat(v) if isinstance(v, list) else v).cpu() for k, v in self.data.items()}
         if self.spilled:  # memory-mapped from the spill file, read page by page when used
             size = self.spilled * self.spill_shape[0] * self.spill_shape[1]
             flat = torch.from_file(self.spill, shared=False, size=size, dtype=torch.float32)
@@ -250,11 +259,11 @@ class _LayerAccumulator:
 
 
 def _reference_gates(layer: MoELayer, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """REAP's released code's gate ``[T, E]`` (float64, CPU): softmax over all logits, renormalised over
-    the token's chosen experts only when the config sets ``norm_topk_prob`` (on every family)."""
-    p = torch.softmax(logits.float(), dim=-1).double().cpu()
+    """REAP's released code's gate ``[T, E]`` (float64, on the logits' device): softmax over all logits,
+    renormalised over the token's chosen experts only when the config sets ``norm_topk_prob`` (on every family)."""
+    p = torch.softmax(logits.float(), dim=-1).double()
     if getattr(layer.config, "norm_topk_prob", False):
-        p = p / p.gather(1, index.cpu()).sum(-1, keepdim=True)
+        p = p / p.gather(1, index.to(p.device)).sum(-1, keepdim=True)
     return p
 
 

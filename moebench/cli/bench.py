@@ -6,6 +6,7 @@ import argparse
 
 from moebench.cli.common import add_calibration_arguments, load, parse_params, request_from
 from moebench.measure.bench import BenchSettings, bench_variants
+from moebench.moe.checkpoint import check_device, sequential_needed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--method needs a budget: --ratio R or --keep K")
     if args.skip == "naee" and not args.calib:
         raise ValueError("--skip naee needs calibration for its thresholds: give --calib, e.g. --calib testbed:mix")
+    if getattr(args, "sequential", None):
+        raise ValueError("moebench bench times the model in memory; --sequential (a model opened layer by layer) "
+                         "cannot be timed")
+    args.sequential = False  # never a layer-by-layer skeleton: timing one would time nothing
+    why = sequential_needed(args.model, check_device(args.device), args.revision)
+    if why:
+        raise ValueError(f"moebench bench needs the whole model in memory: {why.split(';')[0]}; bench on a device "
+                         "with more memory, or a smaller model of the same family")
     model, tokenizer = load(args)
     base = request_from(args, model, ratio=args.ratio, keep=args.keep, params=parse_params(args.param))
     settings = BenchSettings(args.batch, args.prompt_len, args.new_tokens, args.reps, args.warmup)

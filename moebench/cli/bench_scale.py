@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=None, help="folder for the model, statistics and pruned checkpoint "
                                                      "(default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep what the bench builds (default: removed)")
+    parser.add_argument("--device", default="cpu", help="where the prune and the layer timing run (default cpu; "
+                                                        "on cuda the GPU peak is reported too)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("layers", "experts", "samples", "seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    from moebench.moe.checkpoint import check_device
+
     result = bench_scale(args.model, args.layers, args.experts, args.samples, args.seq_len, args.method,
-                         args.ratio, keep=args.keep, work=args.work)
+                         args.ratio, keep=args.keep, work=args.work, device=check_device(args.device))
     print(format_report(result))
     return 0

@@ -7,7 +7,7 @@ import logging
 
 from moebench.calib.sources import calibration_size_problem
 from moebench.method.pipeline import PlanRequest
-from moebench.moe.checkpoint import default_device, load_with_tokenizer, sequential_needed
+from moebench.moe.checkpoint import check_device, load_with_tokenizer, sequential_needed
 from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.view import MoEView
 
@@ -77,7 +77,7 @@ def load(args):
     collected one decoder layer at a time and a pruned checkpoint is written shard by shard.
     """
     check_calibration_size(args)
-    device = args.device or default_device()
+    device = check_device(args.device)  # a missing GPU is named before anything is loaded
     sequential = getattr(args, "sequential", False)
     if sequential is None:
         why = sequential_needed(args.model, device, args.revision)

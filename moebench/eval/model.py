@@ -37,7 +37,7 @@ from moebench.method.apply import Applied
 from moebench.method.pipeline import PlanRequest, calib_key, prepare, skip_betas
 from moebench.method.plan import Plan
 from moebench.method.registry import resolve_budget
-from moebench.moe.checkpoint import loading_bars, resolve
+from moebench.moe.checkpoint import check_device, loading_bars, resolve
 from moebench.moe.skipping import skip_report
 from moebench.moe.view import MoEView
 
@@ -81,6 +81,8 @@ class PrunedMoELM(SelectMixin, HFLM):
     def __init__(self, pretrained, **kwargs):
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
         self.settings = PrunedMoESettings.from_args(own, params)
+        if hf.get("device") is not None:  # given: a device this machine lacks is named now, before any work
+            check_device(str(hf["device"]), "device=")
         hf.pop("pretrained")
         self._presliced = None  # sequential=true: (pruned folder, sizes of the unpruned model)
         load_from = resolve(pretrained) if isinstance(pretrained, str) else pretrained

@@ -12,6 +12,8 @@
   context/continuation split) share one forward row in HFLM; that row uses the shorter context,
   which is a prefix of both contexts (still never a continuation token).
 - generate_until: the selection comes from each (unpadded) prompt; decode steps keep its mask.
+- ``batch_size=auto``: lm-eval's probe forwards made-up inputs of the longest length; they belong to no
+  request, so they run without selection.
 
 ``record`` (the results' ``config["moebench"]``) gains ``kind: "select"``, ``selection`` (requests,
 selection seconds per request: mean / p50 / max), ``keep_frequency`` (layer -> per-expert fraction of
@@ -86,8 +88,17 @@ class SelectMixin:
                 return self._selections[tuple(row[:n_ctx])]
         raise MoEError("pruned_moe (select): a model input matches no request seen by _loglikelihood_tokens")
 
+    def _detect_batch_size(self, *args, **kwargs):
+        """lm-eval's ``batch_size=auto`` probe: forwards of made-up inputs (no request's), run without selection
+        (a selection changes which experts run, not the memory a batch needs)."""
+        self._probing = True
+        try:
+            return super()._detect_batch_size(*args, **kwargs)
+        finally:
+            self._probing = False
+
     def _model_call(self, inps, attn_mask=None, labels=None):
-        if not self._selecting or not self._input_context:
+        if not self._selecting or not self._input_context or getattr(self, "_probing", False):
             return super()._model_call(inps, attn_mask, labels)
         keeps = [self._row_selection(row) for row in inps.tolist()]
         with self.applied.batch(keeps):

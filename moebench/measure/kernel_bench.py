@@ -4,7 +4,8 @@
 weights, the speed of a matmul does not depend on its values), routes random tokens with a random
 router, and times each kernel on the same inputs: decode (1 and 8 tokens, batch 1 and 8) and a
 prefill. Kernels run interleaved in a shuffled order per repetition (machine drift falls on all),
-after warm-up; the median per call is reported. Outputs are checked against transformers' kernel.
+after warm-up, each call synchronised on an accelerator; the median per call is reported. Outputs are
+checked against transformers' kernel. Any device and dtype (``--device cuda --dtype bfloat16``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ LAYERS = {
 }
 
 
-def real_layer_experts(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, int]:
-    """The fused experts module of one layer of ``name`` (random weights) and its top-k."""
+def real_layer_experts(name: str, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> tuple[torch.nn.Module, int]:
+    """The fused experts module of one layer of ``name`` (random weights, on ``device``) and its top-k."""
     if name not in LAYERS:
         raise ValueError(f"unknown layer {name!r}; known: {', '.join(LAYERS)}")
     spec = LAYERS[name]
@@ -47,7 +49,12 @@ def real_layer_experts(name: str, dtype: torch.dtype = torch.float32) -> tuple[t
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
-    return experts, spec["top_k"]
+    return experts.to(device), spec["top_k"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager
@@ -77,13 +84,14 @@ def candidates() -> dict:
 def time_kernels(experts, top_k: int, tokens: int, reps: int = 15, warmup: int = 2, seed: int = 0) -> dict:
     """Median seconds per call of each kernel on ``tokens`` random tokens, and the largest output difference."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, experts.gate_up_proj.shape[-1 if not kernels.is_transposed(experts) else -2],
-                         generator=g).to(experts.gate_up_proj.dtype)
+    param = experts.gate_up_proj
+    hidden = torch.randn(tokens, param.shape[-1 if not kernels.is_transposed(experts) else -2],
+                         generator=g).to(param.device, param.dtype)
     weights, index = torch.randn(tokens, experts.num_experts, generator=g).softmax(-1).topk(top_k, -1)
-    weights = weights.to(hidden.dtype)
+    weights, index = weights.to(param.device, hidden.dtype), index.to(param.device)
     fns = candidates()
     reference = fns["grouped_mm"](experts, hidden, index, weights)
-    diff = {n: (fn(experts, hidden, index, weights) - reference).abs().max().item() for n, fn in fns.items()}
+    diff = {n: (fn(experts, hidden, index, weights) - reference).float().abs().max().item() for n, fn in fns.items()}
     for _ in range(warmup):
         for fn in fns.values():
             fn(experts, hidden, index, weights)
@@ -92,17 +100,20 @@ def time_kernels(experts, top_k: int, tokens: int, reps: int = 15, warmup: int =
     for rep in range(reps):
         random.Random(rep).shuffle(order)
         for n in order:
+            _sync(param.device)
             start = time.perf_counter()
             fns[n](experts, hidden, index, weights)
+            _sync(param.device)
             times[n].append(time.perf_counter() - start)
     return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "max_diff": diff}
 
 
-def bench_kernels(layers: list[str], tokens: list[int], reps: int = 15) -> list[dict]:
+def bench_kernels(layers: list[str], tokens: list[int], reps: int = 15, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> list[dict]:
     """One row per (layer, token count): each kernel's median ms and its speed relative to grouped_mm."""
     rows = []
     for name in layers:
-        experts, top_k = real_layer_experts(name)
+        experts, top_k = real_layer_experts(name, dtype, device)
         for n in tokens:
             r = time_kernels(experts, top_k, n, reps)
             base = r["median_s"]["grouped_mm"]

@@ -146,6 +146,7 @@ def write_calibration_text(path: str, vocab: int, words: int, seed: int = 0) -> 
 # Run a module as __main__ and report the process's own peak RSS (VmHWM) at exit. ``ru_maxrss`` of a child
 # is not usable: Linux folds the parent's high-water mark into it at exec.
 PEAK_MARK = "moebench-peak-rss-bytes"
+GPU_PEAK_MARK = "moebench-peak-cuda-bytes"
 LAUNCHER = """
 import atexit, runpy, sys
 
@@ -153,6 +154,10 @@ def peak():
     with open('/proc/self/status') as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
     print('{mark}', kb * 1024, file=sys.stderr, flush=True)
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_initialized():
+        total = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        print('{gpu_mark}', total, file=sys.stderr, flush=True)
 
 atexit.register(peak)
 module, sys.argv = sys.argv[1], sys.argv[1:]
@@ -160,7 +165,7 @@ if module == '-':
     import moebench.cli.prune, transformers, torch  # what a moebench command imports, and nothing else
 else:
     runpy.run_module(module, run_name='__main__')
-""".replace("{mark}", PEAK_MARK)
+""".replace("{mark}", PEAK_MARK).replace("{gpu_mark}", GPU_PEAK_MARK)
 
 
 def measure_child(module: str, args: list[str]) -> dict:
@@ -170,17 +175,19 @@ def measure_child(module: str, args: list[str]) -> dict:
     seconds = time.perf_counter() - began
     text = done.stdout + done.stderr
     peaks = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith(PEAK_MARK)]
+    gpu = [int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith(GPU_PEAK_MARK)]
     if done.returncode != 0 or not peaks:
         raise RuntimeError(f"{module} {' '.join(args)} failed ({done.returncode}):\n{text[-3000:]}")
-    return {"seconds": seconds, "peak_rss": peaks[-1], "log": text}
+    return {"seconds": seconds, "peak_rss": peaks[-1], "peak_cuda": gpu[-1] if gpu else None, "log": text}
 
 
 def run_prune(model: str, out: str, calib: str, samples: int, seq_len: int, method: str, ratio: float,
-              stats_dir: str) -> dict:
-    """``moebench prune ... --sequential`` in a child process: its wall time, peak RSS and output."""
+              stats_dir: str, device: str = "cpu") -> dict:
+    """``moebench prune ... --sequential`` in a child process: its wall time, peak RSS (and peak bytes torch
+    allocated on GPUs, when it used one) and output."""
     return measure_child("moebench.cli", ["prune", model, "--method", method, "--ratio", str(ratio), "--calib", calib,
                                           "--samples", str(samples), "--seq-len", str(seq_len), "--sequential",
-                                          "--out", out, "--stats-dir", stats_dir, "--device", "cpu"])
+                                          "--out", out, "--stats-dir", stats_dir, "--device", device])
 
 
 def baseline_rss() -> int:
@@ -188,7 +195,8 @@ def baseline_rss() -> int:
     return measure_child("-", [])["peak_rss"]
 
 
-def time_layer(folder: str, samples: int, seq_len: int, repeats: int = 2, subsample: int = 2048) -> dict:
+def time_layer(folder: str, samples: int, seq_len: int, repeats: int = 2, subsample: int = 2048,
+               device: str = "cpu") -> dict:
     """Seconds for one MoE layer on ``samples x seq_len`` tokens: read, plain forward (the model's own
     kernel), moebench's kernel, cheap statistics, the outputs group (medians over ``repeats``)."""
     from moebench.calib.cache import CHEAP_GROUPS
@@ -198,7 +206,7 @@ def time_layer(folder: str, samples: int, seq_len: int, repeats: int = 2, subsam
     from moebench.moe.layered import LayeredCheckpoint
     from moebench.moe.view import MoEView
 
-    checkpoint = LayeredCheckpoint(folder, device="cpu")
+    checkpoint = LayeredCheckpoint(folder, device=device)
     tokens = torch.randint(4, checkpoint.model.config.vocab_size, (samples, seq_len),
                            generator=torch.Generator().manual_seed(0))
     settings = CollectSettings(batch_size=4, subsample_tokens=subsample)
@@ -211,8 +219,12 @@ def time_layer(folder: str, samples: int, seq_len: int, repeats: int = 2, subsam
 
     def once(groups, kernel=True):
         acc = _LayerAccumulator(layer, set(groups), settings, chosen, seq_len) if groups is not None else None
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         run_layer(checkpoint, module, list(hidden), kwargs[layer.index], acc, kernel=kernel)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     figures = {}
@@ -228,7 +240,7 @@ def time_layer(folder: str, samples: int, seq_len: int, repeats: int = 2, subsam
 
 
 def bench_scale(folder: str | None, layers: int, experts: int, samples: int, seq_len: int, method: str,
-                ratio: float, keep: bool = False, work: str | None = None) -> dict:
+                ratio: float, keep: bool = False, work: str | None = None, device: str = "cpu") -> dict:
     """The whole benchmark; returns every measured and extrapolated figure (`format_report` prints them)."""
     work = work or tempfile.mkdtemp(prefix="moebench-scale-")
     os.makedirs(work, exist_ok=True)
@@ -249,11 +261,12 @@ def bench_scale(folder: str | None, layers: int, experts: int, samples: int, seq
         text = os.path.join(work, "calibration.txt")
         write_calibration_text(text, config.vocab_size, samples * seq_len * 2)
         pruned = run_prune(folder, os.path.join(work, "pruned"), f"file:{text}", samples, seq_len, method, ratio,
-                           os.path.join(work, "stats"))
-        layer = time_layer(folder, samples, seq_len)
+                           os.path.join(work, "stats"), device)
+        layer = time_layer(folder, samples, seq_len, device=device)
         base = baseline_rss()
         return {"model": folder, "disk_bytes": disk, "shape": shape, "prune": pruned, "layer": layer,
                 "baseline_rss": base, "samples": samples, "seq_len": seq_len, "method": method, "ratio": ratio,
+                "device": device,
                 "extrapolation": extrapolate(shape, pruned, layer, base, samples * seq_len)}
     finally:
         if not keep:
@@ -302,6 +315,8 @@ def format_report(r: dict) -> str:
         f"model (process baseline after imports {r['baseline_rss'] / GiB:.2f} GiB)",
         f"  target <= 2.5 x largest layer + 1.5 GiB = {limit / GiB:.2f} GiB: {'met' if peak <= limit else 'NOT met'}; "
         f"target <= 50% of the model: {'met' if peak <= 0.5 * size else 'NOT met'}",
+        *([f"  on {r.get('device')}: peak GPU memory (bytes torch allocated) {p['peak_cuda'] / GiB:.2f} GiB = "
+           f"{p['peak_cuda'] / largest:.2f}x the largest layer"] if p.get("peak_cuda") else []),
         f"one MoE layer, {lay['tokens']} tokens (read {lay['read']:.2f} s = {largest / lay['read'] / GiB:.2f} GiB/s):",
         f"  plain forward (model's kernel: {lay['kernel_default']}) {lay['plain']:.2f} s; moebench kernel "
         f"{lay['kernel']:.2f} s ({lay['kernel'] / lay['plain']:.2f}x)",

@@ -53,7 +53,7 @@ def measure_select(bench, request) -> list[str]:
                  f"{c['unpruned_expert_bytes'] / 1e6:.2f} MB unpruned (held in host memory: "
                  f"{runner.offloader.host_bytes / 1e6:.2f} MB); moved {c['bytes_moved'] / 1e6:.2f} MB "
                  f"({c['bytes_moved'] / max(requests, 1) / 1e6:.3f} MB per request); hit rate {c['hit_rate']:.3f}; "
-                 f"device {runner.offloader.device}")
+                 f"devices {sorted({str(st.device) for st in runner.offloader.stores})}")
     runner.close()  # the experts and the previous kernel are back
     keep = runner.select(_ids(model, 1, a.prompt_len)[0].tolist())
     prune(model, keep)

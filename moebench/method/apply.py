@@ -66,13 +66,16 @@ class Applied:
     def select(self, tokens) -> dict[int, list[int]]:
         """The kept sets of one context ``tokens [T]``: a signature pass over it, then the selector.
 
-        With offloading, experts outside the working sets run on their CPU copies during that pass.
+        The pass stops after the last layer the selector reads (PreMoE TAER's key: the first MoE layer, so no
+        expert runs). With offloading, experts outside the working sets that the pass does run are computed
+        on their CPU copies.
         """
         if not self.selects:
             raise MoEError(f"a {self.plan.kind} plan keeps the same experts for every input; nothing to select")
         start = time.perf_counter()
         with self.offloader.cpu_side_pass() if self.offloader is not None else nullcontext():
-            keep = self.selector.select(context_signature(self.model, list(tokens)))
+            needed = getattr(self.selector, "needed_layers", None)
+            keep = self.selector.select(context_signature(self.model, list(tokens), needed))
         self.select_seconds.append(time.perf_counter() - start)
         return keep
 

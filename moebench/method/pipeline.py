@@ -8,6 +8,7 @@ grid cells.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 from moebench.calib.cache import cache_dir, default_stats_dir, get_stats, model_key
@@ -140,8 +141,10 @@ def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> 
         stats, extra["domain_stats"] = next(iter(domains.values())), domains
     else:
         stats = statistics(model, tokenizer, request, needs, progress) if needs else {}
-    plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
-                           extra=extra)
+    layered = getattr(model, LAYERED_ATTR, None)  # a skeleton: routers a method runs are read for the planning
+    with layered.routers() if layered is not None and spec.runs_routers else nullcontext():
+        plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
+                               extra=extra)
     plan.calib = calib_key(request, spec.kind) if needs else None
     note = budget_note(view, request.ratio, budget)
     if note:  # said once per plan, and kept with it (plan.json, the lm-eval record, cell.json)

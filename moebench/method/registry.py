@@ -91,6 +91,9 @@ class MethodSpec:
     # whether planning reads the expert weights (a bool, or params -> bool), which a layer-by-layer
     # (--sequential) skeleton does not hold
     reads_weights: bool | Callable[[dict], bool] = False
+    # whether planning runs the routers (NAEE re-routes cached inputs): on a layer-by-layer skeleton the
+    # routers are then read from the checkpoint for the planning (`moebench.moe.layered.LayeredCheckpoint.routers`)
+    runs_routers: bool = False
 
     def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
         """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
@@ -159,7 +162,7 @@ def sequential_refusal(name: str) -> str:
 
 
 def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None,
-              source="", reads_weights=False):
+              source="", reads_weights=False, runs_routers=False):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     needs = tuple(needs)
@@ -172,7 +175,7 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, ta
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
                                      fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
-                                     extra_needs, source, reads_weights)
+                                     extra_needs, source, reads_weights, runs_routers)
         return fn
 
     return decorate
@@ -193,15 +196,17 @@ def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None,
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
             global_budget: bool = False, takes_budget: bool = True, extra_needs=None, source: str = "",
-            reads_weights=False):
+            reads_weights=False, runs_routers: bool = False):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
     ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
-    False only for the identity method (`none`), which takes no ratio or keep. ``needs``,
-    ``extra_needs``, ``source`` and ``reads_weights`` as for `score_method`.
+    False only for the identity method (`none`), which takes no ratio or keep. ``runs_routers``:
+    planning runs the routers (on a layer-by-layer skeleton they are read from the checkpoint
+    first). ``needs``, ``extra_needs``, ``source`` and ``reads_weights`` as for `score_method`.
     """
     return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
-                     takes_budget=takes_budget, extra_needs=extra_needs, source=source, reads_weights=reads_weights)
+                     takes_budget=takes_budget, extra_needs=extra_needs, source=source, reads_weights=reads_weights,
+                     runs_routers=runs_routers)
 
 
 def load_methods() -> dict[str, MethodSpec]:

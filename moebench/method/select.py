@@ -23,26 +23,41 @@ from moebench.method.registry import select_top
 from moebench.moe.view import MoEView
 
 
+class _SignatureDone(Exception):
+    """Raised by the last needed router's hook: the rest of the forward is not run."""
+
+
 @torch.no_grad()
-def context_signature(model, tokens) -> dict[int, torch.Tensor]:
-    """Router logits ``{layer: [T, E]}`` (float32, CPU) of one context ``tokens [T]``, unmasked."""
+def context_signature(model, tokens, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """Router logits ``{layer: [T, E]}`` (float32, CPU) of one context ``tokens [T]``, unmasked.
+
+    ``layers``: the MoE layers the selector reads (None: all). The forward stops at the last of them,
+    so nothing after its router runs (for a key of the first MoE layer, no expert at all).
+    """
     view = MoEView(model)
+    wanted = set(view.indices if layers is None else layers)
+    last = max(wanted)
     seen: dict[int, torch.Tensor] = {}
 
     def hook_for(layer):
         def hook(module, args, output):
             logits = output[1] if layer.family.router_output == "dense_scores" else output[0]
             seen[layer.index] = logits.detach().reshape(-1, logits.shape[-1]).float().cpu()
+            if layer.index == last:
+                raise _SignatureDone
         return hook
 
-    handles = [layer.router.register_forward_hook(hook_for(layer)) for layer in view.layers]
+    handles = [layer.router.register_forward_hook(hook_for(layer)) for layer in view.layers
+               if layer.index <= last]
     device = next(model.parameters()).device
     try:
         model(input_ids=torch.as_tensor(tokens, dtype=torch.long, device=device).view(1, -1), use_cache=False)
+    except _SignatureDone:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return {i: seen[i] for i in sorted(wanted)}
 
 
 def topk_marker(logits: torch.Tensor, ids: torch.Tensor, n_experts: int, r: float) -> torch.Tensor:
@@ -68,6 +83,7 @@ class RetrievalSelector:
 
     def __init__(self, extra: dict):
         self.layers = [int(i) for i in extra.get("key_layers", extra["layers"])]
+        self.needed_layers = self.layers  # the signature pass stops after the last key layer's router
         self.k, self.r = int(extra["k"]), float(extra["r"])
         self.patterns = extra["patterns"]
         self.vectors = torch.tensor([p["vector"] for p in self.patterns], dtype=torch.float64)
@@ -101,6 +117,7 @@ class PredictiveSelector:
 
     def __init__(self, extra: dict):
         self.layers = [int(i) for i in extra["layers"]]
+        self.needed_layers = self.layers
         self.top_k = {int(i): int(k) for i, k in extra["top_k"].items()}
         self.budget = {int(i): int(n) for i, n in extra["budget"].items()}
         self.groups = {int(i): (tuple(g) if g else None) for i, g in extra["groups"].items()}

@@ -240,11 +240,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None, spelled: str = "--device") -> str:
+    """``device`` (default: `default_device`) if this machine has it; otherwise a ValueError that names it and
+    the fix, raised before anything is loaded. ``spelled``: how the user gave it (``--device`` or ``device=``)."""
+    if device is None:
+        return default_device()
+    given = f"{spelled}{device}" if spelled.endswith("=") else f"{spelled} {device!r}"
+    cpu = f"{spelled}cpu" if spelled.endswith("=") else f"{spelled} cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{given} is not a device torch knows ({err}); give cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+            raise ValueError(f"{given}: CUDA is not available on this machine ({why}; torch {torch.__version__}); "
+                             f"use {cpu}, or run where a GPU is")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{given}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{given}: MPS is not available on this machine; use {cpu}")
+    return device
+
+
 def load_with_tokenizer(name_or_path: str, dtype="auto", device: str | None = None, **kwargs):
-    """``(model on device, tokenizer)`` for a hub id, folder or testbed name."""
+    """``(model on device, tokenizer)`` for a hub id, folder or testbed name; with a ``device_map`` keyword
+    (accelerate's placement, e.g. ``"auto"``) the model stays where that puts it."""
     from transformers import AutoTokenizer
 
-    model = load_model(name_or_path, dtype=dtype, **kwargs).to(device or default_device())
+    model = load_model(name_or_path, dtype=dtype, **kwargs)
+    if kwargs.get("device_map") is None:
+        model = model.to(check_device(device))
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=kwargs.get("revision"))
     return model, tokenizer
 
@@ -285,12 +312,15 @@ def free_bytes(device: str | torch.device) -> int | None:
         return None
 
 
+LOAD_HEADROOM = 1.2  # weights x this must fit: activations, the allocator's slack, the statistics pass
+
+
 def sequential_needed(name_or_path: str, device: str | torch.device, revision: str | None = None) -> str | None:
-    """Why the model must be worked on one layer at a time (its weights exceed the device's free
-    memory), as a log line; None when it fits or its size is unknown."""
+    """Why the model must be worked on one layer at a time (its weights, with `LOAD_HEADROOM`, exceed the
+    device's free memory), as a log line; None when it fits or its size is unknown."""
     size, free = checkpoint_bytes(name_or_path, revision), free_bytes(device)
-    if size is None or free is None or size <= free:
+    if size is None or free is None or size * LOAD_HEADROOM <= free:
         return None
-    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB) exceed the free memory of {device} "
-            f"({free / 2**30:.1f} GiB); working one decoder layer at a time (sequential; --no-sequential "
-            "or sequential=false to load it whole)")
+    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB, x{LOAD_HEADROOM} for activations) exceed the "
+            f"free memory of {device} ({free / 2**30:.1f} GiB); working one decoder layer at a time (sequential; "
+            "--no-sequential or sequential=false to load it whole)")

@@ -6,11 +6,22 @@ It computes each selected (token, expert) pair once, like the eager kernel, and 
 expert's outputs to an observer attached to the experts module (statistics collection), so
 observation needs no copy of any modeling code. With no observer it is a plain loop kernel.
 
-Two paths compute the same pairs (ours): up to ``DECODE_MAX_TOKENS`` tokens (decode) the selected
-pairs are sorted by expert and run as two grouped matmuls over the resident fused tensors (no Python
-loop over experts, no scatter); longer inputs (prefill) loop over the hit experts, which measured
-faster there. An offloading provider always takes the loop (it supplies one expert's weights at a time).
-`moebench bench-kernel` prints both paths' speed against transformers' default kernel.
+Both paths first sort the routed (token, expert) pairs by expert on the device (a stable sort:
+tokens stay ascending per expert; pairs a skip rule drops or with an invalid id sort last) and
+count them per expert (``bincount``), with no host synchronisation (ours):
+
+- grouped: the sorted pairs run as two grouped matmuls over the resident fused tensors
+  (``F.grouped_mm`` with the counts' cumulative sums as offsets; dropped pairs lie beyond the last
+  offset and are never computed), no Python loop over experts and no synchronisation. Taken on
+  accelerators wherever ``grouped_mm`` runs for the device and dtype, and on CPUs up to
+  ``DECODE_MAX_TOKENS`` tokens (decode; beyond, the loop measured faster there).
+- loop: one copy of the counts to the host (one synchronisation per layer call), then each hit
+  expert on its slice of the sorted pairs. Taken otherwise, and always with an offloading provider
+  (it supplies one expert's weights at a time).
+
+An observer sees every hit expert's (tokens, gates, outputs) on either path (the grouped path then
+reads the counts once). `moebench bench-kernel` prints both paths' speed against transformers'
+default kernel.
 """
 
 from __future__ import annotations
@@ -98,41 +109,102 @@ def grouped_expert_forward(experts: nn.Module, x: torch.Tensor, expert_ids: torc
     return linear(h, "down_proj")
 
 
+def _sorted_pairs(self, top_k_index: torch.Tensor, active: torch.Tensor | None):
+    """The routed pairs sorted by expert, on the device: ``(token [S], slot [S], expert [S], counts [E])``
+    with S = T k; pairs a skip rule dropped or with an invalid id carry expert E and sort last (not counted)."""
+    n_experts, k = self.num_experts, top_k_index.shape[1]
+    flat = top_k_index.reshape(-1)
+    valid = (flat >= 0) & (flat < n_experts)
+    if active is not None:
+        valid = valid & active.reshape(-1)
+    expert, order = torch.sort(torch.where(valid, flat, n_experts), stable=True)  # tokens stay ascending
+    token = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(expert, minlength=n_experts + 1)[:n_experts]
+    return token, order - token * k, expert, counts
+
+
+def _report(observer, module, hidden, index, weights, token, gate, y, counts) -> None:
+    """Hand the observer each hit expert's (tokens, gates, outputs) from the sorted pairs (one host copy)."""
+    outputs, start = {}, 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            outputs[e] = (token[start:start + n], gate[start:start + n], y[start:start + n])
+            start += n
+    observer.routed(module, hidden, index, weights, outputs)
+
+
 def _grouped(self, hidden, top_k_index, top_k_weights, active, observer) -> torch.Tensor:
-    """The decode path: every computed pair sorted by expert, two grouped matmuls, one combining matmul."""
-    valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
-    token, slot = torch.where(valid if active is None else valid & active)  # token-major order
-    expert, order = torch.sort(top_k_index[token, slot], stable=True)  # tokens stay ascending per expert
-    token, slot = token[order], slot[order]
-    counts = torch.bincount(expert, minlength=self.num_experts)
-    y = grouped_expert_forward(self, hidden[token], expert, counts.cumsum(0, dtype=torch.int32))
+    """The grouped path: two grouped matmuls over the sorted pairs, no synchronisation (without an observer)."""
+    token, slot, expert, counts = _sorted_pairs(self, top_k_index, active)
+    live = expert < self.num_experts
+    y = grouped_expert_forward(self, hidden[token], expert.clamp_max(self.num_experts - 1),
+                               counts.cumsum(0, dtype=torch.int32))
+    y = torch.where(live.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))  # rows never computed
     gate = top_k_weights[token, slot]
-    # out[t] = sum over pairs s of token t of gate_s y_s, as a [T, S] x [S, H] matmul (no scatter)
-    combine = torch.zeros(hidden.shape[0], len(token), dtype=y.dtype, device=y.device)
-    combine[token, torch.arange(len(token), device=token.device)] = gate.to(y.dtype)
     if observer is not None:
-        outputs, start = {}, 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outputs[e] = (token[start:start + n], gate[start:start + n], y[start:start + n])
-                start += n
+        _report(observer, self, hidden, top_k_index, top_k_weights, token, gate, y, counts)
+    gate = torch.where(live, gate, torch.zeros((), dtype=gate.dtype, device=gate.device))
+    contrib = y * gate.unsqueeze(-1).to(y.dtype)
+    if hidden.device.type == "cpu":  # few tokens: out[t] = sum of t's pairs as a [T, S] x [S, H] matmul (no scatter)
+        combine = torch.zeros(hidden.shape[0], len(token), dtype=y.dtype, device=y.device)
+        combine[token, torch.arange(len(token), device=token.device)] = 1
+        return (combine @ contrib).to(hidden.dtype)
+    return torch.zeros_like(hidden).index_add_(0, token, contrib.to(hidden.dtype))
+
+
+def _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider) -> torch.Tensor:
+    """The loop path: the counts copied to the host once, then each hit expert on its slice of the sorted pairs."""
+    token, slot, _, counts = _sorted_pairs(self, top_k_index, active)
+    out = torch.zeros_like(hidden)
+    outputs, start = {}, 0
+    for e, n in enumerate(counts.tolist()):
+        if not n:
+            continue
+        t, s = token[start:start + n], slot[start:start + n]
+        start += n
+        y = provider.forward(self, e, hidden[t]) if provider is not None else expert_forward(self, e, hidden[t])
+        gate = top_k_weights[t, s]
+        out.index_add_(0, t, (y * gate.unsqueeze(-1)).to(out.dtype))
+        if observer is not None:
+            outputs[e] = (t, gate, y)
+    if observer is not None:
         observer.routed(self, hidden, top_k_index, top_k_weights, outputs)
-    return (combine @ y).to(hidden.dtype)
+    return out
+
+
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.grouped_mm`` runs for ``device`` and ``dtype`` here (tried once on tiny tensors, remembered)."""
+    key = (device.type if device.type == "cpu" else str(device), dtype)
+    if key not in _GROUPED_OK:
+        ok = hasattr(F, "grouped_mm")
+        if ok:
+            try:
+                a = torch.zeros(16, 16, dtype=dtype, device=device)
+                b = torch.zeros(2, 16, 16, dtype=dtype, device=device)
+                F.grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _GROUPED_OK[key] = ok
+    return _GROUPED_OK[key]
 
 
 def uses_grouped_path(hidden: torch.Tensor, provider) -> bool:
-    """Whether the kernel takes its grouped (decode) path for ``hidden [T, H]``."""
-    return (provider is None and hidden.shape[0] <= DECODE_MAX_TOKENS and hidden.device.type == "cpu"
-            and hasattr(F, "grouped_mm"))
+    """Whether the kernel takes its grouped path for ``hidden [T, H]`` (see the module docstring)."""
+    if provider is not None or not grouped_mm_runs(hidden.device, hidden.dtype):
+        return False
+    return hidden.device.type != "cpu" or hidden.shape[0] <= DECODE_MAX_TOKENS
 
 
 def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     """Kernel over the hit experts; reports per-expert outputs to an attached observer.
 
-    Grouped matmuls at decode, a loop over the hit experts otherwise (see the module docstring).
-    With a skip rule attached (`moebench.moe.skipping`), the (token, expert) pairs it drops are
-    never computed: their slots are removed before the matmuls and their weight is redistributed.
+    The grouped path or the loop (see the module docstring). With a skip rule attached
+    (`moebench.moe.skipping`), the (token, expert) pairs it drops are never computed: they are sorted
+    past the computed ones and their weight is redistributed.
     """
     observer = getattr(self, _OBSERVER_ATTR, None)
     skip = getattr(self, SKIP_ATTR, None)
@@ -142,23 +214,7 @@ def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index:
         top_k_weights, active = skip(top_k_weights)
     if uses_grouped_path(hidden, provider):
         return _grouped(self, hidden, top_k_index, top_k_weights, active, observer)
-    out = torch.zeros_like(hidden)
-    outputs = {}
-    for e in torch.unique(top_k_index).tolist():
-        if not 0 <= e < self.num_experts:
-            continue
-        hit = top_k_index == e
-        token, slot = torch.where(hit if active is None else hit & active)
-        if token.numel() == 0:
-            continue
-        y = provider.forward(self, e, hidden[token]) if provider is not None else expert_forward(self, e, hidden[token])
-        gate = top_k_weights[token, slot]
-        out.index_add_(0, token, (y * gate.unsqueeze(-1)).to(out.dtype))
-        if observer is not None:
-            outputs[e] = (token, gate, y)
-    if observer is not None:
-        observer.routed(self, hidden, top_k_index, top_k_weights, outputs)
-    return out
+    return _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider)
 
 
 def register() -> None:

@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections import defaultdict
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, contextmanager, suppress
 
 import torch
 from torch import nn
@@ -256,6 +256,33 @@ class LayeredCheckpoint:
         if meta:
             raise LayeredLoadError(f"{self.path}: decoder layer {index} lacks {meta[:3]} in the checkpoint")
         return layer
+
+    @contextmanager
+    def routers(self):
+        """Inside the block every MoE layer's router holds its real weights; afterwards they are on the meta
+        device again. Each decoder layer's tensors other than its routed experts are read in turn (a pass
+        over the checkpoint without the experts); only the routers (``[E, H]`` each) stay in memory."""
+        from moebench.moe.view import MoEView
+
+        layers = MoEView(self.model).layers
+        decoders = decoder_layers(self.model)
+        try:
+            for layer in layers:
+                self.load_from_shards([k for k in self.layer_keys[layer.index] if ".experts." not in k])
+                saved = {name: p.detach().clone() for name, p in layer.router.named_parameters()}
+                self.release(decoders[layer.index])
+                for name, tensor in saved.items():
+                    *path, attr = name.split(".")
+                    owner = layer.router.get_submodule(".".join(path)) if path else layer.router
+                    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+                missing = [name for name, p in layer.router.named_parameters() if p.is_meta]
+                if missing:
+                    raise LayeredLoadError(f"{self.path}: the router of decoder layer {layer.index} lacks {missing} "
+                                           "in the checkpoint")
+            yield layers
+        finally:
+            for layer in layers:
+                self.release(layer.router)
 
     @staticmethod
     def release(module: nn.Module) -> None:

@@ -35,7 +35,7 @@ class _LayerStore:
 
     def __init__(self, layer: MoELayer, device: torch.device, owner: ExpertOffloader):
         self.layer, self.device, self.owner = layer, device, owner
-        pin = torch.cuda.is_available()
+        pin = device.type == "cuda"
         self.cpu = {name: (t.detach().cpu().pin_memory() if pin else t.detach().cpu())
                     for name, t in layer.expert_tensors().items()}
         self.n_experts = layer.num_experts
@@ -43,8 +43,11 @@ class _LayerStore:
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self.ready: torch.cuda.Event | None = None
 
-    def _copy(self, e: int, non_blocking: bool) -> dict[str, torch.Tensor]:
+    def _copy(self, e: int, non_blocking: bool, consumer=None) -> dict[str, torch.Tensor]:
         out = {name: t[e].to(self.device, non_blocking=non_blocking, copy=True) for name, t in self.cpu.items()}
+        if consumer is not None:  # made on the side stream, read on the compute stream: the allocator must not
+            for t in out.values():  # hand the memory out again before that stream is done with it
+                t.record_stream(consumer)
         self.owner._moved(self.expert_bytes)
         return out
 
@@ -53,14 +56,15 @@ class _LayerStore:
         for e in [e for e in self.resident if e not in ids]:
             del self.resident[e]
             self.owner._resident(-self.expert_bytes)
-        stream = self.owner.stream
+        stream = self.owner.stream_for(self.device)
+        compute = torch.cuda.current_stream(self.device) if stream is not None else None
         for e in sorted(ids):
             if e in self.resident:
                 self.owner.counters["hits"] += 1
                 continue
             if stream is not None:
                 with torch.cuda.stream(stream):
-                    self.resident[e] = self._copy(e, non_blocking=True)
+                    self.resident[e] = self._copy(e, non_blocking=True, consumer=compute)
             else:
                 self.resident[e] = self._copy(e, non_blocking=False)
             self.owner._resident(self.expert_bytes)
@@ -81,7 +85,7 @@ class _LayerStore:
     def get(self, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s tensors on the device (fetched on demand when not resident)."""
         if self.ready is not None:
-            torch.cuda.current_stream().wait_event(self.ready)
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
             self.ready = None
         if e not in self.resident:
             self.resident[e] = self._copy(e, non_blocking=False)
@@ -99,16 +103,18 @@ class ExpertOffloader:
         self.view = MoEView(model)
         if not all(layer.family.experts_slot for layer in self.view.layers):
             raise MoEError(f"offloading needs the experts-implementation slot; {self.view.family.name} has none")
-        self.device = torch.device(device) if device else next(model.parameters()).device
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # each layer computes where its experts are (a model spread over several GPUs keeps every layer's own)
+        self.device = torch.device(device) if device else None
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.counters = {"resident_bytes": 0, "resident_bytes_peak": 0, "bytes_moved": 0, "hits": 0,
                          "fetches": 0, "prefetched": 0, "at_entry": 0, "on_demand": 0, "cpu_computed": 0,
                          "hit_rate": None, "unpruned_expert_bytes": self.view.expert_bytes()}
         self.stores = []
         for layer in self.view.layers:
-            store = _LayerStore(layer, self.device, self)
+            where = self.device or next(iter(layer.expert_tensors().values())).device
+            store = _LayerStore(layer, where, self)
             for name in store.cpu:
-                _replace_tensor(layer.experts, name, torch.empty(0, device=self.device))
+                _replace_tensor(layer.experts, name, torch.empty(0, device=where))
             setattr(layer.experts, PROVIDER_ATTR, store)
             self.stores.append(store)
         self.wanted: list[set[int]] | None = None
@@ -117,6 +123,14 @@ class ExpertOffloader:
         self.hooks = [layer.block.register_forward_pre_hook(self._enter_hook(n))
                       for n, layer in enumerate(self.view.layers)]
         switch_to_kernel(model)
+
+    def stream_for(self, device: torch.device):
+        """The side stream copies to ``device`` run on (None off CUDA)."""
+        if device.type != "cuda":
+            return None
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
 
     def _moved(self, nbytes: int) -> None:
         self.counters["bytes_moved"] += nbytes
@@ -177,6 +191,8 @@ class ExpertOffloader:
             hook.remove()
         for store in self.stores:
             for name, t in store.cpu.items():
-                _replace_tensor(store.layer.experts, name, t.to(self.device))
+                _replace_tensor(store.layer.experts, name, t.to(store.device))
             delattr(store.layer.experts, PROVIDER_ATTR)
+            store.cpu, store.resident = {}, {}  # the (pinned) host store is released
+        self.stores = []
         restore_kernel(self.model)

@@ -86,11 +86,29 @@ def prune(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
     if is_masked(model):
         raise MoEError("this model has a routing mask; call moebench.moe.ops.unmask(model) before prune")
     keep = validate_keep(view, keep)
+    offloaded = _accelerate_offloaded(model, view, keep)
+    if offloaded:  # their real tensors live in accelerate's hooks; slicing the meta placeholders would corrupt them
+        raise MoEError(f"MoE layers {offloaded[:5]} are offloaded by accelerate (a device_map with 'cpu' or 'disk'): "
+                       "moebench cannot slice them in place. Prune with --sequential (lm-eval: sequential=true), "
+                       "which writes the pruned checkpoint layer by layer, or load with the experts on devices")
     for index, ids in keep.items():
         _prune_layer(view.layer(index), ids)
     counts = view.experts_per_layer
     _set_config_counts(view, counts)
     return keep
+
+
+def _accelerate_offloaded(model: nn.Module, view: MoEView, keep: dict) -> list[int]:
+    """The layers of ``keep`` whose experts or router accelerate holds offloaded (meta placeholders, the real
+    tensors behind a hook). A layer-by-layer skeleton's meta tensors have no hook: those are pruned as shapes."""
+    if not any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules()):
+        return []
+    found = []
+    for index in keep:
+        layer = view.layer(index)
+        if any(t.is_meta for t in [*layer.expert_tensors().values(), *(t for t, _ in layer.router_tensors().values())]):
+            found.append(index)
+    return found
 
 
 def _prune_layer(layer: MoELayer, ids: list[int]) -> None:

@@ -149,8 +149,14 @@ class MoELayer:
     def route(self, hidden: torch.Tensor) -> Routing:
         """Run the model's own router on ``hidden [T, H]`` and return its decisions.
 
-        Any active routing mask (`moebench.moe.ops.mask`) applies, since the real router runs.
+        Any active routing mask (`moebench.moe.ops.mask`) applies, since the real router runs. Raises
+        `MoEError` when the router's weights are on the meta device (a layer-by-layer skeleton): torch
+        would answer with uninitialised memory instead of failing.
         """
+        if any(t.is_meta for t in self.router.parameters()):
+            raise MoEError(f"MoE layer {self.index}: its router's weights are not loaded (meta device: a model "
+                           "opened layer by layer, --sequential); read them first (LayeredCheckpoint.routers()) or "
+                           "plan with --no-sequential")
         out = self.router(hidden.reshape(-1, hidden.shape[-1]))
         if self.family.router_output == "dense_scores":
             scores, logits = out

@@ -100,9 +100,19 @@ def test_m_smoe_global_keeps_equal_counts_per_routing_group():
         assert all(len({e // 4 for e in g["experts"]}) == 1 for g in groups)
 
 
+def test_alignment_is_off_by_default_and_refused_with_its_estimate_where_unaffordable():
+    from moebench.method.registry import get_method
+
+    assert get_method("m_smoe").parse_params({})["align"] is False  # as the authors' Mixtral script
+    wide = tiny_model("mixtral", intermediate_size=8192)
+    view = MoEView(wide)
+    with pytest.raises(ValueError, match=r"8192 x 8192 assignment per merged expert, O\(I\^3\): about \d+ min each"):
+        plan_from_stats(view, "m_smoe", {"align": True}, resolve_budget(view, ratio=0.5), {}, ratio=0.5)
+
+
 def test_alignment_and_router_options_are_recorded_and_change_the_model():
     model = tiny_model("olmoe")
-    aligned, _ = planned(model, "m_smoe", {"scope": "layer"})
+    aligned, _ = planned(model, "m_smoe", {"scope": "layer", "align": True})
     plain, _ = planned(model, "m_smoe", {"scope": "layer", "align": False})
     average, _ = planned(model, "hc_smoe", {"router": "average"})
     assert aligned.merge.keys() == plain.merge.keys()

@@ -85,6 +85,16 @@ def test_batch_size_1_and_8_give_identical_scores(senv, method):
     assert all(len(f) == 8 and abs(sum(f) - 4) < 1e-3 for f in freq.values()) or method == "prep"
 
 
+def test_batch_size_auto_probes_without_selection_and_scores_as_batch_size_4(senv):
+    """lm-eval's batch-size probe forwards made-up inputs that belong to no request: they run unselected."""
+    args = f"pretrained={senv.model},method=premoe_taer,ratio=0.5,{senv.calib},max_batch_size=8"
+    auto = evaluate(senv, "pruned_moe", args, tasks=("tiny_mc",), batch_size="auto")
+    four = evaluate(senv, "pruned_moe", args, tasks=("tiny_mc",), batch_size=4)
+    torch.testing.assert_close(torch.tensor(loglikelihoods(auto)), torch.tensor(loglikelihoods(four)),
+                               rtol=1e-5, atol=1e-5)
+    assert auto["config"]["moebench"]["keep_frequency"] == four["config"]["moebench"]["keep_frequency"]
+
+
 def _lm(senv, method, **params):
     from moebench.eval.model import PrunedMoELM
 
@@ -218,3 +228,25 @@ def test_offload_through_pruned_moe(senv):
     c = offloaded["config"]["moebench"]["offload"]
     assert 0 < c["resident_bytes_peak"] < c["unpruned_expert_bytes"] and c["bytes_moved"] > 0
     assert 0 <= c["hit_rate"] <= 1 and c["on_demand"] == 0
+
+
+def test_signature_pass_stops_at_the_last_layer_the_selector_reads(senv):
+    """TAER's key is the first MoE layer's pattern: its signature pass runs no expert at all."""
+    from moebench.method.select import context_signature
+    from moebench.moe.view import MoEView
+
+    lm = _lm(senv, "premoe_taer")
+    view = MoEView(lm.model)
+    ran = []
+    hooks = [layer.experts.register_forward_hook(lambda m, a, o, i=layer.index: ran.append(i)) for layer in view.layers]
+    try:
+        tokens = list(range(5, 25))
+        lm.applied.select(tokens)
+        assert ran == [] and lm.applied.selector.needed_layers == [view.indices[0]]
+        full = context_signature(lm.model, tokens)
+        assert sorted(full) == view.indices and len(ran) == len(view.indices)
+        early = context_signature(lm.model, tokens, [view.indices[0]])
+        assert list(early) == [view.indices[0]] and torch.equal(early[view.indices[0]], full[view.indices[0]])
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -60,7 +60,7 @@ def test_prune_sequential_cli_equals_prune(tmp_path):
     logits as `moebench prune`, for a pruning and a merging method."""
     env = {**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")}
     common = ["--calib", "testbed:mix", "--samples", "8", "--seq-len", "64"]
-    for method in ("reap", "hc_smoe"):
+    for method in ("reap", "hc_smoe", "naee"):  # naee runs the routers: read from the shards for the planning
         outs, logs = {}, {}
         for mode in ("--sequential", "--no-sequential"):
             out = str(tmp_path / f"{method}{mode}")
@@ -78,6 +78,24 @@ def test_prune_sequential_cli_equals_prune(tmp_path):
             assert torch.equal(models[0](ids).logits, models[1](ids).logits), method
 
 
+def test_a_router_on_the_meta_device_is_never_run(tmp_path):
+    """torch answers F.linear(cpu input, meta weight) with uninitialised memory: route() must refuse instead."""
+    import pytest
+
+    from moebench.moe.view import MoEError
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "source")
+    skeleton = LayeredCheckpoint(str(tmp_path / "source"))
+    layer = MoEView(skeleton.model).layers[0]
+    with pytest.raises(MoEError, match="router's weights are not loaded"):
+        layer.route(torch.zeros(3, 32))
+    with skeleton.routers() as layers:  # what a planner that runs routers gets: the real router weights
+        real = MoEView(AutoModelForCausalLM.from_pretrained(tmp_path / "source")).layers[0]
+        assert torch.equal(layers[0].route(torch.ones(3, 32)).indices, real.route(torch.ones(3, 32)).indices)
+        assert all(p.is_meta for p in layers[0].experts.parameters())  # the experts were never kept
+    assert all(p.is_meta for p in layer.router.parameters())
+
+
 def test_a_method_reading_weights_is_refused_under_sequential_with_the_reason(tmp_path):
     env = {**os.environ, "MOEBENCH_CACHE": str(tmp_path / "cache")}
     done = run("prune", "testbed-8e", "--method", "weight_norm", "--ratio", "0.5", "--sequential",
@@ -86,8 +104,9 @@ def test_a_method_reading_weights_is_refused_under_sequential_with_the_reason(tm
     assert "reads the expert weights while planning" in done.stderr and "--no-sequential" in done.stderr
     assert not (tmp_path / "out").exists()
     # m_smoe's weight matching reads weights: refused before any calibration (nothing cached)
-    done = run("prune", "testbed-8e", "--method", "m_smoe", "--ratio", "0.5", "--calib", "testbed:mix",
-               "--samples", "4", "--seq-len", "32", "--sequential", "--out", str(tmp_path / "out"), env=env)
+    done = run("prune", "testbed-8e", "--method", "m_smoe", "--ratio", "0.5", "--param", "align=true", "--calib",
+               "testbed:mix", "--samples", "4", "--seq-len", "32", "--sequential", "--out", str(tmp_path / "out"),
+               env=env)
     assert done.returncode == 2 and "method m_smoe reads the expert weights" in done.stderr
     assert not (tmp_path / "cache" / "stats").exists() and not (tmp_path / "out").exists()
 
@@ -96,7 +115,7 @@ def test_which_methods_read_weights_follows_their_parameters():
     from moebench.method.registry import get_method
 
     assert get_method("weight_norm").reads_weights_for({})
-    assert get_method("m_smoe").reads_weights_for({}) and not get_method("m_smoe").reads_weights_for({"align": False})
+    assert not get_method("m_smoe").reads_weights_for({}) and get_method("m_smoe").reads_weights_for({"align": True})
     assert not get_method("reap").reads_weights_for({}) and not get_method("hc_smoe").reads_weights_for({})
 
 
