@@ -7,6 +7,7 @@ a forward pass does not depend on which tokens), seeded so runs are comparable.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
@@ -86,6 +87,8 @@ class DecodeSession:
         self.runner, self.ids = runner, ids
         self.keeps = [runner.select(row.tolist()) for row in ids] if runner.selects else None
         self.cache = self.next = None
+        # transformers >= 5.25 names the KV cache ``cache`` (``past_key_values`` before, deprecated since)
+        self.cache_arg = "cache" if "cache" in inspect.signature(runner.model.forward).parameters else "past_key_values"
 
     def _routing(self):
         return self.runner.batch(self.keeps) if self.keeps is not None else nullcontext()
@@ -94,13 +97,13 @@ class DecodeSession:
     def start(self) -> None:
         with self._routing():
             out = self.runner.model(input_ids=self.ids, use_cache=True)
-        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.cache, self.next = out[self.cache_arg], out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
     def step(self) -> None:
         with self._routing():
-            out = self.runner.model(input_ids=self.next, past_key_values=self.cache, use_cache=True)
-        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = self.runner.model(input_ids=self.next, use_cache=True, **{self.cache_arg: self.cache})
+        self.cache, self.next = out[self.cache_arg], out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()

@@ -106,7 +106,7 @@ def test_alignment_is_off_by_default_and_refused_with_its_estimate_where_unaffor
     assert get_method("m_smoe").parse_params({})["align"] is False  # as the authors' Mixtral script
     wide = tiny_model("mixtral", intermediate_size=8192)
     view = MoEView(wide)
-    with pytest.raises(ValueError, match=r"8192 x 8192 assignment per merged expert, O\(I\^3\): about \d+ min each"):
+    with pytest.raises(ValueError, match=r"8192 x 8192 assignment per merged expert, O\(I\^3\): at least ~\d+ min"):
         plan_from_stats(view, "m_smoe", {"align": True}, resolve_budget(view, ratio=0.5), {}, ratio=0.5)
 
 
