@@ -196,9 +196,20 @@ class PrunedMoELM(SelectMixin, HFLM):
         """As HFLM's, and the run is labelled with the variant name for ``--output_path``.
 
         lm-eval 0.4.13 names the output folder after ``model_args["pretrained"]``, read from this
-        very dict right after construction. The dict holds the variant name until the first
-        request (or the results are assembled), then the value the user gave again.
+        very dict right after construction. lm-eval's ``--device`` (``cuda:0`` unless given) on a
+        machine without it falls back to the CPU with a warning, as lm-eval's ``hf`` model does; a
+        ``device`` in the model_args is checked strictly (see ``__init__``). The dict holds the
+        variant name until the first request (or the results are assembled), then the value the user
+        gave again.
         """
+        additional_config = dict(additional_config or {})
+        device = additional_config.get("device")
+        if device is not None and "device" not in arg_dict:  # lm-eval's --device (cuda:0 unless given)
+            try:
+                check_device(str(device))
+            except ValueError as err:  # as lm-eval's hf model does, said before any work
+                log.warning("pruned_moe: %s; running on cpu, as lm-eval's hf model does", err)
+                additional_config["device"] = "cpu"
         lm = super().create_from_arg_obj(arg_dict, additional_config)
         if isinstance(arg_dict.get("pretrained"), str):
             lm._relabelled = (arg_dict, arg_dict["pretrained"])

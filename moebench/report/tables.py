@@ -39,7 +39,7 @@ from moebench.report.facets import facet_of, registered_kind
 LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
 SPEED_COLUMNS = ["decode_tokens_per_s", "decode_tokens_per_s_p90", "decode_tokens_per_s_p10",
                  "decode_tokens_per_s_min", "decode_tokens_per_s_max"]
-SPEEDUP_COLUMNS = [f"{p}decode_speedup{q}" for p in ("", "skip_") for q in ("", "_lo", "_hi")]
+SPEEDUP_COLUMNS = [f"{p}decode_speedup{q}" for p in ("", "skip_", "default_kernel_") for q in ("", "_lo", "_hi")]
 NUMERIC_RUN_COLUMNS = ["ratio", "expert_bytes", "other_bytes", "weight_bytes", "load_peak_bytes", "run_peak_bytes",
                        *SPEED_COLUMNS, *SPEEDUP_COLUMNS, "prefill_tokens_per_s", "parameters", "limit", "others_cpu",
                        "cpu_cores", "load_before", "load_after"]
