@@ -49,8 +49,9 @@ def _measured_on(runs: pd.DataFrame) -> list[tuple[str, str]]:
                         "self: the unpruned cell)"))
     if "under_load" in measured:
         loaded = int(measured["under_load"].astype(str).str.lower().eq("true").sum())
-        pairs.append(("measured under load", f"{loaded} of {len(measured)} cells (this process's threads plus other "
-                                             "processes' CPU use exceeded the cores while timing; no speed verdict)"))
+        pairs.append(("measured under load", f"{loaded} of {len(measured)} cells (while they were timed, other "
+                                             "processes kept busy the cores they needed or more than a quarter of all "
+                                             "cores; no speed verdict)"))
     return pairs
 
 
