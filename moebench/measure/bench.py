@@ -27,12 +27,12 @@ from dataclasses import dataclass, replace
 from tabulate import tabulate
 
 from moebench.measure.load import CpuLoad, Slot
-from moebench.measure.paired import Side, kernel, paired_speed
+from moebench.measure.paired import Side, paired_speed
 from moebench.measure.speed import expert_share, weight_bytes
 from moebench.method.apply import apply, unchanged
 from moebench.method.pipeline import PlanRequest, make_plan, statistics
 from moebench.method.registry import get_method
-from moebench.moe.kernels import KERNEL_NAME, register
+from moebench.moe.kernels import KERNEL_NAME, experts_kernel, register
 from moebench.moe.skipping import disable_skipping, enable_skipping, naee_betas, skip_report, skipping_paused
 
 
@@ -59,22 +59,23 @@ class Bench:
         self.default_kernel = model.config._experts_implementation
         self.slot, self.loads = Slot(), []
 
-    def compare(self, reference: Side, variants: list[tuple[Side, dict]]) -> dict[str, dict]:
+    def compare(self, reference: Side, variants: list[tuple[Side, dict]], reference_row: dict | None = None
+                ) -> dict[str, dict]:
         """Time ``reference`` and each variant interleaved; add a row per variant (``extra``: its other
-        columns) and return the measurements by side name."""
+        columns), first one for the reference itself when ``reference_row`` gives its columns (speedup 1 by
+        definition), and return the measurements by side name."""
         a = self.settings
         with self.slot.exclusive(), CpuLoad() as load:
             got = paired_speed([reference, *(s for s, _ in variants)], a.batch, a.prompt_len, max(a.new_tokens, 2),
                                a.reps, a.warmup)
         self.loads.append(load.record())
+        if reference_row is not None:
+            self.rows.append({"variant": reference.name, "vs": reference.name, **reference_row, **got[reference.name],
+                              "ratio": None})
         for side, extra in variants:
             self.rows.append({"variant": side.name, "vs": reference.name, **extra, **got[side.name],
                               "ratio": got["ratios"][side.name]})
         return got
-
-    def reference_row(self, name: str, extra: dict, got: dict) -> None:
-        """The row of a reference itself (speedup 1 by definition)."""
-        self.rows.append({"variant": name, "vs": name, **extra, **got[name], "ratio": None})
 
     def betas(self):
         request = replace(self.base_request, method="naee")
@@ -89,7 +90,7 @@ class Bench:
         """Skipping on ``model`` against the same model with its rules paused (moebench's kernel both); returns
         the ideal-vs-measured line."""
         register()
-        with kernel(model, KERNEL_NAME):
+        with experts_kernel(model, KERNEL_NAME):
             share = expert_share(model, self.settings.batch, self.settings.prompt_len)
         enable_skipping(model, self.betas())
         runner = unchanged(model)
@@ -144,10 +145,8 @@ def bench_variants(model, tokenizer, base: PlanRequest, settings: BenchSettings,
     register()
     runner = unchanged(model)
     unpruned = Side("unpruned", runner)
-    got = bench.compare(unpruned, [(Side("unpruned, moebench kernel", runner, lambda: kernel(model, KERNEL_NAME)),
-                                    bench.columns(model, KERNEL_NAME))])
-    bench.reference_row("unpruned", bench.columns(model), got)
-    bench.rows.insert(0, bench.rows.pop())  # the reference first
+    in_kernel = Side("unpruned, moebench kernel", runner, lambda: experts_kernel(model, KERNEL_NAME))
+    bench.compare(unpruned, [(in_kernel, bench.columns(model, KERNEL_NAME))], reference_row=bench.columns(model))
     lines = [bench.skip_pair("unpruned", model)] if skip == "naee" else []
     if method and get_method(method).kind == "select":  # select / offload variants
         from moebench.measure.select_bench import measure_select

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import gc
 import resource
+import sys
 
 import torch
 from torch import nn
@@ -48,14 +49,8 @@ def host_peak_bytes() -> tuple[int, str]:
     kib = _status_kib("VmHWM")
     if kib is not None:
         return kib * 1024, "VmHWM"
-    scale = 1 if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 1 << 40 else 1024  # macOS: bytes
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
-
-
-def host_resident_bytes() -> int | None:
-    """This process's resident set now (``VmRSS``), or None without ``/proc``."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
 
 
 def release_freed_host_memory() -> None:
@@ -144,7 +139,6 @@ class MemoryMeter:
 
     def __init__(self, devices):
         self.devices = cuda_devices(devices)
-        self.kind = "cuda_allocated" if self.devices else "host_rss"
         self.load_peak: int | None = None
         self.source = None
         self.reset_ok = True

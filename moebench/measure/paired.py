@@ -31,7 +31,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -192,18 +192,3 @@ def paired_speed(sides: list[Side], batch: int = 1, prompt_len: int = 128, new_t
                               "decode": ratio_summary(dec[ref], dec[s.name])} for s in sides[1:]}
     return out
 
-
-@contextmanager
-def kernel(model, name: str | None):
-    """Run ``model`` with the experts kernel ``name`` inside the block (no change for None)."""
-    if name is None:
-        yield
-        return
-    before = getattr(model.config, "_experts_implementation", None)
-    if name != before:
-        model.set_experts_implementation(name)
-    try:
-        yield
-    finally:
-        if name != before and before is not None:
-            model.set_experts_implementation(before)

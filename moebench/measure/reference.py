@@ -24,10 +24,10 @@ import itertools
 
 import torch
 
-from moebench.measure.paired import Side, kernel, paired_speed, ratio_summary, summarise_ratios
+from moebench.measure.paired import Side, paired_speed, ratio_summary, summarise_ratios
 from moebench.measure.speed import summary
 from moebench.method.apply import Applied, unchanged
-from moebench.moe.kernels import KERNEL_NAME, SKIP_ATTR, register
+from moebench.moe.kernels import KERNEL_NAME, SKIP_ATTR, experts_kernel, register
 from moebench.moe.skipping import skipping_paused
 
 ROOM_FACTOR = 1.15  # a second copy needs its weights plus room for activations and the allocator's slack
@@ -77,10 +77,10 @@ def sides(variant: Applied, reference_model) -> tuple[Side, Side, list[Side]]:
     if vk == KERNEL_NAME:
         register()
     ref_runner = unchanged(reference_model)
-    reference = Side("reference", ref_runner, lambda: kernel(reference_model, vk))
+    reference = Side("reference", ref_runner, lambda: experts_kernel(reference_model, vk))
     extra = []
     if vk != rk:
-        extra.append(Side("reference_default_kernel", ref_runner, lambda: kernel(reference_model, rk)))
+        extra.append(Side("reference_default_kernel", ref_runner, lambda: experts_kernel(reference_model, rk)))
     if any(hasattr(m, SKIP_ATTR) for m in variant.model.modules()):
         extra.append(Side("variant_no_skip", variant, lambda: skipping_paused(variant.model)))
     return Side("variant", variant), reference, extra
@@ -96,7 +96,7 @@ def time_alone(applied: Applied, m: dict, moebench_kernel: bool = False) -> dict
     """Times of one model alone (the reference before the method, for ``sequential`` pairing)."""
     if moebench_kernel:
         register()
-    side = Side("alone", applied, (lambda: kernel(applied.model, KERNEL_NAME)) if moebench_kernel else None)
+    side = Side("alone", applied, (lambda: experts_kernel(applied.model, KERNEL_NAME)) if moebench_kernel else None)
     return paired_speed([side], **_shape(m))["times"]["alone"]
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import copy
 import statistics
 
-from moebench.measure.paired import Side, kernel
+from moebench.measure.paired import Side
 from moebench.measure.speed import _ids
 from moebench.method.apply import apply, unchanged
 from moebench.method.pipeline import make_plan
-from moebench.moe.kernels import KERNEL_NAME
+from moebench.moe.kernels import KERNEL_NAME, experts_kernel
 from moebench.moe.ops import prune
 
 
@@ -44,7 +44,7 @@ def measure_select(bench, request) -> list[str]:
     ref = unchanged(reference)
     runner = apply(model, plan, offload=True)
     columns = bench.columns(model)
-    bench.compare(Side("unpruned, moebench kernel", ref, lambda: kernel(reference, KERNEL_NAME)),
+    bench.compare(Side("unpruned, moebench kernel", ref, lambda: experts_kernel(reference, KERNEL_NAME)),
                   [(Side(f"{label} select + offload", runner), columns)])
     c = dict(runner.offloader.counters)
     bench.rows[-1]["expert_bytes"] = c["resident_bytes_peak"]

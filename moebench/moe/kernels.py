@@ -249,16 +249,26 @@ def restore_kernel(model: nn.Module) -> None:
 
 
 @contextmanager
-def use_moebench_kernel(model: nn.Module):
-    """Run ``model`` with the moebench kernel inside the block; restore its kernel afterwards."""
-    register()
-    previous = getattr(model.config, "_experts_implementation", None)
-    model.set_experts_implementation(KERNEL_NAME)
+def experts_kernel(model: nn.Module, name: str | None):
+    """Run ``model`` with the experts kernel ``name`` inside the block (no change for None); its kernel is
+    restored afterwards."""
+    before = getattr(model.config, "_experts_implementation", None)
+    switch = name is not None and name != before
+    if switch:
+        model.set_experts_implementation(name)
     try:
         yield model
     finally:
-        if previous not in (None, KERNEL_NAME):
-            model.set_experts_implementation(previous)
+        if switch and before is not None:
+            model.set_experts_implementation(before)
+
+
+@contextmanager
+def use_moebench_kernel(model: nn.Module):
+    """Run ``model`` with the moebench kernel inside the block; restore its kernel afterwards."""
+    register()
+    with experts_kernel(model, KERNEL_NAME):
+        yield model
 
 
 @contextmanager

@@ -262,6 +262,7 @@ class LayeredCheckpoint:
         """Inside the block every MoE layer's router holds its real weights; afterwards they are on the meta
         device again. Each decoder layer's tensors other than its routed experts are read in turn (a pass
         over the checkpoint without the experts); only the routers (``[E, H]`` each) stay in memory."""
+        from moebench.moe.ops import _replace_tensor
         from moebench.moe.view import MoEView
 
         layers = MoEView(self.model).layers
@@ -272,9 +273,7 @@ class LayeredCheckpoint:
                 saved = {name: p.detach().clone() for name, p in layer.router.named_parameters()}
                 self.release(decoders[layer.index])
                 for name, tensor in saved.items():
-                    *path, attr = name.split(".")
-                    owner = layer.router.get_submodule(".".join(path)) if path else layer.router
-                    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+                    _replace_tensor(layer.router, name, tensor)
                 missing = [name for name, p in layer.router.named_parameters() if p.is_meta]
                 if missing:
                     raise LayeredLoadError(f"{self.path}: the router of decoder layer {layer.index} lacks {missing} "

@@ -101,7 +101,9 @@ def prune(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
 def _accelerate_offloaded(model: nn.Module, view: MoEView, keep: dict) -> list[int]:
     """The layers of ``keep`` whose experts or router accelerate holds offloaded (meta placeholders, the real
     tensors behind a hook). A layer-by-layer skeleton's meta tensors have no hook: those are pruned as shapes."""
-    if not any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules()):
+    from accelerate.utils import has_offloaded_params
+
+    if not any(has_offloaded_params(m) for m in model.modules()):
         return []
     found = []
     for index in keep:

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import pytest
 from transformers import AutoModelForCausalLM
 
-from moebench.measure.paired import Side, interleaved, kernel, median_interval, paired_speed, ratio_summary
+from moebench.measure.paired import Side, interleaved, median_interval, paired_speed, ratio_summary
 from moebench.method.apply import unchanged
-from moebench.moe.kernels import KERNEL_NAME, register
+from moebench.moe.kernels import KERNEL_NAME, experts_kernel, register
 
 
 class Recorder:
@@ -71,7 +71,7 @@ def test_paired_speed_times_both_kernels_of_one_model_and_restores_its_kernel(sa
         return real_forward(ids, use_cache)
 
     runner.forward = forward
-    got = paired_speed([Side("default", runner), Side("moebench", runner, lambda: kernel(model, KERNEL_NAME))],
+    got = paired_speed([Side("default", runner), Side("moebench", runner, lambda: experts_kernel(model, KERNEL_NAME))],
                        batch=1, prompt_len=8, new_tokens=3, reps=3, warmup=1)
     assert model.config._experts_implementation == default
     assert seen[:2] == [default, KERNEL_NAME]  # warm-up of each side, each in its own kernel
