@@ -41,6 +41,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens whose gate ratio enters the skipping threshold beta (default 0 = every token)")
     parser.add_argument("--stats-dir", default=None, help="statistics cache (default ~/.cache/moebench/stats)")
     parser.add_argument("--revision", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the hub repository's own model code (off by default; only for repositories you "
+                             "trust). moebench still needs transformers >= 5 fused experts")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
@@ -87,10 +90,14 @@ def load(args):
     if sequential:
         from transformers import AutoTokenizer
 
-        layered = LayeredCheckpoint(args.model, dtype=args.dtype, device=device, revision=args.revision)
-        return layered.model, AutoTokenizer.from_pretrained(layered.path)
-    return load_with_tokenizer(args.model, dtype=args.dtype, device=args.device,
-                               **({"revision": args.revision} if args.revision else {}))
+        remote = bool(getattr(args, "trust_remote_code", False))
+        layered = LayeredCheckpoint(args.model, dtype=args.dtype, device=device, revision=args.revision,
+                                    trust_remote_code=remote)
+        return layered.model, AutoTokenizer.from_pretrained(layered.path, trust_remote_code=remote)
+    extra = {"revision": args.revision} if args.revision else {}
+    if getattr(args, "trust_remote_code", False):
+        extra["trust_remote_code"] = True
+    return load_with_tokenizer(args.model, dtype=args.dtype, device=args.device, **extra)
 
 
 def parse_params(pairs: list[str]) -> dict:

@@ -10,7 +10,8 @@ import argparse
 
 from tabulate import tabulate
 
-from moebench.moe.checkpoint import load_structure
+from moebench.moe.checkpoint import checkpoint_bytes, load_structure
+from moebench.moe.formats import format_name, mtp_layers, quantization
 from moebench.moe.view import MoEView
 
 
@@ -42,7 +43,8 @@ def summary(view: MoEView) -> list[tuple[str, str]]:
         ("router", layers[0].describe()),
         ("shared experts", ", ".join(shared) if shared else "none"),
         ("expert layout", _layout(layers[0])),
-        ("expert bytes", f"{_gb(expert)} of {_gb(total)} total ({100 * expert / total:.1f}%)"),
+        ("expert bytes", f"{_gb(expert)} of {_gb(total)} total ({100 * expert / total:.1f}%), in memory in "
+                         f"{str(next(iter(layers[0].expert_tensors().values())).dtype).removeprefix('torch.')}"),
     ]
 
 
@@ -63,10 +65,29 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(out)
 
 
+def disk_rows(model_name: str, config, revision: str | None, in_memory: int) -> list[tuple[str, str]]:
+    """Rows on the checkpoint as stored: its format (FP8 blocks, MXFP4, bf16, ...), MTP layers, bytes on disk."""
+    rows = [("format on disk", format_name(config))]
+    if quantization(config):
+        rows[0] = (rows[0][0], rows[0][1] + "; dequantized to bf16 where the device cannot run it (a CPU); a pruned "
+                   "checkpoint is written in this format unless --save-dtype says otherwise")
+    if mtp_layers(config):
+        rows.append(("MTP layers", f"{mtp_layers(config)} (model.layers.{config.num_hidden_layers}...; not run by "
+                                   "transformers; pruned with the last MoE layer's kept ids)"))
+    size = checkpoint_bytes(model_name, revision)
+    if size:
+        growth = in_memory / size
+        rows.append(("checkpoint bytes", f"{_gb(size)} on disk" + (f"; {_gb(in_memory)} in memory as built here "
+                                                                    f"({growth:.2f}x)" if abs(growth - 1) > 0.05
+                                                                    else "")))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the MoE structure of ``args.model``."""
     kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
     view = MoEView(load_structure(args.model, **{k: v for k, v in kwargs.items() if v}))
     print(f"moebench inspect {args.model}")
-    print(tabulate(summary(view), tablefmt="plain"))
+    rows = summary(view) + disk_rows(args.model, view.model.config, args.revision, view.total_bytes())
+    print(tabulate(rows, tablefmt="plain"))
     return 0

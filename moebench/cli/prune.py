@@ -19,7 +19,17 @@ from moebench.cli.common import add_calibration_arguments, load, parse_params, r
 from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method, sequential_refusal
 from moebench.moe.card import provenance, record_provenance, write_card
-from moebench.moe.checkpoint import save_folder, save_pruned
+from moebench.moe.checkpoint import local_folder, save_folder, save_pruned
+from moebench.moe.formats import (
+    disk_summary,
+    format_name,
+    mtp_kept,
+    parse_save_dtype,
+    raw_config,
+    save_sliced,
+    sliced_needed,
+    writer_refusal,
+)
 from moebench.moe.layered import LAYERED_ATTR, LayeredCheckpoint
 from moebench.moe.streaming import save_streaming
 from moebench.moe.view import MoEView
@@ -36,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter of the method (repeatable)")
     parser.add_argument("--out", required=True, help="output folder: checkpoint + plan.json")
+    parser.add_argument("--save-dtype", default=None, metavar="DTYPE",
+                        help="write the checkpoint dequantized / cast to bf16, fp16 or fp32 (default: the source's "
+                             "own format: FP8 stays FP8, MXFP4 stays MXFP4, bf16 stays bf16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"moebench prune writes one static checkpoint; method {args.method} is "
                          f"{'the unpruned model' if spec.is_identity else f'a {spec.kind} method'}: evaluate it "
                          f"with lm_eval --model pruned_moe --model_args ...,method={args.method} instead")
+    save_dtype = parse_save_dtype(args.save_dtype)
     params = parse_params(args.param)
     needs = spec.needs_for(spec.parse_params(params))
     if needs and not args.calib:  # before the (possibly long) load
@@ -60,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     layered = getattr(model, LAYERED_ATTR, None)
     if layered is not None:  # --sequential by default (the model exceeds the device): before calibrating
         spec.check_sequential(params)
+    source = layered.path if layered is not None else local_folder(args.model, args.revision)
+    source_config = raw_config(source)
+    refusal = writer_refusal(source_config, merges=spec.kind == "merge", uniform=True, save_dtype=save_dtype)
+    if refusal:  # before calibrating: the plan could not be written
+        raise ValueError(f"{args.model}: {refusal}")
     before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
     request = request_from(args, model, method=args.method, ratio=args.ratio, keep=args.keep, params=params)
     start = time.perf_counter()
@@ -70,23 +89,46 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise ValueError(sequential_refusal(spec.name)) from err  # one that did not declare reads_weights
     after = MoEView(model).expert_bytes()
+    uniform = len(set(plan.experts_kept().values())) == 1
+    refusal = writer_refusal(source_config, merges=bool(plan.merge), uniform=uniform, save_dtype=save_dtype)
+    if refusal:
+        raise ValueError(f"{args.model}: {refusal}")
     record = provenance(args.model, plan.method, paper=spec.paper, params=plan.params, ratio=args.ratio,
                         keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,
                         expert_bytes=(before, after), revision=args.revision)
+    record["format"] = {"source": format_name(source_config), "dequantized_to": args.save_dtype and str(save_dtype)}
+    mtp = mtp_kept(source_config, plan.keep)
+    if mtp:
+        record["mtp_kept_experts"] = {str(i): ids for i, ids in mtp.items()}
     record_provenance(model, record)  # config.json's "moebench" key
-    if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole
-        source = LayeredCheckpoint(layered.path, dtype=layered.dtype, device="cpu")
-
-        def checkpoint(d):
-            save_streaming(source, plan.keep, d, model.config, merge=plan.merge, progress=on_terminal())
-    else:
-        def checkpoint(d):
-            save_pruned(model, d, shown_as=args.out)
-    save_folder(args.out, {"checkpoint": checkpoint,
+    checkpoint = checkpoint_writer(model, layered, source, source_config, plan, experts_before, record, save_dtype,
+                                   args.out)
+    written = {}
+    save_folder(args.out, {"checkpoint": lambda d: written.update(checkpoint(d) or {}),
                            "tokenizer": tokenizer.save_pretrained,
                            "plan.json": lambda d: plan.save(os.path.join(d, "plan.json")),
-                           "README.md": lambda d: write_card(d, record)})
+                           "README.md": lambda d: write_card(d, record, disk=disk_summary(source, d))})
+    disk = disk_summary(source, args.out)
     print(f"{plan.method}: kept {sorted(set(plan.experts_kept().values()))} experts per layer; expert bytes "
           f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB; planned in {time.perf_counter() - start:.1f}s")
+    print(f"checkpoint on disk: {disk['format_before']}, {disk['bytes_before'] / 1e6:.2f} MB -> "
+          f"{disk['format_after']}, {disk['bytes_after'] / 1e6:.2f} MB"
+          + (f"; MTP layer(s) {', '.join(map(str, mtp))} pruned with the last MoE layer's kept ids" if mtp else ""))
     print(f"saved to {args.out} (plan.json and a model card, README.md, beside the checkpoint)")
     return 0
+
+
+def checkpoint_writer(model, layered, source: str, source_config: dict, plan, experts_before: dict, record: dict,
+                      save_dtype, out: str):
+    """``writer(folder)`` for the pruned checkpoint: from the source's own tensors where its format must be kept
+    (quantized, MTP layers) or a save dtype is asked for (`moebench.moe.formats.save_sliced`), otherwise the
+    model as planned: shard by shard from the source (a layer-by-layer skeleton) or from memory."""
+    if sliced_needed(source_config, save_dtype) and not plan.merge:
+        return lambda d: save_sliced(source, model, plan.keep, experts_before, d, record=record,
+                                     save_dtype=save_dtype, progress=on_terminal())
+    if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole
+        reader = LayeredCheckpoint(layered.path, dtype=save_dtype or layered.dtype, device="cpu")
+        return lambda d: save_streaming(reader, plan.keep, d, model.config, merge=plan.merge, progress=on_terminal())
+    if save_dtype is not None:
+        model.to(save_dtype)
+    return lambda d: save_pruned(model, d, shown_as=out)

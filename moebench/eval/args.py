@@ -19,7 +19,7 @@ from moebench.util import did_you_mean
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
             "skip_beta": None, "offload": False, "subsample_tokens": None, "ratio_samples": None,
-            "sequential": False}
+            "sequential": False, "save_dtype": None}
 APPLY_MODES = ("physical", "mask")
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
@@ -120,7 +120,8 @@ class PrunedMoESettings:
     ``subsample_tokens`` / ``ratio_samples`` the statistics settings (None: the defaults of
     `moebench.calib.stats.CollectSettings`; 0: every calibration token). ``sequential``: calibrate
     one decoder layer at a time and write the pruned checkpoint shard by shard before lm-eval loads
-    it (the unpruned model is never loaded whole; the pruned one must fit for the evaluation).
+    it (the unpruned model is never loaded whole; the pruned one must fit for the evaluation), in the
+    source's format or, with ``save_dtype`` (bf16, fp16, fp32), dequantized / cast.
     """
 
     method: str = "none"
@@ -139,6 +140,7 @@ class PrunedMoESettings:
     subsample_tokens: int | None = None
     ratio_samples: int | None = None
     sequential: bool = False
+    save_dtype: str | None = None
 
     @property
     def spec(self) -> MethodSpec:
@@ -165,7 +167,8 @@ class PrunedMoESettings:
                        skip="none" if args["skip"] is None else str(args["skip"]).strip().lower(),
                        skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]),
                        subsample_tokens=_optional(args["subsample_tokens"], int),
-                       ratio_samples=_optional(args["ratio_samples"], int), sequential=_flag(args["sequential"]))
+                       ratio_samples=_optional(args["ratio_samples"], int), sequential=_flag(args["sequential"]),
+                       save_dtype=_optional(args["save_dtype"], str))
         settings._check()
         return settings
 
@@ -198,6 +201,14 @@ class PrunedMoESettings:
                              f"apply={self.apply}")
         if self.sequential:
             spec.check_sequential(self.params)
+        if self.save_dtype is not None:
+            from moebench.moe.formats import parse_save_dtype
+
+            parse_save_dtype(self.save_dtype)
+            if not self.sequential:
+                raise ValueError(f"save_dtype={self.save_dtype} sets the format of the pruned checkpoint that "
+                                 "sequential=true writes; without sequential=true no checkpoint is written (the model "
+                                 "is loaded and pruned in memory, in dtype=...)")
         if self.offload and spec.kind != "select":
             raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
                              f"(premoe_taer, prep), not {self.method}")

@@ -115,6 +115,7 @@ class PrunedMoELM(SelectMixin, HFLM):
         from moebench.method.apply import apply
         from moebench.method.pipeline import make_plan
         from moebench.moe.checkpoint import default_device, save_folder
+        from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, sliced_needed, writer_refusal
         from moebench.moe.layered import LayeredCheckpoint
         from moebench.moe.streaming import save_streaming
 
@@ -122,16 +123,23 @@ class PrunedMoELM(SelectMixin, HFLM):
         device = str(hf.get("device") or default_device())
         if device.startswith("cuda") and not torch.cuda.is_available():  # as HFLM falls back
             device = "cpu"
+        remote = bool(hf.get("trust_remote_code"))
         layered = LayeredCheckpoint(pretrained, dtype=hf.get("dtype", "auto"), revision=hf.get("revision"),
-                                    device=device)
-        tokenizer = AutoTokenizer.from_pretrained(layered.path)
+                                    device=device, trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(layered.path, trust_remote_code=remote)
+        save_dtype = parse_save_dtype(s.save_dtype)
+        source_config = raw_config(layered.path)
+        refusal = writer_refusal(source_config, merges=s.spec.kind == "merge", uniform=True, save_dtype=save_dtype)
+        if refusal:
+            raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
         config = MoEView(layered.model).config
         seq_len = s.calib_seq_len or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
         request = s.request(self._pretrained_id(pretrained), hf.get("revision"), seq_len)
         before = model_sizes(layered.model)
         identity = {"model": model_key(layered.model, request.model_id, request.revision), "method": s.method,
                     "params": s.params, "ratio": s.ratio, "keep": s.keep, "calib": calib_key(request, s.spec.kind),
-                    "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype)}
+                    "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype),
+                    "save_dtype": str(save_dtype)}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         root = os.path.dirname(s.stats_dir or default_stats_dir())
         folder = os.path.join(root, "pruned", f"{s.method}-{digest}")
@@ -139,10 +147,22 @@ class PrunedMoELM(SelectMixin, HFLM):
             log.info("pruned_moe: sequential=true: the pruned checkpoint %s exists; evaluating it", folder)
         else:
             plan = make_plan(layered.model, tokenizer, request)
+            counts = MoEView(layered.model).experts_per_layer
+            refusal = writer_refusal(source_config, merges=bool(plan.merge),
+                                     uniform=len(set(plan.experts_kept().values())) == 1, save_dtype=save_dtype)
+            if refusal:
+                raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
             apply(layered.model, plan, "physical")  # the meta skeleton: the pruned config
-            source = LayeredCheckpoint(layered.path, dtype=layered.dtype, device="cpu")
-            save_folder(folder, {"checkpoint": lambda d: save_streaming(source, plan.keep, d, layered.model.config,
-                                                                        merge=plan.merge),
+            if sliced_needed(source_config, save_dtype) and not plan.merge:  # the source's format, MTP layers kept
+                def checkpoint(d):
+                    save_sliced(layered.path, layered.model, plan.keep, counts, d, save_dtype=save_dtype)
+            else:
+                source = LayeredCheckpoint(layered.path, dtype=save_dtype or layered.dtype, device="cpu",
+                                           trust_remote_code=remote)
+
+                def checkpoint(d):
+                    save_streaming(source, plan.keep, d, layered.model.config, merge=plan.merge)
+            save_folder(folder, {"checkpoint": checkpoint,
                                  "tokenizer": tokenizer.save_pretrained,
                                  "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})
             log.info("pruned_moe: sequential=true: wrote the pruned checkpoint to %s", folder)

@@ -74,8 +74,25 @@ def front_matter(record: dict) -> dict:
                          "version": record["moebench_version"]}}
 
 
-def card_text(record: dict) -> str:
-    """The whole model card: front matter and a body that says what was done."""
+def disk_text(record: dict, disk: dict | None) -> list[str]:
+    """The card's lines on the on-disk format and the checkpoint's bytes before and after (and MTP layers)."""
+    if not disk:
+        return []
+    same = disk["format_before"] == disk["format_after"]
+    how = ("the source's own format" if same else
+           f"written dequantized on purpose (the source is {disk['format_before']})")
+    lines = [f"Format on disk: {disk['format_after']} ({how}). Checkpoint bytes: "
+             f"{disk['bytes_before'] / 1e6:.2f} MB -> {disk['bytes_after'] / 1e6:.2f} MB.", ""]
+    mtp = record.get("mtp_kept_experts")
+    if mtp:
+        lines += [f"Multi-token-prediction layer(s) {', '.join(mtp)}: pruned to the last trunk MoE layer's kept ids "
+                  "(its routing is not observed: transformers does not run the MTP layer), so every MoE layer in "
+                  "the file has one expert count.", ""]
+    return lines
+
+
+def card_text(record: dict, disk: dict | None = None) -> str:
+    """The whole model card: front matter and a body that says what was done; ``disk``: `disk_summary`'s facts."""
     meta = yaml.safe_dump(front_matter(record), sort_keys=False, default_flow_style=None, width=100)
     before, after = record["expert_bytes"]["before"], record["expert_bytes"]["after"]
     counts = {len(ids) for ids in record["kept_experts"].values()}
@@ -96,7 +113,7 @@ def card_text(record: dict) -> str:
         f"{record['moebench_version']}: method `{record['method']}`{paper}, {params}, "
         f"{budget_text(record)}. The experts to keep were {calib}. Shared experts, attention and "
         "every other weight are unchanged.", "",
-        f"Routed-expert bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB.", "",
+        f"Routed-expert bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB.", "", *disk_text(record, disk),
         "| MoE layer | experts before | kept | kept expert ids |", "|---|---|---|---|", *rows, "",
         loading + " The same facts are in `config.json` under `moebench` and, with the full plan, in "
         "`plan.json`.", "",
@@ -104,8 +121,8 @@ def card_text(record: dict) -> str:
         "`lm_eval --model hf --model_args pretrained=<this folder> --tasks ...`.", ""])
 
 
-def write_card(folder: str, record: dict) -> str:
+def write_card(folder: str, record: dict, disk: dict | None = None) -> str:
     """Write ``README.md`` (the model card) into the checkpoint ``folder``; returns its path."""
     path = os.path.join(folder, CARD)
-    atomic_write_text(path, card_text(record))
+    atomic_write_text(path, card_text(record, disk))
     return path

@@ -272,8 +272,19 @@ def load_with_tokenizer(name_or_path: str, dtype="auto", device: str | None = No
     model = load_model(name_or_path, dtype=dtype, **kwargs)
     if kwargs.get("device_map") is None:
         model = model.to(check_device(device))
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=kwargs.get("revision"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=kwargs.get("revision"),
+                                              trust_remote_code=bool(kwargs.get("trust_remote_code")))
     return model, tokenizer
+
+
+def local_folder(name_or_path: str, revision: str | None = None) -> str:
+    """The local folder of a checkpoint: a folder or registered name as is, a hub id's cached snapshot."""
+    path = resolve(name_or_path)
+    if os.path.isdir(path):
+        return path
+    from moebench.moe.layered import _download
+
+    return _download(path, revision)
 
 
 # ----- the size checks behind --sequential's default (moebench.moe.layered does the layered work) -----
@@ -312,6 +323,17 @@ def free_bytes(device: str | torch.device) -> int | None:
         return None
 
 
+def _memory_growth(name_or_path: str, device, revision: str | None) -> float:
+    """`moebench.moe.formats.memory_growth` of a checkpoint's config (1 where the config cannot be read)."""
+    from moebench.moe.formats import memory_growth
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(name_or_path), revision=revision)
+    except Exception:  # offline hub id, remote code: the on-disk size stands
+        return 1.0
+    return memory_growth(config, device)
+
+
 LOAD_HEADROOM = 1.2  # weights x this must fit: activations, the allocator's slack, the statistics pass
 
 
@@ -319,8 +341,13 @@ def sequential_needed(name_or_path: str, device: str | torch.device, revision: s
     """Why the model must be worked on one layer at a time (its weights, with `LOAD_HEADROOM`, exceed the
     device's free memory), as a log line; None when it fits or its size is unknown."""
     size, free = checkpoint_bytes(name_or_path, revision), free_bytes(device)
-    if size is None or free is None or size * LOAD_HEADROOM <= free:
+    if size is None or free is None:
         return None
-    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB, x{LOAD_HEADROOM} for activations) exceed the "
+    growth = _memory_growth(name_or_path, device, revision)
+    if size * growth * LOAD_HEADROOM <= free:
+        return None
+    dequantized = f", {growth:.1f}x once dequantized" if growth != 1 else ""
+    return (f"{name_or_path}: its weights ({size / 2**30:.1f} GiB on disk{dequantized}, x{LOAD_HEADROOM} for "
+            "activations) exceed the "
             f"free memory of {device} ({free / 2**30:.1f} GiB); working one decoder layer at a time (sequential; "
             "--no-sequential or sequential=false to load it whole)")

@@ -150,20 +150,28 @@ class LayeredCheckpoint:
         (embeddings, final norm, head).
     """
 
-    def __init__(self, name_or_path: str, dtype="auto", device: str = "cpu", revision: str | None = None):
+    def __init__(self, name_or_path: str, dtype="auto", device: str = "cpu", revision: str | None = None,
+                 trust_remote_code: bool = False):
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
         from moebench.moe.checkpoint import _build_skeleton, _config_dtype, per_layer_counts, resolve
+        from moebench.moe.formats import dequantizing_quantizer, mtp_layers
 
         path = resolve(name_or_path)
         self.path = path if os.path.isdir(path) else _download(path, revision)
-        config = AutoConfig.from_pretrained(self.path)
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        # a quantized checkpoint (FP8 blocks, MXFP4) is dequantized layer by layer by transformers' own code
+        self.quantizer = dequantizing_quantizer(config, device)
         self.dtype = _config_dtype(config) if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str)
                                                                      else dtype)
         self.device = torch.device(device)
         with init_empty_weights(include_buffers=False):
-            self.model = _build_skeleton(config, per_layer_counts(config) or {}, dtype=self.dtype).eval()
+            self.model = _build_skeleton(config, per_layer_counts(config) or {}, dtype=self.dtype,
+                                         trust_remote_code=trust_remote_code).eval()
+            if self.quantizer is not None:
+                self.quantizer.preprocess_model(model=self.model, dtype=self.dtype, device_map={"": str(device)},
+                                                checkpoint_files=[])
         for module in self.model.modules():  # buffers only: the parameters stay on the meta device
             for name, buffer in module.named_buffers(recurse=False):
                 if not buffer.is_meta:
@@ -171,9 +179,15 @@ class LayeredCheckpoint:
         self.weight_map = _weight_map(self.path)
         self.layer_keys: dict[int, list[str]] = defaultdict(list)
         self.other_keys: list[str] = []
+        self.mtp_keys: dict[int, list[str]] = defaultdict(list)  # MTP layers: not part of transformers' model
+        n_layers = len(decoder_layers(self.model))
+        mtp = range(n_layers, n_layers + mtp_layers(config))
         for name in sorted(self.weight_map):
             found = LAYER_KEY.search(name)
-            (self.layer_keys[int(found.group(1))] if found else self.other_keys).append(name)
+            if found and int(found.group(1)) in mtp:
+                self.mtp_keys[int(found.group(1))].append(name)
+            else:
+                (self.layer_keys[int(found.group(1))] if found else self.other_keys).append(name)
         object.__setattr__(self.model, LAYERED_ATTR, self)  # not a submodule
         names = {}
         self.tied: dict[str, str] = {}  # parameter name -> the name it shares its tensor with
@@ -187,10 +201,10 @@ class LayeredCheckpoint:
         self.layer_names = {i: name for name, module in self.model.named_modules()
                             for i, layer in enumerate(decoder_layers(self.model)) if module is layer}
         self._fingerprint: str | None = None
-        n_layers = len(decoder_layers(self.model))
         if sorted(self.layer_keys) != list(range(n_layers)):
             raise LayeredLoadError(f"{self.path}: the checkpoint holds tensors of decoder layers "
-                                   f"{sorted(self.layer_keys)[:8]}..., the config declares {n_layers} layers")
+                                   f"{sorted(self.layer_keys)[:8]}..., the config declares {n_layers} layers"
+                                   + (f" and {len(mtp)} MTP layer(s)" if len(mtp) else ""))
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The checkpoint tensors ``names``, read from their shards (each shard opened once)."""
@@ -238,8 +252,8 @@ class LayeredCheckpoint:
 
         from moebench.moe.checkpoint import loading_bars
 
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype,
-                                     weight_mapping=get_model_conversion_mapping(self.model))
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.dtype, hf_quantizer=self.quantizer,
+                                     weight_mapping=get_model_conversion_mapping(self.model, None, self.quantizer))
         with loading_bars(quiet=True):
             info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
         if info.mismatched_keys or info.unexpected_keys or info.conversion_errors:

@@ -1,0 +1,203 @@
+"""Checkpoints in the formats large MoEs are published in (FP8 blocks + MTP, MXFP4, bf16 + MTP), on both paths.
+
+Each format is a tiny random checkpoint written in the published on-disk layout (`published_formats`).
+For each: the statistics of the layer-by-layer path equal those of ``from_pretrained``'s dequantized
+model; `moebench prune` with and without ``--sequential`` keeps the same experts, writes the source's
+format (smaller than the source), and the result loads in plain transformers with logits equal to
+the dequantized model pruned in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import build_tokenizer
+from published_formats import write_fp8_deepseek, write_mxfp4_gpt_oss
+from test_sequential import SETTINGS, TOKENS, assert_same
+from transformers import AutoModelForCausalLM
+
+from moebench.calib.cache import model_fingerprint
+from moebench.calib.sequential import collect_sequential
+from moebench.calib.stats import GROUPS, collect
+from moebench.cli import main
+from moebench.moe.checkpoint import load_model, sequential_needed
+from moebench.moe.formats import disk_bytes
+from moebench.moe.layered import LayeredCheckpoint
+from moebench.moe.ops import prune
+
+WRITERS = {"fp8_mtp": lambda d: write_fp8_deepseek(d), "mxfp4": write_mxfp4_gpt_oss,
+           "bf16_mtp": lambda d: write_fp8_deepseek(d, fp8=False)}
+FORMAT_LINE = {"fp8_mtp": "FP8 e4m3, 128x128 blocks", "mxfp4": "MXFP4 experts", "bf16_mtp": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    made = {}
+
+    def get(kind: str) -> str:
+        if kind not in made:
+            folder = str(tmp_path_factory.mktemp(kind))
+            WRITERS[kind](folder)
+            build_tokenizer().save_pretrained(folder)
+            made[kind] = folder
+        return made[kind]
+
+    return get
+
+
+def _keys(folder: str) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    with open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shapes = {}
+    for key, shard in weight_map.items():
+        with safe_open(os.path.join(folder, shard), framework="pt") as f:
+            shapes[key] = list(f.get_slice(key).get_shape())
+    return shapes
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_statistics_equal_on_both_paths(kind, published):
+    folder = published(kind)
+    model = load_model(folder)  # transformers dequantizes on a CPU
+    full = collect(model, TOKENS, GROUPS, SETTINGS, progress=False)
+    layered = LayeredCheckpoint(folder)  # one layer at a time, dequantized by transformers' quantizer
+    assert len(layered.mtp_keys) == (1 if kind.endswith("mtp") else 0)
+    seq = collect_sequential(layered, TOKENS, GROUPS, SETTINGS, progress=False)
+    assert_same(full, seq)
+    assert model_fingerprint(layered.model) == model_fingerprint(model)
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_prune_keeps_the_format_on_both_paths(kind, published, corpus, tmp_path, capsys):
+    source = published(kind)
+    outs = {}
+    for path in ("--sequential", "--no-sequential"):
+        out = str(tmp_path / path.strip("-"))
+        code = main(["prune", source, "--method", "reap", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                     "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / f"stats{path}"),
+                     "--device", "cpu", path, "--out", out])
+        assert code == 0
+        outs[path] = out
+    printed = capsys.readouterr().out
+    assert f"checkpoint on disk: {FORMAT_LINE[kind]}" in printed
+    plans = [json.load(open(os.path.join(o, "plan.json"), encoding="utf-8"))["keep"] for o in outs.values()]
+    assert plans[0] == plans[1]  # the same experts kept on both paths
+    keep = {int(i): ids for i, ids in plans[0].items()}
+
+    reference = AutoModelForCausalLM.from_pretrained(source)  # dequantized, pruned in memory
+    prune(reference, keep)
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = reference(ids).logits
+    src_config = json.load(open(os.path.join(source, "config.json"), encoding="utf-8"))
+    src_keys = _keys(source)
+    for out in outs.values():
+        config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+        assert config.get("quantization_config") == src_config.get("quantization_config")
+        assert disk_bytes(out) < disk_bytes(source)
+        pruned = AutoModelForCausalLM.from_pretrained(out)
+        assert (pruned(ids).logits - expected).abs().max().item() == 0.0  # the same stored values, sliced
+        keys = _keys(out)
+        # every non-expert tensor is stored as in the source (dtype and shape), scales included
+        assert {k for k in src_keys if "experts." not in k or "shared" in k} <= set(keys)
+        card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+        assert f"Format on disk: {FORMAT_LINE[kind]}" in card and "the source's own format" in card
+    if kind.endswith("mtp"):  # the MTP layer: pruned like the last MoE layer, one expert count in the file
+        n = src_config["num_hidden_layers"]
+        for out in outs.values():
+            keys = _keys(out)
+            mtp_experts = {int(k.split(".experts.")[1].split(".")[0]) for k in keys
+                           if k.startswith(f"model.layers.{n}.mlp.experts.")}
+            assert mtp_experts == set(range(4))
+            assert keys[f"model.layers.{n}.mlp.gate.weight"][0] == 4
+            assert keys[f"model.layers.{n}.mlp.gate.e_score_correction_bias"] == [4]
+            assert f"model.layers.{n}.eh_proj.weight" in keys
+            config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+            assert config["n_routed_experts"] == 4 and config["num_nextn_predict_layers"] == 1
+            assert config["moebench"]["mtp_kept_experts"] == {str(n): keep[max(keep)]}
+    if kind == "fp8_mtp":  # kept experts' FP8 tensors and their block scales are the source's, renumbered
+        from safetensors import safe_open
+
+        def tensor(folder, key):
+            index = json.load(open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8"))
+            with safe_open(os.path.join(folder, index["weight_map"][key]), framework="pt") as f:
+                return f.get_tensor(key)
+
+        out = outs["--sequential"]
+        old = keep[1][2]
+        for suffix in ("weight", "weight_scale_inv"):
+            a = tensor(source, f"model.layers.1.mlp.experts.{old}.down_proj.{suffix}")
+            b = tensor(out, f"model.layers.1.mlp.experts.2.down_proj.{suffix}")
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                      b.view(torch.uint8) if b.dtype.itemsize == 1 else b)
+        assert tensor(out, "model.layers.1.mlp.experts.0.down_proj.weight").dtype == torch.float8_e4m3fn
+
+
+def test_save_dtype_bf16_dequantizes_on_purpose(published, corpus, tmp_path):
+    source = published("fp8_mtp")
+    out = str(tmp_path / "bf16")
+    assert main(["prune", source, "--method", "frequency", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
+                 "--save-dtype", "bf16", "--out", out]) == 0
+    config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    keys = _keys(out)
+    assert not [k for k in keys if k.endswith("_scale_inv")]
+    keep = {int(i): ids for i, ids in json.load(open(os.path.join(out, "plan.json"), encoding="utf-8"))["keep"].items()}
+    reference = AutoModelForCausalLM.from_pretrained(source)
+    prune(reference, keep)
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert all(p.dtype != torch.float8_e4m3fn for p in pruned.parameters())
+    # transformers' own dequantization, written to disk: the same bf16 values as dequantized at load
+    assert (pruned(ids).logits - reference(ids).logits).abs().max().item() == 0.0
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "written dequantized on purpose (the source is FP8 e4m3, 128x128 blocks)" in card
+
+
+def test_merging_a_quantized_checkpoint_is_refused_before_calibrating(published, corpus, tmp_path, capsys):
+    source = published("mxfp4")
+    assert main(["prune", source, "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
+                 "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "merges experts" in err and "--save-dtype bf16" in err
+    assert not os.path.exists(tmp_path / "stats")  # refused before any calibration
+    out = str(tmp_path / "merged-bf16")
+    assert main(["prune", source, "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
+                 "--save-dtype", "bf16", "--out", out]) == 0
+    config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    assert "quantization_config" not in config and config["num_local_experts"] == 4
+    AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[3, 4, 5]]))
+
+
+def test_mtp_checkpoint_refuses_merging(published, corpus, tmp_path, capsys):
+    assert main(["prune", published("bf16_mtp"), "--method", "hc_smoe", "--ratio", "0.5", "--calib",
+                 f"file:{corpus}", "--samples", "4", "--seq-len", "16", "--device", "cpu",
+                 "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "MTP layer" in err and "--ratio or --keep" in err and not os.path.exists(tmp_path / "m")
+
+
+def test_quantized_size_counts_its_dequantized_growth(published, monkeypatch):
+    """On a CPU transformers dequantizes FP8 to bf16: the sequential default compares the grown size."""
+    import moebench.moe.checkpoint as checkpoint
+
+    source = published("fp8_mtp")
+    size = disk_bytes(source)
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda device: int(size * 1.5))  # fits as stored, not as loaded
+    why = sequential_needed(source, "cpu")
+    assert why is not None and "2.0x once dequantized" in why
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda device: int(size * 2.5))
+    assert sequential_needed(source, "cpu") is None
+
+
+def test_inspect_reports_the_format_on_disk(published, capsys):
+    assert main(["inspect", published("fp8_mtp")]) == 0
+    out = capsys.readouterr().out
+    assert "FP8 e4m3, 128x128 blocks" in out and "MTP layers" in out and "on disk" in out
