@@ -52,8 +52,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from moebench.moe.formats import quantized_experts_refusal
 from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
-from moebench.moe.view import MoELayer, MoEView
+from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.util import on_terminal, pid_alive
 
 OUTPUT_CHUNK_ELEMENTS = 1 << 26  # every expert's outputs are computed this many elements at a time (128 MiB bf16)
@@ -345,6 +346,9 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
         raise ValueError(f"unknown statistic groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
     settings = settings or CollectSettings()
     view = MoEView(model)
+    refusal = quantized_experts_refusal(view)
+    if refusal:
+        raise MoEError(refusal)
     total = tokens.numel()
     chosen = subsample(total, settings.subsample_tokens, settings.seed)
     ratio_chosen = subsample(total, settings.ratio_samples, settings.seed)

@@ -7,11 +7,12 @@ config.json without downloading weights.
 from __future__ import annotations
 
 import argparse
+import os
 
 from tabulate import tabulate
 
-from moebench.moe.checkpoint import checkpoint_bytes, load_structure
-from moebench.moe.formats import format_name, mtp_layers, quantization
+from moebench.moe.checkpoint import checkpoint_bytes, load_structure, resolve
+from moebench.moe.formats import format_name, mtp_indices, mtp_layers, quantization
 from moebench.moe.view import MoEView
 
 
@@ -67,13 +68,17 @@ def _ranges(ids: list[int]) -> str:
 
 def disk_rows(model_name: str, config, revision: str | None, in_memory: int) -> list[tuple[str, str]]:
     """Rows on the checkpoint as stored: its format (FP8 blocks, MXFP4, bf16, ...), MTP layers, bytes on disk."""
-    rows = [("format on disk", format_name(config))]
+    path = resolve(model_name)
+    local = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
+    rows = [("format on disk", format_name(config, path if local else None)
+             + ("" if local or quantization(config) else " (as config.json declares; weights not read)"))]
     if quantization(config):
         rows[0] = (rows[0][0], rows[0][1] + "; dequantized to bf16 where the device cannot run it (a CPU); a pruned "
                    "checkpoint is written in this format unless --save-dtype says otherwise")
-    if mtp_layers(config):
-        rows.append(("MTP layers", f"{mtp_layers(config)} (model.layers.{config.num_hidden_layers}...; not run by "
-                                   "transformers; pruned with the last MoE layer's kept ids)"))
+    mtp = len(mtp_indices(config, path)) if local else mtp_layers(config)
+    if mtp:
+        rows.append(("MTP layers", f"{mtp}{'' if local else ' declared'} (model.layers.{config.num_hidden_layers}...; "
+                                   "not run by transformers; pruned with the last MoE layer's kept ids)"))
     size = checkpoint_bytes(model_name, revision)
     if size:
         growth = in_memory / size

@@ -27,7 +27,6 @@ from moebench.moe.formats import (
     parse_save_dtype,
     raw_config,
     save_sliced,
-    sliced_needed,
     writer_refusal,
 )
 from moebench.moe.layered import LAYERED_ATTR, LayeredCheckpoint
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         spec.check_sequential(params)
     source = layered.path if layered is not None else local_folder(args.model, args.revision)
     source_config = raw_config(source)
-    refusal = writer_refusal(source_config, merges=spec.kind == "merge", uniform=True, save_dtype=save_dtype)
+    refusal = writer_refusal(source_config, source, merges=spec.kind == "merge", uniform=True, save_dtype=save_dtype)
     if refusal:  # before calibrating: the plan could not be written
         raise ValueError(f"{args.model}: {refusal}")
     before, experts_before = MoEView(model).expert_bytes(), MoEView(model).experts_per_layer
@@ -90,21 +89,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(sequential_refusal(spec.name)) from err  # one that did not declare reads_weights
     after = MoEView(model).expert_bytes()
     uniform = len(set(plan.experts_kept().values())) == 1
-    refusal = writer_refusal(source_config, merges=bool(plan.merge), uniform=uniform, save_dtype=save_dtype)
+    refusal = writer_refusal(source_config, source, merges=bool(plan.merge), uniform=uniform, save_dtype=save_dtype)
     if refusal:
         raise ValueError(f"{args.model}: {refusal}")
     record = provenance(args.model, plan.method, paper=spec.paper, params=plan.params, ratio=args.ratio,
                         keep=args.keep, calib=plan.calib, kept=plan.keep, experts_before=experts_before,
                         expert_bytes=(before, after), revision=args.revision)
-    record["format"] = {"source": format_name(source_config), "dequantized_to": args.save_dtype and str(save_dtype)}
-    mtp = mtp_kept(source_config, plan.keep)
+    record["format"] = {"source": format_name(source_config, source),
+                        "dequantized_to": str(save_dtype).removeprefix("torch.") if save_dtype else None}
+    mtp = mtp_kept(source_config, plan.keep, source)
     if mtp:
         record["mtp_kept_experts"] = {str(i): ids for i, ids in mtp.items()}
     record_provenance(model, record)  # config.json's "moebench" key
     checkpoint = checkpoint_writer(model, layered, source, source_config, plan, experts_before, record, save_dtype,
                                    args.out)
-    written = {}
-    save_folder(args.out, {"checkpoint": lambda d: written.update(checkpoint(d) or {}),
+    save_folder(args.out, {"checkpoint": checkpoint,
                            "tokenizer": tokenizer.save_pretrained,
                            "plan.json": lambda d: plan.save(os.path.join(d, "plan.json")),
                            "README.md": lambda d: write_card(d, record, disk=disk_summary(source, d))})
@@ -120,10 +119,11 @@ def run(args: argparse.Namespace) -> int:
 
 def checkpoint_writer(model, layered, source: str, source_config: dict, plan, experts_before: dict, record: dict,
                       save_dtype, out: str):
-    """``writer(folder)`` for the pruned checkpoint: from the source's own tensors where its format must be kept
-    (quantized, MTP layers) or a save dtype is asked for (`moebench.moe.formats.save_sliced`), otherwise the
-    model as planned: shard by shard from the source (a layer-by-layer skeleton) or from memory."""
-    if sliced_needed(source_config, save_dtype) and not plan.merge:
+    """``writer(folder)`` for the pruned checkpoint: a plan that removes experts with one budget for every layer
+    is written from the source's own tensors, in its format (`moebench.moe.formats.save_sliced`); merged experts
+    (new weights) and per-layer counts (moebench's fused layout) from the model as planned: shard by shard from
+    the source (a layer-by-layer skeleton) or from memory, dequantized / cast to ``save_dtype`` if given."""
+    if not plan.merge and len(set(plan.experts_kept().values())) == 1:
         return lambda d: save_sliced(source, model, plan.keep, experts_before, d, record=record,
                                      save_dtype=save_dtype, progress=on_terminal())
     if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole

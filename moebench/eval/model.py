@@ -115,7 +115,7 @@ class PrunedMoELM(SelectMixin, HFLM):
         from moebench.method.apply import apply
         from moebench.method.pipeline import make_plan
         from moebench.moe.checkpoint import default_device, save_folder
-        from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, sliced_needed, writer_refusal
+        from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, writer_refusal
         from moebench.moe.layered import LayeredCheckpoint
         from moebench.moe.streaming import save_streaming
 
@@ -129,7 +129,8 @@ class PrunedMoELM(SelectMixin, HFLM):
         tokenizer = AutoTokenizer.from_pretrained(layered.path, trust_remote_code=remote)
         save_dtype = parse_save_dtype(s.save_dtype)
         source_config = raw_config(layered.path)
-        refusal = writer_refusal(source_config, merges=s.spec.kind == "merge", uniform=True, save_dtype=save_dtype)
+        refusal = writer_refusal(source_config, layered.path, merges=s.spec.kind == "merge", uniform=True,
+                                 save_dtype=save_dtype)
         if refusal:
             raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
         config = MoEView(layered.model).config
@@ -148,12 +149,12 @@ class PrunedMoELM(SelectMixin, HFLM):
         else:
             plan = make_plan(layered.model, tokenizer, request)
             counts = MoEView(layered.model).experts_per_layer
-            refusal = writer_refusal(source_config, merges=bool(plan.merge),
+            refusal = writer_refusal(source_config, layered.path, merges=bool(plan.merge),
                                      uniform=len(set(plan.experts_kept().values())) == 1, save_dtype=save_dtype)
             if refusal:
                 raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
             apply(layered.model, plan, "physical")  # the meta skeleton: the pruned config
-            if sliced_needed(source_config, save_dtype) and not plan.merge:  # the source's format, MTP layers kept
+            if not plan.merge and len(set(plan.experts_kept().values())) == 1:  # the source's format, MTP kept
                 def checkpoint(d):
                     save_sliced(layered.path, layered.model, plan.keep, counts, d, save_dtype=save_dtype)
             else:

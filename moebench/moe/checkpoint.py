@@ -191,6 +191,52 @@ def _load_state_dict(folder: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A checkpoint's config (``path``: a folder or hub id, after `resolve`).
+
+    Where transformers does not know the config's ``model_type`` and remote code is not trusted, the class
+    its ``architectures`` names is used if transformers ships it (Kimi-K2: ``model_type`` ``kimi_k2``,
+    ``DeepseekV3ForCausalLM``), with a warning; the checkpoint's own code is never run without
+    ``trust_remote_code``.
+    """
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError:
+        if trust_remote_code:
+            raise
+        native = _native_config(path, revision)
+        if native is None:
+            raise
+        return native
+
+
+def _native_config(path: str, revision: str | None):
+    """The config of the transformers class named in config.json's ``architectures`` (None if it names none)."""
+    import transformers
+
+    try:
+        if os.path.isdir(path):
+            file = os.path.join(path, "config.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, "config.json", revision=revision)
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    architecture = (raw.get("architectures") or [None])[0]
+    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None or getattr(config_class, "model_type", None) in (None, "", raw.get("model_type")):
+        return None
+    log.warning("%s: model_type %r is not one transformers knows; building it as transformers' own %s (%s), as "
+                "its config.json's architectures say. Its own code runs only with --trust-remote-code",
+                path, raw.get("model_type"), architecture, config_class.model_type)
+    values = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    return config_class(**values)
+
+
 def load_model(name_or_path: str, dtype="auto", **kwargs):
     """Load a causal LM by hub id, folder or testbed name; also loads moebench's non-uniform checkpoints.
 
@@ -199,12 +245,11 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     path = resolve(name_or_path)
     if not os.path.isdir(path):
         check_hub_config(path, kwargs.get("revision"))
-    config = AutoConfig.from_pretrained(
-        path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
+    config = read_config(path, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
     counts = per_layer_counts(config)
     if counts is None:
         with loading_bars():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+            return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs).eval()
     if not os.path.isdir(path):
         raise ValueError(f"{name_or_path}: non-uniform moebench checkpoints load from a local folder only")
     model = _build_skeleton(config, counts, dtype=_config_dtype(config) if dtype == "auto" else dtype)
@@ -223,7 +268,7 @@ def load_structure(name_or_path: str, **kwargs):
     path = resolve(name_or_path)
     if not os.path.isdir(path):
         check_hub_config(path, kwargs.get("revision"), config_only=True)
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    config = read_config(path, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
     with torch.device("meta"):
         return _build_skeleton(config, per_layer_counts(config) or {}, dtype=_config_dtype(config))
 
@@ -328,7 +373,7 @@ def _memory_growth(name_or_path: str, device, revision: str | None) -> float:
     from moebench.moe.formats import memory_growth
 
     try:
-        config = AutoConfig.from_pretrained(resolve(name_or_path), revision=revision)
+        config = read_config(resolve(name_or_path), revision)
     except Exception:  # offline hub id, remote code: the on-disk size stands
         return 1.0
     return memory_growth(config, device)

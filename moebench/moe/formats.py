@@ -86,17 +86,68 @@ def quant_method(config) -> str | None:
     return str(getattr(method, "value", method))
 
 
+def mtp_indices(config, folder: str) -> list[int]:
+    """Decoder-layer indices of the multi-token-prediction layers a checkpoint folder holds: those its config
+    declares (`mtp_layers`) whose tensors are in the files (transformers' DeepSeek-V3 config declares one by
+    default, and a checkpoint it saved holds none)."""
+    from moebench.moe.layered import _weight_map
+
+    declared = mtp_layers(config)
+    if not declared:
+        return []
+    n_layers = int(_text(as_dict(config)).get("num_hidden_layers"))
+    present = {_layer_of(key) for key in _weight_map(folder)}
+    return [i for i in range(n_layers, n_layers + declared) if i in present]
+
+
 def mtp_layers(config) -> int:
-    """Multi-token-prediction layers the checkpoint declares (``num_nextn_predict_layers``; 0 when none)."""
+    """Multi-token-prediction layers the checkpoint's config declares (``num_nextn_predict_layers``; 0 when none)."""
     value = (_text(config).get("num_nextn_predict_layers") if isinstance(config, dict)
              else getattr(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config,
                           "num_nextn_predict_layers", 0))
     return int(value or 0)
 
 
-def format_name(config) -> str:
-    """The on-disk format in words, e.g. ``FP8 e4m3, 128x128 blocks`` or ``bfloat16``."""
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U8": "uint8", "I8": "int8"}
+
+
+def stored_dtype(folder: str) -> str | None:
+    """The dtype most of a checkpoint's floating-point bytes are stored in, read from the safetensors headers
+    (the config's ``dtype`` may differ: a checkpoint saved in float16 whose config says float32 loads as float32)."""
+    from safetensors import safe_open
+
+    from moebench.moe.layered import _weight_map
+
+    try:
+        weight_map = _weight_map(folder)
+    except (OSError, ValueError):
+        return None
+    sizes: dict[str, int] = {}
+    by_file: dict[str, list[str]] = {}
+    for key, file in weight_map.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            for key in keys:
+                view = handle.get_slice(key)
+                dtype = view.get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    n = 1
+                    for d in view.get_shape():
+                        n *= d
+                    sizes[dtype] = sizes.get(dtype, 0) + n
+    if not sizes:
+        return None
+    top = max(sizes, key=sizes.get)
+    return SAFETENSORS_DTYPES.get(top, top.lower())
+
+
+def format_name(config, folder: str | None = None) -> str:
+    """The on-disk format in words, e.g. ``FP8 e4m3, 128x128 blocks`` or ``bfloat16``; ``folder``: read the
+    stored dtype of an unquantized checkpoint from its files (else the config's ``dtype`` says)."""
     config = as_dict(config)
+    declared = _text(config).get("dtype") or _text(config).get("torch_dtype") or "float32"
     q = quantization(config)
     if q:
         method = quant_method(config)
@@ -104,10 +155,9 @@ def format_name(config) -> str:
             block = q.get("weight_block_size")
             return f"FP8 {q.get('fmt', 'e4m3')}" + (f", {block[0]}x{block[1]} blocks" if block else ", per tensor")
         if method == "mxfp4":
-            others = _text(config).get("dtype") or _text(config).get("torch_dtype") or "bf16"
-            return f"MXFP4 experts (32-value blocks), other weights {others}"
+            return f"MXFP4 experts (32-value blocks), other weights {declared}"
         return str(method)
-    return str(_text(config).get("dtype") or _text(config).get("torch_dtype") or "float32")
+    return (stored_dtype(folder) if folder else None) or str(declared)
 
 
 def disk_bytes(folder: str) -> int:
@@ -117,8 +167,8 @@ def disk_bytes(folder: str) -> int:
 
 def disk_summary(source: str, written: str) -> dict:
     """On-disk format and safetensors bytes of a source checkpoint folder and of the pruned one written from it."""
-    return {"format_before": format_name(raw_config(source)), "bytes_before": disk_bytes(source),
-            "format_after": format_name(raw_config(written)), "bytes_after": disk_bytes(written)}
+    return {"format_before": format_name(raw_config(source), source), "bytes_before": disk_bytes(source),
+            "format_after": format_name(raw_config(written), written), "bytes_after": disk_bytes(written)}
 
 
 def dequantizing_quantizer(config, device: str | torch.device):
@@ -137,6 +187,31 @@ def dequantizing_quantizer(config, device: str | torch.device):
         quantizer.quantization_config.dequantize = True
     quantizer.validate_environment(device_map={"": str(device)}, weights_only=True)
     return quantizer
+
+
+def quantized_experts(view: MoEView) -> dict[int, str]:
+    """MoE layers whose routed experts are held quantized in memory (transformers keeps FP8 on a GPU of compute
+    capability >= 8.9: ``FP8Experts`` with ``*_scale_inv``; MXFP4 with ``*_blocks``), with the module's type."""
+    found = {}
+    for layer in view.layers:
+        tensors = list(layer.experts.named_parameters(recurse=False)) + list(layer.experts.named_buffers(recurse=False))
+        if any(name.endswith(("_scale_inv", "_blocks", "_scales")) or (t.is_floating_point() and t.element_size() < 2)
+               for name, t in tensors):
+            found[layer.index] = type(layer.experts).__name__
+    return found
+
+
+def quantized_experts_refusal(view: MoEView) -> str | None:
+    """Why the statistics pass cannot observe this model's experts (kept quantized), with the fix; None if it can."""
+    found = quantized_experts(view)
+    if not found:
+        return None
+    first = min(found)
+    return (f"the routed experts are held quantized in memory ({found[first]} in MoE layer {first} and "
+            f"{len(found) - 1} more): transformers keeps FP8 on this GPU, and the statistics pass observes "
+            "full-precision experts. Calibrate one layer at a time with --sequential (sequential=true in model_args): "
+            "each layer is dequantized by transformers' own code as it is read, on this GPU, and the pruned "
+            "checkpoint is still written in the source's format")
 
 
 # bytes in memory per byte on disk when transformers dequantizes to bf16: FP8 -> 2; MXFP4 -> 16 / 4.25 bits (the
@@ -164,38 +239,32 @@ def memory_growth(config, device: str | torch.device) -> float:
 
 # ----- writing a pruned checkpoint from its source's tensors --------------------------------------------
 
-def sliced_needed(config, save_dtype: torch.dtype | None) -> bool:
-    """Whether a pruned checkpoint must be written from the source's tensors (`save_sliced`): a quantized
-    source, one with MTP layers, or a save dtype asked for. Otherwise the model in memory is saved as it is."""
-    return quant_method(config) is not None or mtp_layers(config) > 0 or save_dtype is not None
-
-
-def writer_refusal(config, *, merges: bool, uniform: bool, save_dtype: torch.dtype | None) -> str | None:
+def writer_refusal(config, folder: str, *, merges: bool, uniform: bool, save_dtype: torch.dtype | None) -> str | None:
     """Why a plan cannot be written from this source (None when it can): merged experts have new weights
     (no source tensor to copy; they would be quantized again), and per-layer counts need moebench's fused
     layout, which a quantized or MTP checkpoint has not."""
-    if not sliced_needed(config, save_dtype) or (not merges and uniform):
+    if not merges and uniform:
         return None
     what = "merges experts (new weights)" if merges else "keeps different expert counts per layer"
-    if mtp_layers(config):
-        return (f"the plan {what}; this checkpoint has {mtp_layers(config)} MTP layer(s), which moebench prunes from "
+    mtp = mtp_indices(config, folder)
+    if mtp:
+        return (f"the plan {what}; this checkpoint has {len(mtp)} MTP layer(s), which moebench prunes from "
                 "the source's tensors only: use a pruning method with one budget for every layer (--ratio or --keep)")
     if quant_method(config) and save_dtype is None:
-        return (f"the plan {what}, which cannot be written in the source's {format_name(config)} without "
+        return (f"the plan {what}, which cannot be written in the source's {format_name(config, folder)} without "
                 "quantizing weights again; write it dequantized with --save-dtype bf16 (save_dtype=bf16 in "
                 "model_args)")
     return None
 
 
-def mtp_kept(config, keep: dict[int, list[int]]) -> dict[int, list[int]]:
+def mtp_kept(config, keep: dict[int, list[int]], folder: str) -> dict[int, list[int]]:
     """Kept expert ids of each MTP layer (``model.layers.<num_hidden_layers + j>``): the last trunk MoE layer's.
     The MTP forward is not part of transformers' model, so its routing cannot be observed; taking the last
     trunk layer's ids (ours) keeps one expert count for every MoE layer in the file."""
     if not keep:
         return {}
-    n_layers = int(_text(as_dict(config)).get("num_hidden_layers"))
     ids = sorted(int(e) for e in keep[max(keep)])
-    return dict.fromkeys(range(n_layers, n_layers + mtp_layers(config)), ids)
+    return dict.fromkeys(mtp_indices(config, folder), ids)
 
 
 def _module_paths(model) -> dict[int, tuple[str, str, int]]:
@@ -247,13 +316,14 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     if not paths:
         raise MoEError(f"{source}: no MoE layers found in the model")
     rename = _Renamer(model)
+    router_dims = dict(MoEView(model).family.router_tensors)  # per-expert router tensors, as _prune_layer slices
     n_layers = int(_text(config).get("num_hidden_layers"))
     last = max(paths)
     keeps = {i: sorted(int(e) for e in keep.get(i, range(counts_before[i]))) for i in paths}
     if len({len(ids) for ids in keeps.values()}) > 1:
         raise MoEError("save_sliced writes one expert count for every MoE layer; the plan keeps "
                        f"{sorted({len(ids) for ids in keeps.values()})}")
-    mtp = mtp_kept(config, keeps)
+    mtp = mtp_kept(config, keeps, source)
     groups: dict[int | None, list[str]] = {}
     for key in sorted(weight_map):
         groups.setdefault(_layer_of(key), []).append(key)
@@ -262,21 +332,27 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     if unknown:
         raise MoEError(f"{source}: tensors of decoder layers {unknown[:4]} beyond the {n_layers} the config declares "
                        "(and not MTP layers it announces with num_nextn_predict_layers)")
-    order = layers_in_file + ([None] if None in groups else [])
-    shards = ShardWriter(out_dir, len(order))
+    # one shard per decoder layer, then one per other tensor (embeddings, head: large) with its scales if any
+    units = [(i, groups[i]) for i in layers_in_file]
+    others: dict[str, list[str]] = {}
+    for key in groups.get(None, []):
+        others.setdefault(re.sub(r"(_scale_inv|_blocks|_scales)$", "", key), []).append(key)
+    units += [(None, keys) for keys in others.values()]
+    os.makedirs(out_dir, exist_ok=True)
+    shards = ShardWriter(out_dir, len(units))
     dequant = _Dequantizer(save_dtype) if save_dtype is not None else None
     handles = {}
     try:
-        for shard, index in enumerate(tqdm(order, desc="writing pruned checkpoint", unit="layer",
-                                           disable=not progress)):
+        for shard, (index, unit_keys) in enumerate(tqdm(units, desc="writing pruned checkpoint", unit="shard",
+                                                        disable=not progress)):
             ids = keeps.get(index) if index in keeps else mtp.get(index)
             like = index if index in paths else (last if index in mtp else None)
             tensors = {}
-            for key in groups[index]:
+            for key in unit_keys:
                 handle = handles.get(weight_map[key])
                 if handle is None:
                     handle = handles[weight_map[key]] = safe_open(weight_map[key], framework="pt")
-                out = _slice(key, handle, ids, like, index, paths, rename, counts_before)
+                out = _slice(key, handle, ids, like, index, paths, rename, counts_before, router_dims)
                 if out is not None:
                     tensors[out[0]] = out[1]
             if dequant is not None:
@@ -294,10 +370,10 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     generation = os.path.join(source, "generation_config.json")
     if os.path.exists(generation):
         shutil.copyfile(generation, os.path.join(out_dir, "generation_config.json"))
-    return {**written, "format": format_name(out_config), "mtp_kept": {str(i): ids for i, ids in mtp.items()}}
+    return {**written, "format": format_name(out_config, out_dir), "mtp_kept": {str(i): ids for i, ids in mtp.items()}}
 
 
-def _slice(key, handle, ids, like, index, paths, rename, counts_before):
+def _slice(key, handle, ids, like, index, paths, rename, counts_before, router_dims):
     """``(output key, tensor)`` of source tensor ``key`` in the pruned checkpoint, or None when it is dropped."""
     if ids is None:  # not a MoE layer (or not a layer): copied as stored
         return key, handle.get_tensor(key)
@@ -313,9 +389,12 @@ def _slice(key, handle, ids, like, index, paths, rename, counts_before):
             return key[:found.start(1)] + str(ids.index(e)) + key[found.end(1):], handle.get_tensor(key)
         return key, _rows(handle, key, ids, n)
     if model_key.startswith(router + "."):
-        shape = handle.get_slice(key).get_shape()
-        if shape and shape[0] == n:
-            return key, _rows(handle, key, ids, n)
+        dim = router_dims.get(model_key[len(router) + 1:])
+        if dim is not None:
+            t = handle.get_tensor(key)
+            if t.shape[dim] != n:
+                raise MoEError(f"{key}: router tensor of shape {list(t.shape)} has no {n} experts along dim {dim}")
+            return key, t.index_select(dim, torch.tensor(ids, dtype=torch.long))
     return key, handle.get_tensor(key)
 
 
@@ -364,8 +443,10 @@ def _pruned_config(config: dict, model, count: int, record: dict | None, save_dt
     text = _text(out)
     view = MoEView(model)
     key = view.family.count_key
-    aliases = {name for name, target in getattr(type(view.config), "attribute_map", {}).items() if target == key}
-    for name in {key, *aliases}:
+    attribute_map = getattr(type(view.config), "attribute_map", {}) or {}
+    canonical = attribute_map.get(key, key)
+    names = {key, canonical} | {alias for alias, target in attribute_map.items() if target == canonical}
+    for name in names:
         if name in text or name == key:
             text[name] = count
     text.pop("moebench_experts_per_layer", None)

@@ -9,6 +9,12 @@ checkpoint keys are fused into the ``[E, ...]`` tensors as ``from_pretrained`` f
 `release(module)` returns a module's parameters to the meta device. At most one layer's weights
 (plus the embeddings while the first inputs are made) are ever in memory.
 
+Quantized checkpoints (FP8 with block scales, MXFP4) go through transformers' own quantizer, set to
+dequantize (`moebench.moe.formats.dequantizing_quantizer`): each layer's weights and scales are read
+together and dequantized as ``from_pretrained`` dequantizes them. Multi-token-prediction layers
+(``model.layers.<num_hidden_layers>...``, which transformers does not build) are kept apart in
+``mtp_keys``.
+
 `layer_inputs(tokens, batch_size)` runs the model's own forward with every decoder layer replaced
 by a recorder, so the embeddings, the attention masks and the rotary position embeddings are the
 ones the model itself computes; it returns the first layer's inputs and the keyword arguments each
@@ -153,14 +159,13 @@ class LayeredCheckpoint:
     def __init__(self, name_or_path: str, dtype="auto", device: str = "cpu", revision: str | None = None,
                  trust_remote_code: bool = False):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig
 
-        from moebench.moe.checkpoint import _build_skeleton, _config_dtype, per_layer_counts, resolve
+        from moebench.moe.checkpoint import _build_skeleton, _config_dtype, per_layer_counts, read_config, resolve
         from moebench.moe.formats import dequantizing_quantizer, mtp_layers
 
         path = resolve(name_or_path)
         self.path = path if os.path.isdir(path) else _download(path, revision)
-        config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        config = read_config(self.path, trust_remote_code=trust_remote_code)
         # a quantized checkpoint (FP8 blocks, MXFP4) is dequantized layer by layer by transformers' own code
         self.quantizer = dequantizing_quantizer(config, device)
         self.dtype = _config_dtype(config) if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str)

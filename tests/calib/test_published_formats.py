@@ -48,6 +48,16 @@ def published(tmp_path_factory):
     return get
 
 
+def _json(*parts) -> dict:
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _text(*parts) -> str:
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return f.read()
+
+
 def _keys(folder: str) -> dict[str, list[int]]:
     from safetensors import safe_open
 
@@ -85,7 +95,7 @@ def test_prune_keeps_the_format_on_both_paths(kind, published, corpus, tmp_path,
         outs[path] = out
     printed = capsys.readouterr().out
     assert f"checkpoint on disk: {FORMAT_LINE[kind]}" in printed
-    plans = [json.load(open(os.path.join(o, "plan.json"), encoding="utf-8"))["keep"] for o in outs.values()]
+    plans = [_json(o, "plan.json")["keep"] for o in outs.values()]
     assert plans[0] == plans[1]  # the same experts kept on both paths
     keep = {int(i): ids for i, ids in plans[0].items()}
 
@@ -93,10 +103,10 @@ def test_prune_keeps_the_format_on_both_paths(kind, published, corpus, tmp_path,
     prune(reference, keep)
     ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = reference(ids).logits
-    src_config = json.load(open(os.path.join(source, "config.json"), encoding="utf-8"))
+    src_config = _json(source, "config.json")
     src_keys = _keys(source)
     for out in outs.values():
-        config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+        config = _json(out, "config.json")
         assert config.get("quantization_config") == src_config.get("quantization_config")
         assert disk_bytes(out) < disk_bytes(source)
         pruned = AutoModelForCausalLM.from_pretrained(out)
@@ -104,7 +114,7 @@ def test_prune_keeps_the_format_on_both_paths(kind, published, corpus, tmp_path,
         keys = _keys(out)
         # every non-expert tensor is stored as in the source (dtype and shape), scales included
         assert {k for k in src_keys if "experts." not in k or "shared" in k} <= set(keys)
-        card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+        card = _text(out, "README.md")
         assert f"Format on disk: {FORMAT_LINE[kind]}" in card and "the source's own format" in card
     if kind.endswith("mtp"):  # the MTP layer: pruned like the last MoE layer, one expert count in the file
         n = src_config["num_hidden_layers"]
@@ -116,14 +126,14 @@ def test_prune_keeps_the_format_on_both_paths(kind, published, corpus, tmp_path,
             assert keys[f"model.layers.{n}.mlp.gate.weight"][0] == 4
             assert keys[f"model.layers.{n}.mlp.gate.e_score_correction_bias"] == [4]
             assert f"model.layers.{n}.eh_proj.weight" in keys
-            config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+            config = _json(out, "config.json")
             assert config["n_routed_experts"] == 4 and config["num_nextn_predict_layers"] == 1
             assert config["moebench"]["mtp_kept_experts"] == {str(n): keep[max(keep)]}
     if kind == "fp8_mtp":  # kept experts' FP8 tensors and their block scales are the source's, renumbered
         from safetensors import safe_open
 
         def tensor(folder, key):
-            index = json.load(open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8"))
+            index = _json(folder, "model.safetensors.index.json")
             with safe_open(os.path.join(folder, index["weight_map"][key]), framework="pt") as f:
                 return f.get_tensor(key)
 
@@ -143,11 +153,11 @@ def test_save_dtype_bf16_dequantizes_on_purpose(published, corpus, tmp_path):
     assert main(["prune", source, "--method", "frequency", "--ratio", "0.5", "--calib", f"file:{corpus}",
                  "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
                  "--save-dtype", "bf16", "--out", out]) == 0
-    config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    config = _json(out, "config.json")
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     keys = _keys(out)
     assert not [k for k in keys if k.endswith("_scale_inv")]
-    keep = {int(i): ids for i, ids in json.load(open(os.path.join(out, "plan.json"), encoding="utf-8"))["keep"].items()}
+    keep = {int(i): ids for i, ids in _json(out, "plan.json")["keep"].items()}
     reference = AutoModelForCausalLM.from_pretrained(source)
     prune(reference, keep)
     ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -155,7 +165,7 @@ def test_save_dtype_bf16_dequantizes_on_purpose(published, corpus, tmp_path):
     assert all(p.dtype != torch.float8_e4m3fn for p in pruned.parameters())
     # transformers' own dequantization, written to disk: the same bf16 values as dequantized at load
     assert (pruned(ids).logits - reference(ids).logits).abs().max().item() == 0.0
-    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    card = _text(out, "README.md")
     assert "written dequantized on purpose (the source is FP8 e4m3, 128x128 blocks)" in card
 
 
@@ -171,7 +181,7 @@ def test_merging_a_quantized_checkpoint_is_refused_before_calibrating(published,
     assert main(["prune", source, "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
                  "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
                  "--save-dtype", "bf16", "--out", out]) == 0
-    config = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
+    config = _json(out, "config.json")
     assert "quantization_config" not in config and config["num_local_experts"] == 4
     AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[3, 4, 5]]))
 
@@ -201,3 +211,107 @@ def test_inspect_reports_the_format_on_disk(published, capsys):
     assert main(["inspect", published("fp8_mtp")]) == 0
     out = capsys.readouterr().out
     assert "FP8 e4m3, 128x128 blocks" in out and "MTP layers" in out and "on disk" in out
+
+
+def test_experts_kept_quantized_in_memory_are_refused_with_the_fix():
+    """On a GPU of compute capability >= 8.9 transformers keeps FP8 experts (``FP8Experts``); simulated here by
+    transformers' own module replacement, the statistics pass names the layer and points at --sequential."""
+    from published_formats import fp8_deepseek_config
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+
+    from moebench.moe.view import MoEError
+
+    model = AutoModelForCausalLM.from_config(fp8_deepseek_config(mtp=False))
+    plain = collect(model, TOKENS, ["routing"], SETTINGS, progress=False)  # full precision: observed
+    assert sorted(plain) == [1, 2]
+    model = replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"], pre_quantized=True,
+                                    quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+    with pytest.raises(MoEError, match=r"FP8Experts in MoE layer 1 .*--sequential"):
+        collect(model, TOKENS, ["routing"], SETTINGS, progress=False)
+
+
+REMOTE_CONFIG = '''from transformers import Qwen3MoeConfig
+
+
+class RemoteMoeConfig(Qwen3MoeConfig):
+    pass
+'''
+REMOTE_MODEL = '''from transformers import Qwen3MoeForCausalLM
+
+from .configuration_remote import RemoteMoeConfig
+
+
+class RemoteMoeForCausalLM(Qwen3MoeForCausalLM):
+    config_class = RemoteMoeConfig
+    from_remote_code = True
+'''
+
+
+@pytest.fixture
+def remote_code_model(saved_models, tmp_path):
+    """A checkpoint whose config.json maps to model code in its own folder (``auto_map``), as hub repositories do."""
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(saved_models("qwen3_moe"), folder)
+    (folder / "configuration_remote.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_remote.py").write_text(REMOTE_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_remote.RemoteMoeConfig",
+                          "AutoModelForCausalLM": "modeling_remote.RemoteMoeForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("path", ["--sequential", "--no-sequential"])
+def test_trust_remote_code_reaches_the_loader(path, remote_code_model, corpus, tmp_path, monkeypatch):
+    """Off by default (transformers' own class is used); with --trust-remote-code the folder's code builds the model."""
+    import moebench.method.pipeline as pipeline
+
+    built = []
+    real = pipeline.prepare
+
+    def spy(model, tokenizer, request):
+        built.append(type(model).__name__)
+        return real(model, tokenizer, request)
+
+    monkeypatch.setattr("moebench.cli.prune.prepare", spy)
+    for flag in ([], ["--trust-remote-code"]):
+        out = str(tmp_path / f"out{len(flag)}")
+        assert main(["prune", remote_code_model, "--method", "frequency", "--ratio", "0.5", "--calib",
+                     f"file:{corpus}", "--samples", "4", "--seq-len", "16", "--device", "cpu", path,
+                     "--stats-dir", str(tmp_path / "stats"), "--out", out, *flag]) == 0
+    assert built == ["Qwen3MoeForCausalLM", "RemoteMoeForCausalLM"]
+
+
+def test_kimi_k2_style_config_is_built_as_transformers_deepseek_v3(published, corpus, tmp_path, capsys):
+    """Kimi-K2 publishes DeepSeek-V3's architecture under model_type kimi_k2 with its own (4.x-style) code; without
+    --trust-remote-code moebench builds transformers' DeepseekV3 from ``architectures`` and prunes it, FP8 kept."""
+    import shutil
+
+    kimi = tmp_path / "kimi"
+    shutil.copytree(published("fp8_mtp"), kimi)
+    config = json.loads((kimi / "config.json").read_text())
+    config.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (kimi / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError):  # transformers alone does not know it
+        AutoModelForCausalLM.from_pretrained(str(kimi))
+    assert main(["inspect", str(kimi)]) == 0
+    assert "DeepSeek-V3 (model_type deepseek_v3)" in capsys.readouterr().out
+    outs = []
+    for path in ("--sequential", "--no-sequential"):
+        out = tmp_path / f"out{path}"
+        assert main(["prune", str(kimi), "--method", "frequency", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                     "--samples", "4", "--seq-len", "16", "--device", "cpu", path, "--stats-dir",
+                     str(tmp_path / f"stats{path}"), "--out", str(out)]) == 0
+        written = json.loads((out / "config.json").read_text())
+        assert written["model_type"] == "kimi_k2" and written["quantization_config"]["quant_method"] == "fp8"
+        outs.append(json.loads((out / "plan.json").read_text())["keep"])
+    assert outs[0] == outs[1]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    reference = load_model(published("fp8_mtp"))
+    prune(reference, {int(i): v for i, v in outs[0].items()})
+    assert torch.equal(load_model(str(tmp_path / "out--sequential"))(ids).logits, reference(ids).logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -90,4 +91,11 @@ def test_inspect_reads_config_json_alone(tmp_path):
     shutil.copy(model_dir("testbed-8e") / "config.json", folder / "config.json")  # no weights, no tokenizer
     out, full = inspect(str(folder), tmp_path), inspect("testbed-8e", tmp_path)
     assert out.returncode == 0 and full.returncode == 0, out.stderr + full.stderr
-    assert "expert bytes" in out.stdout and out.stdout.splitlines()[1:] == full.stdout.splitlines()[1:]
+    rows = [dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in o.stdout.splitlines()[1:])
+            for o in (out, full)]
+    structure = [{k: v for k, v in r.items() if k not in ("format on disk", "checkpoint bytes")} for r in rows]
+    assert "expert bytes" in structure[0] and structure[0] == structure[1]
+    # the format: declared by config.json where no weights are there, read from the files' headers where they are
+    assert rows[0]["format on disk"] == "float32 (as config.json declares; weights not read)"
+    assert rows[1]["format on disk"] == "float16" and rows[1]["checkpoint bytes"].startswith("7.04 MB on disk")
+    assert "checkpoint bytes" not in rows[0]

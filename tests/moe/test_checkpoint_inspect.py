@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -45,10 +46,12 @@ def test_inspect_prints_structure(family, saved_models, capsys):
     assert main(["inspect", saved_models(family)]) == 0
     out = capsys.readouterr().out
     view = MoEView(tiny_model(family))
-    assert f"family          {view.family.name}" in out
-    assert "routed experts  8 per layer" in out
-    assert f"top_k           {view.top_k}" in out
-    assert "expert bytes" in out and "% )" not in out
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines()[1:])
+    assert rows["family"].startswith(view.family.name)
+    assert rows["routed experts"] == "8 per layer"
+    assert rows["top_k"] == str(view.top_k)
+    assert "% )" not in rows["expert bytes"] and rows["format on disk"] == "float32"
+    assert rows["checkpoint bytes"].endswith("MB on disk")
 
 
 def test_inspect_cli_errors_cleanly(tmp_path):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tiny_models import sample_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
+from moebench.moe.formats import save_sliced
 from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.ops import prune
 from moebench.moe.streaming import save_streaming
@@ -46,6 +47,25 @@ def test_streamed_checkpoint_equals_in_memory_prune(family, tmp_path):
     model.save_pretrained(tmp_path / "in-memory")
     assert keys_of(str(tmp_path / "streamed")) == saved_keys(str(tmp_path / "in-memory"))  # as transformers names them
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_ids()).logits, model(sample_ids()).logits)
+
+
+def test_sliced_checkpoint_equals_in_memory_prune(family, tmp_path):
+    """`save_sliced` (the source's own tensors, experts and router rows sliced: what `moebench prune` writes for a
+    uniform budget) names and sizes every tensor as transformers saves the model pruned in memory."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "source")
+    keep = {i: [0, 1, 3, 5, 6, 7] for i in MoEView(model).indices}
+    counts = MoEView(model).experts_per_layer
+    skeleton = LayeredCheckpoint(str(tmp_path / "source"))
+    prune(skeleton.model, keep)
+    written = save_sliced(str(tmp_path / "source"), skeleton.model, keep, counts, str(tmp_path / "sliced"))
+    assert written["format"] == "float32"
+    prune(model, keep)
+    model.save_pretrained(tmp_path / "in-memory")
+    assert keys_of(str(tmp_path / "sliced")) == saved_keys(str(tmp_path / "in-memory"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_ids()).logits, model(sample_ids()).logits)
 
