@@ -315,3 +315,34 @@ def test_kimi_k2_style_config_is_built_as_transformers_deepseek_v3(published, co
     reference = load_model(published("fp8_mtp"))
     prune(reference, {int(i): v for i, v in outs[0].items()})
     assert torch.equal(load_model(str(tmp_path / "out--sequential"))(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("save_dtype", [None, "bf16"])
+def test_lm_eval_sequential_writes_the_source_format_or_save_dtype(save_dtype, published, corpus, tmp_path):
+    """lm-eval's ``pruned_moe`` with ``sequential=true``: the pruned checkpoint it writes and then evaluates is FP8
+    like its source, or bf16 with ``save_dtype=bf16``; the model lm-eval loads from it runs."""
+    from moebench.eval.model import PrunedMoELM
+
+    args = {"method": "frequency", "ratio": "0.5", "calib": f"file:{corpus}", "calib_samples": "4",
+            "calib_seq_len": "16", "stats_dir": str(tmp_path / "cache" / "stats"), "sequential": "true",
+            "device": "cpu", "batch_size": 1}
+    if save_dtype:
+        args["save_dtype"] = save_dtype
+    lm = PrunedMoELM(published("fp8_mtp"), **args)
+    (folder,) = (tmp_path / "cache" / "pruned").iterdir()
+    config = json.loads((folder / "config.json").read_text())
+    assert ("quantization_config" in config) == (save_dtype is None)
+    assert config["n_routed_experts"] == 4
+    assert any(k.startswith("model.layers.3.mlp.experts.3.") for k in _keys(str(folder)))  # the MTP layer kept
+    logits = lm.model(torch.tensor([[3, 4, 5]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_save_dtype_without_sequential_is_refused():
+    from moebench.eval.args import PrunedMoESettings
+
+    with pytest.raises(ValueError, match=r"save_dtype=bf16 .* sequential=true"):
+        PrunedMoESettings.from_args({"method": "frequency", "ratio": "0.5", "calib": "c4", "save_dtype": "bf16"}, {})
+    with pytest.raises(ValueError, match="save dtype 'int4' is not one of"):
+        PrunedMoESettings.from_args({"method": "frequency", "ratio": "0.5", "calib": "c4", "sequential": "true",
+                                     "save_dtype": "int4"}, {})
