@@ -7,7 +7,7 @@ import logging
 
 from moebench.calib.sources import calibration_size_problem
 from moebench.method.pipeline import PlanRequest
-from moebench.moe.checkpoint import check_device, load_with_tokenizer, sequential_needed
+from moebench.moe.checkpoint import check_device, load_with_tokenizer, quantized_on_device, sequential_needed
 from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.view import MoEView
 
@@ -84,6 +84,8 @@ def load(args):
     sequential = getattr(args, "sequential", False)
     if sequential is None:
         why = sequential_needed(args.model, device, args.revision)
+        if why is None and getattr(args, "calib", None):
+            why = quantized_on_device(args.model, device, args.revision)
         if why:
             log.warning(why)
         sequential = why is not None

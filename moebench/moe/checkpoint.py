@@ -379,6 +379,23 @@ def _memory_growth(name_or_path: str, device, revision: str | None) -> float:
     return memory_growth(config, device)
 
 
+def quantized_on_device(name_or_path: str, device, revision: str | None = None) -> str | None:
+    """Why calibration must read the model one layer at a time on ``device``: transformers would keep its experts
+    quantized there (FP8 on a GPU of compute capability >= 8.9), which the statistics pass cannot observe; the
+    layer-by-layer path dequantizes each layer as it reads it. None otherwise."""
+    from moebench.moe.formats import format_name, memory_growth, quant_method
+
+    try:
+        config = read_config(resolve(name_or_path), revision)
+    except Exception:  # unreadable here: loading will say why
+        return None
+    if quant_method(config) is None or memory_growth(config, device) != 1.0:
+        return None
+    return (f"{name_or_path}: transformers keeps its {format_name(config)} weights quantized on {device}, and the "
+            "statistics pass observes full-precision experts; calibrating one decoder layer at a time, each layer "
+            "dequantized as it is read (sequential; the pruned checkpoint stays in the source's format)")
+
+
 LOAD_HEADROOM = 1.2  # weights x this must fit: activations, the allocator's slack, the statistics pass
 
 

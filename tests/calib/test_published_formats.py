@@ -346,3 +346,21 @@ def test_save_dtype_without_sequential_is_refused():
     with pytest.raises(ValueError, match="save dtype 'int4' is not one of"):
         PrunedMoESettings.from_args({"method": "frequency", "ratio": "0.5", "calib": "c4", "sequential": "true",
                                      "save_dtype": "int4"}, {})
+
+
+def test_calibration_on_a_device_that_keeps_fp8_goes_layer_by_layer(published, corpus, tmp_path, monkeypatch,
+                                                                    caplog):
+    """Where transformers would keep FP8 weights quantized (a GPU of compute capability >= 8.9, simulated: the
+    quantizer reports it keeps them), prune calibrates layer by layer, dequantizing each layer, by default."""
+    import logging
+
+    import moebench.moe.formats as formats
+
+    monkeypatch.setattr(formats, "memory_growth", lambda config, device: 1.0)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", published("fp8_mtp"), "--method", "frequency", "--ratio", "0.5", "--calib",
+                     f"file:{corpus}", "--samples", "4", "--seq-len", "16", "--device", "cpu",
+                     "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
+    assert "keeps its FP8 e4m3, 128x128 blocks weights quantized" in caplog.text
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
