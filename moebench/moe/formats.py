@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import ExitStack
 
 import torch
 
@@ -307,7 +308,7 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from moebench.moe.layered import _weight_map
+    from moebench.moe.layered import _weight_map, trim_heap
     from moebench.moe.streaming import ShardWriter
 
     config = raw_config(source)
@@ -341,26 +342,25 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     os.makedirs(out_dir, exist_ok=True)
     shards = ShardWriter(out_dir, len(units))
     dequant = _Dequantizer(save_dtype) if save_dtype is not None else None
-    handles = {}
-    try:
-        for shard, (index, unit_keys) in enumerate(tqdm(units, desc="writing pruned checkpoint", unit="shard",
-                                                        disable=not progress)):
-            ids = keeps.get(index) if index in keeps else mtp.get(index)
-            like = index if index in paths else (last if index in mtp else None)
-            tensors = {}
+    for shard, (index, unit_keys) in enumerate(tqdm(units, desc="writing pruned checkpoint", unit="shard",
+                                                    disable=not progress)):
+        ids = keeps.get(index) if index in keeps else mtp.get(index)
+        like = index if index in paths else (last if index in mtp else None)
+        tensors = {}
+        with ExitStack() as stack:  # the shards of this unit only: mapped pages are let go after each unit
+            handles = {}
             for key in unit_keys:
-                handle = handles.get(weight_map[key])
-                if handle is None:
-                    handle = handles[weight_map[key]] = safe_open(weight_map[key], framework="pt")
-                out = _slice(key, handle, ids, like, index, paths, rename, counts_before, router_dims)
+                file = weight_map[key]
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                out = _slice(key, handles[file], ids, like, index, paths, rename, counts_before, router_dims)
                 if out is not None:
                     tensors[out[0]] = out[1]
-            if dequant is not None:
-                tensors = dequant(tensors)
-            shards.write(tensors, shard)
-            del tensors
-    finally:
-        handles.clear()
+        if dequant is not None:
+            tensors = dequant(tensors)
+        shards.write(tensors, shard)
+        del tensors
+        trim_heap()
     written = shards.finish()
     counts = len(keeps[last])
     out_config = _pruned_config(config, model, counts, record, save_dtype)
