@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moebench.moe.formats import quantized_experts_refusal
-from moebench.moe.kernels import expert_forward, observing, use_moebench_kernel
+from moebench.moe.kernels import observing, run_expert, use_moebench_kernel
 from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.util import on_terminal, pid_alive
 
@@ -211,7 +211,7 @@ class _LayerAccumulator:
         gate scales the input (Llama4), with the gate the expert would get if chosen (its own logit)."""
         gates = self.layer.expert_gates(logits) if self.layer.family.gate_scales_input else None
         with torch.no_grad():
-            return torch.stack([expert_forward(experts, e, x if gates is None else x * gates[:, e:e + 1].to(x.dtype))
+            return torch.stack([run_expert(experts, e, x if gates is None else x * gates[:, e:e + 1].to(x.dtype))
                                 for e in range(self.layer.num_experts)], dim=1)
 
     def _outputs(self, experts, inputs, logits, positions) -> None:
@@ -244,7 +244,7 @@ class _LayerAccumulator:
         with torch.no_grad():
             for e in range(self.layer.num_experts):
                 x = inputs if gates is None else inputs * gates[:, e:e + 1].to(inputs.dtype)
-                total[e] = expert_forward(experts, e, x).sum(0, dtype=torch.float64)
+                total[e] = run_expert(experts, e, x).sum(0, dtype=torch.float64)
         self._add("output_sum", total)
         self._add("output_tokens", torch.tensor([inputs.shape[0]]))
 
@@ -281,11 +281,11 @@ def _block_observer(acc: _LayerAccumulator):
             token, slot = torch.where(routing.indices == e)
             gate, x = routing.weights[token, slot], hidden[token]
             if layer.family.gate_scales_input:
-                outputs[e] = (token, gate, expert_forward(layer.experts, e, x * gate.unsqueeze(-1).to(x.dtype)))
+                outputs[e] = (token, gate, run_expert(layer.experts, e, x * gate.unsqueeze(-1).to(x.dtype)))
                 if "norms" in acc.groups:
-                    ungated[e] = expert_forward(layer.experts, e, x)
+                    ungated[e] = run_expert(layer.experts, e, x)
             else:
-                outputs[e] = (token, gate, expert_forward(layer.experts, e, x))
+                outputs[e] = (token, gate, run_expert(layer.experts, e, x))
         acc.routed(layer.experts, hidden, routing.indices, routing.weights, outputs, ungated)
 
     return hook

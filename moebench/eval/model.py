@@ -37,7 +37,7 @@ from moebench.method.apply import Applied
 from moebench.method.pipeline import PlanRequest, calib_key, prepare, skip_betas
 from moebench.method.plan import Plan
 from moebench.method.registry import resolve_budget
-from moebench.moe.checkpoint import check_device, loading_bars, resolve
+from moebench.moe.checkpoint import check_device, default_device, loading_bars, resolve
 from moebench.moe.skipping import skip_report
 from moebench.moe.view import MoEView
 
@@ -91,8 +91,23 @@ class PrunedMoELM(SelectMixin, HFLM):
                 raise ValueError("sequential=true reads a checkpoint layer by layer: "
                                  "give pretrained=<hub id or folder>")
             load_from = self._prune_sequentially(pretrained, hf)
+        # offload=true on a GPU: loaded in host memory, then only the non-expert weights move to the GPU (the
+        # experts stay in a pinned host store), so a model larger than the GPU never has to fit it whole
+        target = str(hf.get("device") or default_device())
+        host_first = (self.settings.offload and not self.settings.sequential and torch.cuda.is_available()
+                      and torch.device(target).type == "cuda" and not hf.get("device_map")
+                      and not hf.get("parallelize"))
         with loading_bars():
-            super().__init__(pretrained=load_from, **hf)
+            super().__init__(pretrained=load_from, **({**hf, "device": "cpu"} if host_first else hf))
+        self._offloader, self._sizes_before = None, None
+        if host_first:
+            from moebench.moe.offload import ExpertOffloader
+
+            self._sizes_before = model_sizes(self.model)
+            self._offloader = ExpertOffloader.onto(self.model, target)
+            self._device = torch.device(target)
+            log.info("pruned_moe: offload=true: loaded in host memory; routed experts kept there (%.4g GB pinned), "
+                     "the rest moved to %s", self._offloader.host_bytes / 1e9, target)
         self.pretrained_id = self._pretrained_id(pretrained)
         self.source = {"path": resolve(pretrained) if isinstance(pretrained, str) else None,
                        "revision": hf.get("revision"), "trust_remote_code": bool(hf.get("trust_remote_code"))}
@@ -114,7 +129,7 @@ class PrunedMoELM(SelectMixin, HFLM):
         from moebench.calib.cache import default_stats_dir, model_key
         from moebench.method.apply import apply
         from moebench.method.pipeline import make_plan
-        from moebench.moe.checkpoint import default_device, save_folder
+        from moebench.moe.checkpoint import save_folder
         from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, writer_refusal
         from moebench.moe.layered import LayeredCheckpoint
         from moebench.moe.streaming import save_streaming
@@ -309,7 +324,7 @@ class PrunedMoELM(SelectMixin, HFLM):
     def _apply(self) -> dict:
         """Make the method's plan and apply it to the model; returns the record for the results."""
         s, model = self.settings, self.model
-        before = model_sizes(model)
+        before = self._sizes_before or model_sizes(model)  # counted before any host-first offloading
         start = time.perf_counter()
         record = {"variant": self.variant_name, "variant_id": self.variant_id, "pretrained": self.pretrained_id,
                   "method": s.method, "params": s.params, "ratio": s.ratio, "keep": s.keep,
@@ -322,7 +337,8 @@ class PrunedMoELM(SelectMixin, HFLM):
                                          self.request.skip)
             record["sequential"] = folder
         else:
-            self.applied = prepare(model, self.tokenizer, self.request, s.apply, s.offload, progress=self.rank == 0)
+            self.applied = prepare(model, self.tokenizer, self.request, s.apply, self._offloader or s.offload,
+                                   progress=self.rank == 0)
         plan = self.applied.plan
         seconds = round(time.perf_counter() - start, 3)
         if s.spec.is_identity:

@@ -120,8 +120,11 @@ def unchanged(model: nn.Module) -> Applied:
     return Applied(model, Plan("none", "prune"))
 
 
-def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload: bool = False) -> Applied:
+def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload=False) -> Applied:
     """Put ``plan`` in effect on ``model`` (in place) and return the `Applied` model.
+
+    ``offload``: True to offload the experts now, or an `moebench.moe.offload.ExpertOffloader` already
+    attached (a model loaded with its experts in host memory).
 
     Raises `MoEError` for an unknown mode, ``offload`` with a plan that is not a select plan, a merge
     plan with ``mode="mask"``, or a kind that cannot be applied.
@@ -134,7 +137,8 @@ def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload: bool = 
     if plan.kind == "select":
         from moebench.moe.offload import ExpertOffloader
 
-        applied = Applied(model, plan, mode, selector_from_plan(plan), ExpertOffloader(model) if offload else None)
+        offloader = offload if isinstance(offload, ExpertOffloader) else (ExpertOffloader(model) if offload else None)
+        applied = Applied(model, plan, mode, selector_from_plan(plan), offloader)
     elif plan.kind == "prune":
         if plan.keep:
             (prune if mode == "physical" else mask)(model, plan.keep)

@@ -170,7 +170,7 @@ def skip_betas(model, tokenizer, request: PlanRequest, progress: bool = True) ->
     return naee_betas(statistics(model, tokenizer, request, ["routing"], progress))
 
 
-def prepare(model, tokenizer, request: PlanRequest, mode: str = "physical", offload: bool = False,
+def prepare(model, tokenizer, request: PlanRequest, mode: str = "physical", offload=False,
             progress: bool = True) -> Applied:
     """Make the request's plan, apply it to ``model`` (in place), switch on skipping if asked.
 

@@ -85,6 +85,13 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor, weights: dict | 
     return linear(h, w("down_proj"), w("down_proj_bias") if bias else None)
 
 
+def run_expert(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """`expert_forward` of expert ``e`` on ``x``, through the offloading provider where one is attached (the
+    experts then live in its host store, not on the module)."""
+    provider = getattr(experts, PROVIDER_ATTR, None)
+    return provider.forward(experts, e, x) if provider is not None else expert_forward(experts, e, x)
+
+
 def grouped_expert_forward(experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
                            offsets: torch.Tensor) -> torch.Tensor:
     """Outputs ``[S, H]`` of the experts ``expert_ids [S]`` (sorted) on the rows ``x [S, H]``, no gate.
@@ -162,7 +169,7 @@ def _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider) 
             continue
         t, s = token[start:start + n], slot[start:start + n]
         start += n
-        y = provider.forward(self, e, hidden[t]) if provider is not None else expert_forward(self, e, hidden[t])
+        y = run_expert(self, e, hidden[t])
         gate = top_k_weights[t, s]
         out.index_add_(0, t, (y * gate.unsqueeze(-1)).to(out.dtype))
         if observer is not None:

@@ -1,6 +1,7 @@
 """Expert offloading: routed experts live in CPU memory; a per-layer working set on the compute device.
 
-`ExpertOffloader(model)` moves every routed expert tensor ``[E, ...]`` of every MoE layer into a CPU
+`ExpertOffloader(model)` (or `ExpertOffloader.onto(model_in_host_memory, device)`, which moves only the
+rest of the model to the device) moves every routed expert tensor ``[E, ...]`` of every MoE layer into a CPU
 store (pinned when CUDA is present) and leaves an empty placeholder on the module, so the model's
 resident expert bytes are only the working sets. It switches the model to moebench's kernel (`close`
 gives the previous one back), which reads expert weights from the attached provider
@@ -123,6 +124,15 @@ class ExpertOffloader:
         self.hooks = [layer.block.register_forward_pre_hook(self._enter_hook(n))
                       for n, layer in enumerate(self.view.layers)]
         switch_to_kernel(model)
+
+    @classmethod
+    def onto(cls, model, device: torch.device | str) -> ExpertOffloader:
+        """Offload a model loaded in host memory onto ``device``: its routed experts become the host store
+        (pinned where CUDA is present) and only the rest (attention, routers, shared experts, embeddings) moves
+        to ``device``; the device never holds the whole model (a model larger than the GPU loads this way)."""
+        offloader = cls(model, device)
+        model.to(device)  # the experts are empty placeholders by now: only the rest moves
+        return offloader
 
     def stream_for(self, device: torch.device):
         """The side stream copies to ``device`` run on (None off CUDA)."""

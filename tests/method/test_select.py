@@ -250,3 +250,27 @@ def test_signature_pass_stops_at_the_last_layer_the_selector_reads(senv):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_statistics_of_a_model_offloaded_at_load_equal_the_resident_model(model_type):
+    """offload=true on a GPU loads the model in host memory and moves only the non-expert weights to the device
+    (`ExpertOffloader.onto`); the calibration of a select method then runs with the experts streamed from the host
+    store, and must see what the resident model shows (here the device is the CPU: the same code path)."""
+    from moebench.calib.stats import CollectSettings, collect
+    from moebench.moe.offload import ExpertOffloader
+    from moebench.moe.view import MoEView
+
+    model = tiny_model(model_type)
+    ids = sample_ids(batch=3, length=10)
+    settings = CollectSettings(batch_size=2, subsample_tokens=12)
+    groups = ["logits", "routing", "outputs"]  # what premoe_taer and prep read
+    resident = collect(model, ids, groups, settings, progress=False)
+    off = ExpertOffloader.onto(model, "cpu")
+    assert MoEView(model).expert_bytes() == 0 and off.host_bytes > 0
+    streamed = collect(model, ids, groups, settings, progress=False)
+    assert sorted(streamed) == sorted(resident)
+    for i in resident:
+        for name, t in resident[i].items():
+            torch.testing.assert_close(streamed[i][name], t, rtol=1e-5, atol=1e-6, msg=f"{i} {name}")
+    off.close()
