@@ -149,6 +149,40 @@ def test_pruned_moe_in_lm_eval_on_cuda(tmp_path):
     assert sizes["after"] < sizes["before"]
 
 
+def test_offload_true_never_puts_the_whole_model_on_the_gpu(tmp_path):
+    """offload=true: loaded in host memory, only the non-expert weights moved to the GPU; the GPU's peak stays
+    below the model's size (it used to load the whole model on the GPU before offloading)."""
+    import lm_eval
+
+    from moebench.eval.model import PrunedMoELM
+    from moebench.moe.checkpoint import load_model
+    from moebench.moe.view import MoEView
+    from moebench.tasks import task_manager
+
+    host = load_model("testbed-8e")
+    total = sum(p.numel() * p.element_size() for p in host.parameters())
+    experts = MoEView(host).expert_bytes()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(CUDA)
+    torch.cuda.reset_peak_memory_stats(CUDA)
+    lm = PrunedMoELM(pretrained="testbed-8e", method="premoe_taer", ratio=0.5, calib="testbed:domains",
+                     calib_samples=16, calib_seq_len=64, device="cuda", batch_size=8, offload=True,
+                     stats_dir=str(tmp_path / "stats"))
+    loaded_peak = torch.cuda.max_memory_allocated(CUDA) - base
+    results = lm_eval.simple_evaluate(model=lm, tasks=["testbed_logic_quick"], limit=32,
+                                      task_manager=task_manager(["testbed_logic_quick"], ()))
+    peak = torch.cuda.max_memory_allocated(CUDA) - base
+    c = results["config"]["moebench"]["offload"]
+    print(f"offload at load: model {total / 2**20:.1f} MiB (experts {experts / 2**20:.1f}); GPU peak after loading "
+          f"{loaded_peak / 2**20:.1f} MiB, during evaluation {peak / 2**20:.1f} MiB; working set peak "
+          f"{c['resident_bytes_peak'] / 2**20:.1f} MiB")
+    assert loaded_peak < total - 0.9 * experts  # the experts never reached the GPU while loading
+    assert peak < total and 0 < c["resident_bytes_peak"] < experts
+    assert next(lm.model.parameters()).device.type == "cuda"
+    assert results["results"]["testbed_logic_quick"]["acc,none"] > 0.25
+
+
 def test_a_device_map_model_is_viewed_and_pruned_in_place(tmp_path, saved_models):
     from moebench.moe.checkpoint import load_with_tokenizer
     from moebench.moe.ops import prune
