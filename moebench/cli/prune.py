@@ -23,6 +23,7 @@ from moebench.moe.checkpoint import local_folder, save_folder, save_pruned
 from moebench.moe.formats import (
     disk_summary,
     format_name,
+    has_safetensors,
     mtp_kept,
     parse_save_dtype,
     raw_config,
@@ -123,7 +124,7 @@ def checkpoint_writer(model, layered, source: str, source_config: dict, plan, ex
     is written from the source's own tensors, in its format (`moebench.moe.formats.save_sliced`); merged experts
     (new weights) and per-layer counts (moebench's fused layout) from the model as planned: shard by shard from
     the source (a layer-by-layer skeleton) or from memory, dequantized / cast to ``save_dtype`` if given."""
-    if not plan.merge and len(set(plan.experts_kept().values())) == 1:
+    if not plan.merge and len(set(plan.experts_kept().values())) == 1 and has_safetensors(source):
         return lambda d: save_sliced(source, model, plan.keep, experts_before, d, record=record,
                                      save_dtype=save_dtype, progress=on_terminal())
     if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole

@@ -162,8 +162,14 @@ def format_name(config, folder: str | None = None) -> str:
 
 
 def disk_bytes(folder: str) -> int:
-    """Bytes of a checkpoint folder's safetensors files."""
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    """Bytes of a checkpoint folder's weight files (safetensors, or PyTorch ``.bin``)."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith((".safetensors", ".bin")))
+
+
+def has_safetensors(folder: str) -> bool:
+    """Whether a checkpoint folder stores its weights as safetensors (what `save_sliced` reads)."""
+    return any(f.endswith(".safetensors") for f in os.listdir(folder))
 
 
 def disk_summary(source: str, written: str) -> dict:

@@ -364,3 +364,22 @@ def test_calibration_on_a_device_that_keeps_fp8_goes_layer_by_layer(published, c
                      "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
     assert "keeps its FP8 e4m3, 128x128 blocks weights quantized" in caplog.text
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+
+
+def test_a_checkpoint_without_safetensors_is_written_from_memory(tmp_path, corpus, capsys):
+    """PyTorch ``.bin`` weights cannot be read tensor by tensor: the pruned model in memory is saved instead."""
+    from safetensors.torch import load_file
+    from tiny_models import tiny_model
+
+    source = tmp_path / "bin"
+    tiny_model("qwen3_moe").save_pretrained(source)
+    torch.save(load_file(source / "model.safetensors"), source / "pytorch_model.bin")  # as older repositories ship
+    (source / "model.safetensors").unlink()
+    build_tokenizer().save_pretrained(source)
+    assert not [f for f in os.listdir(source) if f.endswith(".safetensors")]
+    out = tmp_path / "out"
+    assert main(["prune", str(source), "--method", "frequency", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                 "--samples", "4", "--seq-len", "16", "--device", "cpu", "--no-sequential", "--stats-dir",
+                 str(tmp_path / "stats"), "--out", str(out)]) == 0
+    assert "checkpoint on disk: float32" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[3, 4, 5]]))
