@@ -322,14 +322,22 @@ def load_with_tokenizer(name_or_path: str, dtype="auto", device: str | None = No
     return model, tokenizer
 
 
+def download_snapshot(repo_id: str, revision: str | None) -> str:
+    """The local snapshot folder of a hub checkpoint (config, index, shards, tokenizer files)."""
+    from huggingface_hub import snapshot_download
+
+
+    check_hub_config(repo_id, revision)
+    return snapshot_download(repo_id, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
 def local_folder(name_or_path: str, revision: str | None = None) -> str:
     """The local folder of a checkpoint: a folder or registered name as is, a hub id's cached snapshot."""
     path = resolve(name_or_path)
     if os.path.isdir(path):
         return path
-    from moebench.moe.layered import _download
-
-    return _download(path, revision)
+    return download_snapshot(path, revision)
 
 
 # ----- the size checks behind --sequential's default (moebench.moe.layered does the layered work) -----

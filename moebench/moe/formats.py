@@ -32,6 +32,8 @@ from contextlib import ExitStack
 
 import torch
 
+from moebench.moe.files import LAYER_KEY, ShardWriter, trim_heap
+from moebench.moe.files import weight_map as read_weight_map
 from moebench.moe.view import MoEError, MoEView
 
 PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -91,13 +93,11 @@ def mtp_indices(config, folder: str) -> list[int]:
     """Decoder-layer indices of the multi-token-prediction layers a checkpoint folder holds: those its config
     declares (`mtp_layers`) whose tensors are in the files (transformers' DeepSeek-V3 config declares one by
     default, and a checkpoint it saved holds none)."""
-    from moebench.moe.layered import _weight_map
-
     declared = mtp_layers(config)
     if not declared:
         return []
     n_layers = int(_text(as_dict(config)).get("num_hidden_layers"))
-    present = {_layer_of(key) for key in _weight_map(folder)}
+    present = {_layer_of(key) for key in read_weight_map(folder)}
     return [i for i in range(n_layers, n_layers + declared) if i in present]
 
 
@@ -118,10 +118,8 @@ def stored_dtype(folder: str) -> str | None:
     (the config's ``dtype`` may differ: a checkpoint saved in float16 whose config says float32 loads as float32)."""
     from safetensors import safe_open
 
-    from moebench.moe.layered import _weight_map
-
     try:
-        weight_map = _weight_map(folder)
+        weight_map = read_weight_map(folder)
     except (OSError, ValueError):
         return None
     sizes: dict[str, int] = {}
@@ -296,8 +294,6 @@ class _Renamer:
 
 
 def _layer_of(key: str) -> int | None:
-    from moebench.moe.layered import LAYER_KEY
-
     found = LAYER_KEY.search(key)
     return int(found.group(1)) if found else None
 
@@ -314,11 +310,9 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from moebench.moe.layered import _weight_map, trim_heap
-    from moebench.moe.streaming import ShardWriter
 
     config = raw_config(source)
-    weight_map = _weight_map(source)
+    weight_map = read_weight_map(source)
     paths = _module_paths(model)
     if not paths:
         raise MoEError(f"{source}: no MoE layers found in the model")

@@ -24,19 +24,23 @@ layer is called with, per batch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager, suppress
 
 import torch
 from torch import nn
 
+from moebench.moe.files import (  # noqa: F401  (LAYER_KEY, INDEX_FILE, SINGLE_FILE: imported from here too)
+    INDEX_FILE,
+    LAYER_KEY,
+    SINGLE_FILE,
+    LayeredLoadError,
+    trim_heap,
+)
+from moebench.moe.files import weight_map as _weight_map
+
 LAYERED_ATTR = "_moebench_layered"  # on a skeleton model: the LayeredCheckpoint it came from
-LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 def tensor_digest(name: str, t: torch.Tensor) -> bytes:
@@ -52,51 +56,6 @@ def combine_digests(digests: dict[str, bytes]) -> str:
     for name in sorted(digests):
         h.update(digests[name])
     return h.hexdigest()[:16]
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the system (glibc keeps a freed layer's many few-MB tensors, such as
-    per-expert checkpoint tensors, in its heap otherwise, and the process grows layer after layer)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-class LayeredLoadError(ValueError):
-    """A checkpoint that cannot be read one layer at a time; the message says why and the fix."""
-
-
-def _weight_map(folder: str) -> dict[str, str]:
-    """Checkpoint tensor name -> shard file (absolute path) of a safetensors checkpoint folder."""
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            mapping = json.load(f).get("weight_map")
-        if not isinstance(mapping, dict) or not mapping:
-            raise LayeredLoadError(f"{index}: no weight_map; the checkpoint index is damaged (download it again)")
-        return {name: os.path.join(folder, shard) for name, shard in mapping.items()}
-    single = os.path.join(folder, SINGLE_FILE)
-    if os.path.exists(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    raise LayeredLoadError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE}; layer-by-layer work reads "
-                           "safetensors checkpoints only (save the model with save_pretrained first)")
-
-
-def _download(repo_id: str, revision: str | None) -> str:
-    """The local snapshot folder of a hub checkpoint (config, index, shards, tokenizer files)."""
-    from huggingface_hub import snapshot_download
-
-    from moebench.moe.checkpoint import check_hub_config
-
-    check_hub_config(repo_id, revision)
-    return snapshot_download(repo_id, revision=revision,
-                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -160,11 +119,18 @@ class LayeredCheckpoint:
                  trust_remote_code: bool = False):
         from accelerate import init_empty_weights
 
-        from moebench.moe.checkpoint import _build_skeleton, _config_dtype, per_layer_counts, read_config, resolve
+        from moebench.moe.checkpoint import (
+            _build_skeleton,
+            _config_dtype,
+            download_snapshot,
+            per_layer_counts,
+            read_config,
+            resolve,
+        )
         from moebench.moe.formats import dequantizing_quantizer, mtp_layers
 
         path = resolve(name_or_path)
-        self.path = path if os.path.isdir(path) else _download(path, revision)
+        self.path = path if os.path.isdir(path) else download_snapshot(path, revision)
         config = read_config(self.path, trust_remote_code=trust_remote_code)
         # a quantized checkpoint (FP8 blocks, MXFP4) is dequantized layer by layer by transformers' own code
         self.quantizer = dequantizing_quantizer(config, device)

@@ -13,44 +13,15 @@ plan was applied to) and ``generation_config.json`` are written as transformers 
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from moebench.moe.files import ShardWriter
 from moebench.moe.layered import LayeredCheckpoint, decoder_layers
 from moebench.moe.merge import _merge_group
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
-
-INDEX = "model.safetensors.index.json"
-
-
-class ShardWriter:
-    """Writes a checkpoint's shards one at a time (``model-0000i-of-0000n.safetensors``) and, last, the index."""
-
-    def __init__(self, folder: str, n_shards: int):
-        self.folder, self.n_shards = folder, n_shards
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
-
-    def write(self, tensors: dict[str, torch.Tensor], shard: int) -> None:
-        from safetensors.torch import save_file
-
-        name = f"model-{shard + 1:05d}-of-{self.n_shards:05d}.safetensors"
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, os.path.join(self.folder, name), metadata={"format": "pt"})
-        for key, t in tensors.items():
-            self.weight_map[key] = name
-            self.total += t.numel() * t.element_size()
-
-    def finish(self) -> dict[str, int]:
-        """Write the index as transformers does; ``{"shards", "bytes"}``."""
-        with open(os.path.join(self.folder, INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
-                      f, indent=2)
-            f.write("\n")
-        return {"shards": len(set(self.weight_map.values())), "bytes": self.total}
 
 
 def save_streaming(checkpoint: LayeredCheckpoint, keep: dict[int, list[int]], out_dir: str, config,
