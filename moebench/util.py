@@ -106,18 +106,70 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+class LinkRefused(ValueError):
+    """A symbolic link (or a path resolving outside the folder named) where moebench would write."""
+
+
+def writable_target(path: str, root: str | None = None) -> str:
+    """``path`` if moebench may write it: not a symbolic link, and, with ``root`` (the folder the user named:
+    a results, reports or output folder), resolving inside ``root``. Raises `LinkRefused` naming the link.
+
+    In a folder others can write to (a shared results folder on a cluster), a planted link would make the
+    next run overwrite or delete a file elsewhere; moebench refuses to write through one.
+    """
+    if os.path.islink(path):
+        raise LinkRefused(f"{path} is a symbolic link (to {os.readlink(path)}); moebench does not write through "
+                          "links in the folders it writes: remove the link and run again")
+    if root is not None:
+        try:
+            path_under(root, os.path.relpath(path, root))
+        except ValueError as err:
+            raise LinkRefused(str(err)) from None
+    return path
+
+
+_UMASK: int | None = None
+
+
+def umask() -> int:
+    """This process's umask (read once)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (`LinkRefused`) instead of following it."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            writable_target(path)  # raises LinkRefused with the message
+        raise
+
+
+def atomic_write(path: str, write: Callable[[str], None], root: str | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    Readers see the old file or the complete new one, never a partial one. When ``write`` fails
+    Readers see the old file or the complete new one, never a partial one. ``path`` must not be a
+    symbolic link and, with ``root``, must resolve inside it (`writable_target`). The file gets the
+    mode any new file gets (0666 less the umask), not the temporary file's 0600. When ``write`` fails
     (a full disk, say) the temporary file is removed and the error is raised again; a full disk
     raises OSError(ENOSPC) naming the folder.
     """
+    writable_target(path, root)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException as err:
         full = disk_full(err, folder)
@@ -170,8 +222,14 @@ def clear_partial_folders(path: str) -> list[str]:
 def check_new_folder(path: str) -> list[str]:
     """Refuse ``path`` as a folder to write unless it is new or empty; clear dead leftovers of killed
     writes (`clear_partial_folders`) and return them. Raises ValueError naming the problem."""
+    writable_target(path)  # a link at the output folder: refused before any work
     if os.path.isdir(path) and os.listdir(path):
         raise ValueError(f"{path} exists and is not empty; choose a new or empty folder")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: this process cannot write into {ancestor}; choose a folder you can write to")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} exists and is not a folder; choose a new or empty folder")
     return clear_partial_folders(path)
@@ -203,20 +261,20 @@ def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
     return removed
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str, root: str | None = None) -> None:
     """Write ``text`` to ``path`` atomically (see `atomic_write`)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    atomic_write(path, write)
+    atomic_write(path, write, root)
 
 
-def atomic_write_json(path: str, data, **dump_kwargs) -> None:
+def atomic_write_json(path: str, data, root: str | None = None, **dump_kwargs) -> None:
     """Write ``data`` as JSON (indent 2, sorted keys unless given) to ``path`` atomically."""
     options = {"indent": 2, "sort_keys": True, "default": str, **dump_kwargs}
-    atomic_write_text(path, json.dumps(data, **options))
+    atomic_write_text(path, json.dumps(data, **options), root)
 
 
 def load_plugins() -> None:

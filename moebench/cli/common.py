@@ -109,5 +109,9 @@ def parse_params(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ValueError(f"--param {pair!r}: write NAME=VALUE, e.g. --param seed=1")
         key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in out and out[key] != value.strip():
+            raise ValueError(f"--param {key} is given twice ({key}={out[key]} and {key}={value.strip()}); give each "
+                             "parameter once")
+        out[key] = value.strip()
     return out

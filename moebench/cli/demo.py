@@ -19,6 +19,7 @@ import yaml
 
 from moebench.grid.runner import run_grid, status, study_root
 from moebench.grid.spec import parse_study
+from moebench.util import atomic_write_text
 
 SPEC = "demo_study.yaml"
 DEFAULT_OUT = "demo-run"  # not results/: the committed leaderboard stays as it is
@@ -89,8 +90,8 @@ def write_reports(name: str, root: str, results: str, reports: str) -> None:
     cli_main(["leaderboard", results, "--out", reports])
     lines = findings(load_studies(root)[0])
     out = os.path.join(reports, name, "findings.md")
-    with open(out, "w") as f:
-        f.write("# Findings on the embedded testbed\n\n" + "\n\n".join(f"- {line}" for line in lines) + "\n")
+    atomic_write_text(out, "# Findings on the embedded testbed\n\n" + "\n\n".join(f"- {line}" for line in lines) + "\n",
+                      root=reports)
     print("\n".join(lines))
     print(f"report: {os.path.join(reports, name, 'report.pdf')}; findings: {out}")
 

@@ -3,7 +3,8 @@
 A cell process holds ``fcntl.flock`` on ``<cell>/LOCK`` from before it cleans anything until it
 exits, so two runners (or a runner and a Slurm task) never run or clean the same cell at once.
 The kernel drops a lock when its process dies, so a killed run leaves no stale lock. The file
-names its holder (pid, host, start time) for messages. The study lock ``<study>/LOCK`` serialises
+names its holder (pid, host, start time) for messages. A symbolic link in place of a lock file (planted
+in a shared results folder) is refused, never followed. The study lock ``<study>/LOCK`` serialises
 the study-level steps of concurrent runs: cell folders and calibration, then the tables.
 
 A cell started by an executor (which sets ``MOEBENCH_PARENT_PID``) ends when that executor ends:
@@ -23,6 +24,8 @@ import sys
 import threading
 import time
 
+from moebench.util import open_nofollow
+
 LOCK_FILE = "LOCK"
 BUSY_EXIT = 75  # EX_TEMPFAIL: another process holds the cell; not a failure, nothing was touched
 PARENT_ENV = "MOEBENCH_PARENT_PID"
@@ -39,7 +42,7 @@ def try_lock(folder: str, wait_s: float = 0.0) -> int | None:
     Tries for ``wait_s`` seconds, so a brief `is_locked` probe by another process is not taken
     for a running cell. The lock file then names this process.
     """
-    fd = os.open(_lock_path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_nofollow(_lock_path(folder), os.O_RDWR | os.O_CREAT)  # a planted link is refused, never truncated
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -65,7 +68,7 @@ def release(fd: int | None) -> None:
 def is_locked(folder: str) -> bool:
     """Whether a process holds the lock of ``folder`` now (creates nothing)."""
     try:
-        fd = os.open(_lock_path(folder), os.O_RDONLY)
+        fd = open_nofollow(_lock_path(folder), os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -80,10 +83,11 @@ def is_locked(folder: str) -> bool:
 def holder(folder: str) -> str:
     """Who holds (or last held) the lock of ``folder``: ``pid N on HOST since TIME``."""
     try:
-        with open(_lock_path(folder)) as f:
-            return f.read().strip() or "another process"
-    except OSError:
+        fd = open_nofollow(_lock_path(folder), os.O_RDONLY)
+    except (OSError, ValueError):
         return "another process"
+    with os.fdopen(fd) as f:
+        return f.read(200).strip() or "another process"
 
 
 @contextlib.contextmanager
@@ -93,7 +97,7 @@ def study_lock(root: str, say=print):
     fd = try_lock(root)
     if fd is None:
         say(f"another run of this study holds {_lock_path(root)} ({holder(root)}); waiting for it")
-        fd = os.open(_lock_path(root), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(_lock_path(root), os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import warnings
 
 import pandas as pd
 
@@ -58,7 +59,22 @@ class BrokenCellsError(ValueError):
 def finished_cells(results_dir: str) -> list[str]:
     """Cell folders under ``results_dir`` (one study or many) that hold a DONE marker, sorted."""
     pattern = os.path.join(results_dir, "**", "cells", "*", "DONE")
-    return sorted(os.path.dirname(p) for p in glob.glob(pattern, recursive=True))
+    return sorted(folder for folder in {os.path.dirname(p) for p in glob.glob(pattern, recursive=True)}
+                  if _inside(results_dir, folder))
+
+
+def _inside(results_dir: str, folder: str) -> bool:
+    """Whether a cell folder lies in ``results_dir`` itself: reached through no symbolic link below it (a linked
+    cell or study folder, planted or not, is left out with a warning: collecting reopens and writes cells)."""
+    relative = os.path.relpath(folder, results_dir)
+    path = results_dir
+    for part in relative.split(os.sep):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            warnings.warn(f"{path} is a symbolic link (to {os.readlink(path)}); its cells are left out: moebench "
+                          "reads and writes cells only inside the results folder", stacklevel=3)
+            return False
+    return True
 
 
 NUMBER = (int, float)
@@ -246,6 +262,6 @@ def write_tables(results_dir: str, allow_mixed: bool = False, skip_broken: bool 
         for ext in ("csv", "parquet"):
             path = os.path.join(out, f"{name}.{ext}")
             atomic_write(path, lambda tmp, f=frame, e=ext: f.to_csv(tmp, index=False) if e == "csv"
-                         else f.to_parquet(tmp, index=False))
+                         else f.to_parquet(tmp, index=False), root=results_dir)
             paths[f"{name}.{ext}"] = path
     return paths

@@ -149,7 +149,8 @@ def _params_of(fn: Callable, bounds: dict) -> dict[str, Param]:
         if choices is not None and p.default not in choices:
             raise TypeError(f"{fn.__name__}: default {p.name}={p.default!r} is not one of its choices {choices}")
         ptype = hint if isinstance(hint, type) else type(p.default)
-        low, high = bounds.get(p.name, (None, None))
+        # a seed is a whole number >= 0 wherever it is given (a study refuses a negative one too)
+        low, high = bounds.get(p.name, (0, None) if p.name == "seed" else (None, None))
         params[p.name] = Param(p.name, ptype, p.default, low, high, choices)
     return params
 

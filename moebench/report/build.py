@@ -18,7 +18,7 @@ from moebench.report.domains import calibration_effect
 from moebench.report.markdown import pdf_document, report_markdown
 from moebench.report.tables import MetricSpec, StudyData, averaged_tasks, per_task, summary
 from moebench.report.textfmt import main_rows, num
-from moebench.util import check_name, path_under
+from moebench.util import atomic_write_text, check_name, path_under
 
 GENERATED = ("report.md", "report.pdf", "figures", "tables")
 
@@ -92,8 +92,7 @@ def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overr
         context = {"study": study, "table": table, "tasks": tasks, "spec": spec, "tasks_frame": tasks_frame,
                    "used": used, "effect": effect, "comparison": comparison, "references": refs, "figures": drawn,
                    "tex": tex, "folder": folder}
-        with open(os.path.join(folder, "report.md"), "w") as f:
-            f.write(report_markdown(**context))
+        atomic_write_text(os.path.join(folder, "report.md"), report_markdown(**context))
         numbered = [x for x in drawn if isinstance(x, F.Figure)]
         pdf.write_pdf(os.path.join(folder, "report.pdf"), **pdf_document(**context))
         for item in numbered:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from moebench.util import atomic_write_text
+
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
             "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}", "\u00b1": r"\ensuremath{\pm}",
@@ -47,6 +49,5 @@ def booktabs(header: list[str], rows: list[list[str]], caption: str, label: str,
 def write(path: str, text: str) -> str:
     """Write ``text`` to ``path`` (folders created); returns the path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    atomic_write_text(path, text)
     return path

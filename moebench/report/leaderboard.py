@@ -20,6 +20,7 @@ import pandas as pd
 
 from moebench.report.tables import MetricSpec, averaged_tasks, load_studies, summary
 from moebench.report.textfmt import main_rows, markdown_table, md_escape
+from moebench.util import atomic_write_text
 
 SORT_SCRIPT = """
 function sortBy(th) {
@@ -142,8 +143,6 @@ def write_leaderboard(results_dir: str, out: str, spec: MetricSpec) -> list[str]
         md += ["No cell qualifies yet: every finished cell ran with an lm-eval limit.", ""]
     os.makedirs(out, exist_ok=True)
     md_path, html_path = os.path.join(out, "leaderboard.md"), os.path.join(out, "leaderboard.html")
-    with open(md_path, "w") as f:
-        f.write("\n".join(md).rstrip("\n") + "\n")
-    with open(html_path, "w") as f:
-        f.write(_html(sections, intro))
+    atomic_write_text(md_path, "\n".join(md).rstrip("\n") + "\n", root=out)
+    atomic_write_text(html_path, _html(sections, intro), root=out)
     return [md_path, html_path]

@@ -21,6 +21,7 @@ from matplotlib.transforms import Bbox
 
 from moebench.report import style, typeset
 from moebench.report.typeset import line_height, width, wrap
+from moebench.util import atomic_write
 
 PAGE = (11.0, 8.5)  # inches, landscape
 MARGIN = 0.6
@@ -236,6 +237,11 @@ def write_pdf(path: str, title: tuple[str, str, list], blocks: list, figures: li
     total = 1 + len(pages) + len(figures)
     contents = [(name, 2 + k) for name, k in starts.items()]
     contents += [(heading, 2 + len(pages) + i) for i, (heading, _, _) in enumerate(figures)]
+    atomic_write(path, lambda tmp: _write_pages(tmp, title, pages, contents, figures, label, total))
+    return path
+
+
+def _write_pages(path, title, pages, contents, figures, label, total) -> None:
     with style.figure_style(), PdfPages(path, metadata=dict(style.PDF_METADATA)) as pdf:
         text_pages = [title_page(*title, contents), *pages]
         for number, page in enumerate(text_pages, 1):
@@ -249,4 +255,3 @@ def write_pdf(path: str, title: tuple[str, str, list], blocks: list, figures: li
             plt.close(fig)
         for i, (heading, caption, fig) in enumerate(figures):
             figure_page(pdf, fig, heading, caption, label, 2 + len(pages) + i, total)
-    return path

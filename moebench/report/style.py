@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from moebench.util import atomic_write
+
 # Okabe-Ito, black first (kept for the unpruned reference), then in their published order.
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
              "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
@@ -68,8 +70,8 @@ def save_figure(fig, stem: str) -> list[str]:
     """Write ``fig`` as ``stem.png`` and ``stem.pdf`` at its exact size, without timestamps; returns both paths."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     paths = [f"{stem}.png", f"{stem}.pdf"]
-    fig.savefig(paths[0], metadata=PNG_METADATA)
-    fig.savefig(paths[1], metadata=PDF_METADATA)
+    atomic_write(paths[0], lambda tmp: fig.savefig(tmp, format="png", metadata=PNG_METADATA))
+    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, format="pdf", metadata=PDF_METADATA))
     return paths
 
 
