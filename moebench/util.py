@@ -235,13 +235,28 @@ def check_new_folder(path: str) -> list[str]:
     return clear_partial_folders(path)
 
 
+def _follow_umask(folder: str) -> None:
+    """Give every file and folder under ``folder`` the mode a new one gets (0666 / 0777 less the umask): some
+    writers (safetensors, temporary files) create theirs 0600, unreadable to the others a checkpoint is for."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in names:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
     """Call ``write(tmp)`` on an empty temporary folder beside ``path``, then rename it to ``path``.
 
     ``path`` either does not exist afterwards or holds everything ``write`` wrote. ``path`` may exist
     as an empty folder; a non-empty one raises ValueError before anything is written. Leftover
     temporary folders of killed runs are removed first (and returned); on failure the temporary
-    folder is removed and a full disk raises OSError(ENOSPC) naming the folder.
+    folder is removed and a full disk raises OSError(ENOSPC) naming the folder. Everything written gets
+    the umask's modes (`_follow_umask`).
     """
     path = os.path.abspath(path)
     removed = check_new_folder(path)
@@ -251,6 +266,7 @@ def atomic_folder(path: str, write: Callable[[str], None]) -> list[str]:
     os.mkdir(tmp)
     try:
         write(tmp)
+        _follow_umask(tmp)
         os.rename(tmp, path)  # atomic; replaces an empty folder, fails on a non-empty one
     except BaseException as err:
         full = disk_full(err, parent)
