@@ -293,6 +293,24 @@ def atomic_write_json(path: str, data, root: str | None = None, **dump_kwargs) -
     atomic_write_text(path, json.dumps(data, **options), root)
 
 
+def read_yaml(path: str):
+    """The YAML document at ``path`` (safe loader); a file that is not YAML moebench can read (a syntax error, a
+    tag such as ``!!python/object``) raises ValueError naming the file, the line and what to do."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not YAML moebench can read: {str(problem)[:200]}; plain YAML only (no "
+                         "tags such as !!python/...)") from None
+
+
 def load_plugins() -> None:
     """Import every module named by an entry point of group ``moebench.plugins`` (once per process).
 

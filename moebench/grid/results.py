@@ -22,6 +22,7 @@ import warnings
 
 import pandas as pd
 
+from moebench.method.plan import plan_problem
 from moebench.util import atomic_write
 
 SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")
@@ -132,7 +133,7 @@ def verify_cell(folder: str) -> str | None:
         problem = _results_problem(results)
     if problem is None and cell["spec"]["method"] != "none":
         plan, bad = _load_json(folder, "plan.json")
-        problem = bad or _type_problem("plan.json", plan, {"method": str, "keep": dict})
+        problem = bad or (f"plan.json: {why}" if (why := plan_problem(plan)) else None)
     return problem
 
 

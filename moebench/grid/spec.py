@@ -27,10 +27,9 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-import yaml
-
 from moebench.grid.validate import DEFAULT_MEASURE, STATS_KEYS, as_list, method_entries, validate
 from moebench.method.registry import get_method
+from moebench.util import read_yaml
 
 
 class SpecError(ValueError):
@@ -133,8 +132,7 @@ class Study:
 
 def load_study(path: str) -> Study:
     """Read, validate and expand a study spec file; raises `SpecError` listing every problem."""
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+    spec = read_yaml(path) or {}
     study = parse_study(spec)
     study.path = os.path.abspath(path)
     return study

@@ -248,8 +248,17 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     config = read_config(path, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
     counts = per_layer_counts(config)
     if counts is None:
-        with loading_bars():
-            return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs).eval()
+        from safetensors import SafetensorError
+
+        try:
+            with loading_bars():
+                return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs).eval()
+        except SafetensorError as err:  # it names no file: find the damaged one(s)
+            from moebench.moe.files import damaged_shards
+
+            found = damaged_shards(path if os.path.isdir(path) else local_folder(path, kwargs.get("revision")))
+            raise ValueError("; ".join(found) or f"{name_or_path}: a safetensors file is damaged ({err}); download "
+                             "or write it again") from None
     if not os.path.isdir(path):
         raise ValueError(f"{name_or_path}: non-uniform moebench checkpoints load from a local folder only")
     model = _build_skeleton(config, counts, dtype=_config_dtype(config) if dtype == "auto" else dtype)

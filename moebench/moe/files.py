@@ -41,9 +41,7 @@ def weight_map(folder: str) -> dict[str, str]:
         return {name: os.path.join(folder, shard) for name, shard in mapping.items()}
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.exists(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
+        with open_shard(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise LayeredLoadError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE}; layer-by-layer work reads "
                            "safetensors checkpoints only (save the model with save_pretrained first)")
@@ -74,3 +72,27 @@ class ShardWriter:
                       f, indent=2)
             f.write("\n")
         return {"shards": len(set(self.weight_map.values())), "bytes": self.total}
+
+
+def open_shard(path: str):
+    """``safetensors.safe_open(path)``; a damaged file (truncated, a corrupt header) raises `LayeredLoadError`
+    naming it instead of safetensors' own error, which names no file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise LayeredLoadError(f"{path}: damaged safetensors file ({err}); download or write it again") from None
+
+
+def damaged_shards(folder: str) -> list[str]:
+    """The safetensors files of ``folder`` that cannot be opened, each with why (for an error message)."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with open_shard(os.path.join(folder, name)):
+                    pass
+            except LayeredLoadError as err:
+                found.append(str(err))
+    return found

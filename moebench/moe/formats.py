@@ -32,7 +32,7 @@ from contextlib import ExitStack
 
 import torch
 
-from moebench.moe.files import LAYER_KEY, ShardWriter, trim_heap
+from moebench.moe.files import LAYER_KEY, ShardWriter, open_shard, trim_heap
 from moebench.moe.files import weight_map as read_weight_map
 from moebench.moe.view import MoEError, MoEView
 
@@ -116,7 +116,6 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F
 def stored_dtype(folder: str) -> str | None:
     """The dtype most of a checkpoint's floating-point bytes are stored in, read from the safetensors headers
     (the config's ``dtype`` may differ: a checkpoint saved in float16 whose config says float32 loads as float32)."""
-    from safetensors import safe_open
 
     try:
         weight_map = read_weight_map(folder)
@@ -127,7 +126,7 @@ def stored_dtype(folder: str) -> str | None:
     for key, file in weight_map.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as handle:
+        with open_shard(file) as handle:
             for key in keys:
                 view = handle.get_slice(key)
                 dtype = view.get_dtype()
@@ -307,7 +306,6 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     names; ``counts_before``: each MoE layer's expert count in the source; ``record``: provenance for
     config.json's ``moebench`` key. Returns ``{"shards", "bytes", "format", "mtp_kept"}``.
     """
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
 
@@ -352,7 +350,7 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
             for key in unit_keys:
                 file = weight_map[key]
                 if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                    handles[file] = stack.enter_context(open_shard(file))
                 out = _slice(key, handles[file], ids, like, index, paths, rename, counts_before, router_dims)
                 if out is not None:
                     tensors[out[0]] = out[1]

@@ -36,6 +36,7 @@ from moebench.moe.files import (  # noqa: F401  (LAYER_KEY, INDEX_FILE, SINGLE_F
     LAYER_KEY,
     SINGLE_FILE,
     LayeredLoadError,
+    open_shard,
     trim_heap,
 )
 from moebench.moe.files import weight_map as _weight_map
@@ -179,15 +180,13 @@ class LayeredCheckpoint:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The checkpoint tensors ``names``, read from their shards (each shard opened once)."""
-        from safetensors import safe_open
-
         by_file = defaultdict(list)
         for name in names:
             by_file[self.weight_map[name]].append(name)
         tensors = {}
         with ExitStack() as stack:
             for file, keys in by_file.items():
-                handle = stack.enter_context(safe_open(file, framework="pt"))
+                handle = stack.enter_context(open_shard(file))
                 for key in keys:
                     tensors[key] = handle.get_tensor(key)
         return tensors
@@ -195,8 +194,6 @@ class LayeredCheckpoint:
     def load_from_shards(self, names: list[str]) -> None:
         """Load the checkpoint tensors ``names`` into the skeleton, each read from its shard only when
         transformers' conversion needs it (lazy slices, read one after another, not all up front)."""
-        from safetensors import safe_open
-
         by_file = defaultdict(list)
         for name in names:
             by_file[self.weight_map[name]].append(name)
@@ -206,7 +203,7 @@ class LayeredCheckpoint:
             with ExitStack() as stack:
                 slices = {}
                 for file, keys in by_file.items():
-                    handle = stack.enter_context(safe_open(file, framework="pt"))
+                    handle = stack.enter_context(open_shard(file))
                     slices.update({key: handle.get_slice(key) for key in keys})
                 self.load(slices)
         finally:

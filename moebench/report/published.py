@@ -25,9 +25,9 @@ import os
 from dataclasses import dataclass, field
 
 import pandas as pd
-import yaml
 
 from moebench.report.tables import MetricSpec, StudyData, average_accuracy
+from moebench.util import read_yaml
 
 QUANTITIES = ("average", "decode_speedup", "peak_memory_mib")
 PAPER_FIELDS = {"paper", "short", "venue", "year", "source", "defaults", "entries"}
@@ -92,8 +92,9 @@ def load_published(folder: str | None = None) -> list[Published]:
     """Every entry of every ``*.yaml`` in ``folder`` (default: the shipped data), in file order."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder or published_dir(), "*.yaml"))):
-        with open(path) as f:
-            paper = yaml.safe_load(f)
+        paper = read_yaml(path)
+        if not isinstance(paper, dict) or not isinstance(paper.get("entries"), list):
+            raise ValueError(f"{path}: not a published-numbers file (a mapping with a list of entries)")
         unknown = sorted(set(paper) - PAPER_FIELDS)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}")

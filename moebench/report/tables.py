@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from moebench.grid.items import read_items
+from moebench.method.plan import plan_problem
 from moebench.report.facets import facet_of, registered_kind
 
 LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
@@ -138,8 +139,16 @@ def _plans(dirs: dict) -> dict:
     for cell, folder in dirs.items():
         path = os.path.join(folder, "plan.json")
         if os.path.exists(path):
-            with open(path) as f:
-                plans[cell] = json.load(f)
+            try:
+                with open(path) as f:
+                    plans[cell] = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"cell {cell}: {path} is not readable JSON ({err}); run the cell again "
+                                 "(`moebench grid run`) or remove its folder") from None
+            problem = plan_problem(plans[cell])
+            if problem:
+                raise ValueError(f"cell {cell}: {path}: {problem}; run the cell again (`moebench grid run`) or "
+                                 "remove its folder")
     return plans
 
 
