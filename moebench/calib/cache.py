@@ -174,11 +174,23 @@ def _layer_problem(stats, group: str, n_experts: int) -> str | None:
                 return f"{name} has shape {list(t.shape)}: not {n_experts} experts (the model's count)"
         if name == "topk_ids" and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < n_experts:
             return f"topk_ids name experts outside 0..{n_experts - 1}"
-        if t.is_floating_point():
-            bad = torch.isnan(t) | (torch.isposinf(t) if name in MAY_HOLD_MINUS_INF else torch.isinf(t))
-            if bad.any():
-                return f"{name} holds {int(bad.sum())} non-finite values (NaN or inf)"
+        problem = nonfinite_problem(name, t)
+        if problem:
+            return problem
     return None
+
+
+def nonfinite_problem(name: str, t: torch.Tensor) -> str | None:
+    """``"<name> holds N non-finite values (NaN or inf)"`` where a statistic holds any (-inf allowed where a
+    masked router gives it), else None."""
+    if not t.is_floating_point():
+        return None
+    bad = torch.isnan(t) | (torch.isposinf(t) if name in MAY_HOLD_MINUS_INF else torch.isinf(t))
+    return f"{name} holds {int(bad.sum())} non-finite values (NaN or inf)" if bad.any() else None
+
+
+class NonFiniteStatistics(ValueError):
+    """Freshly collected statistics hold NaN or inf: the model's outputs are not finite."""
 
 
 def _load_group(path: str, group: str, view: MoEView, check: bool = True) -> dict | None:
@@ -317,6 +329,13 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
         os.makedirs(folder, exist_ok=True)
 
         def on_layer(index: int, layer_stats: dict) -> dict:
+            for name, t in layer_stats.items():  # no plan is made from NaN scores, on either path
+                problem = nonfinite_problem(name, t) if isinstance(t, torch.Tensor) else None
+                if problem:
+                    raise NonFiniteStatistics(
+                        f"MoE layer {index}: the calibration statistic {problem}: the model's weights or activations "
+                        f"are not finite (NaN or inf weights in the checkpoint, or an overflow in its dtype: try "
+                        "--dtype float32); no plan is made from them")
             for group in per_layer:  # written now, then dropped from memory
                 part = {n: t for n, t in layer_stats.items() if n in GROUP_STATS[group]}
                 _save_group(_layer_file(folder, group, index), group, {index: part})

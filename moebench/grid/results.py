@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import warnings
 
@@ -44,6 +45,45 @@ RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "c
                "calibration_s", "planning_s", "eval_s", "skip_rate",
                "lm_eval_version", "moebench_version", "torch_version", "transformers_version", "git_sha",
                "device", "dtype", "expert_kernel", "seed", "task_versions"]
+
+
+# cell.json metrics that the runs table holds as numbers (the others are text, flags or JSON)
+NUMERIC_METRICS = frozenset({
+    "parameters", "expert_bytes", "other_bytes", "weight_bytes", "host_expert_bytes",
+    "offload_device_expert_bytes_peak", "load_peak_bytes", "run_peak_bytes",
+    *[c for c in RUN_COLUMNS if "tokens_per_s" in c], *SPEEDUPS,
+    "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "planning_s", "eval_s", "skip_rate"})
+PLAUSIBLE = 1e18  # no recorded number is larger in magnitude (bytes of an exabyte; anything beyond is damage)
+
+
+def _numbers(value, path: str):
+    """Every number inside ``value`` (dicts and lists walked) as ``(path, number)``."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, NUMBER):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+
+
+def number_problem(where: str, value) -> str | None:
+    """Why a recorded number cannot be used (NaN, inf, beyond `PLAUSIBLE`), or None."""
+    for path, number in _numbers(value, ""):
+        if not math.isfinite(number) or abs(number) > PLAUSIBLE:
+            return f"{where}{'.' + path if path else ''}={number!r} is not a finite number of plausible size"
+    return None
+
+
+def _metrics_problem(metrics: dict) -> str | None:
+    for name in sorted(NUMERIC_METRICS & set(metrics)):
+        value = metrics[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, NUMBER)):
+            return f"cell.json metrics: {name}={str(value)[:40]!r} is a {type(value).__name__}, not a number"
+    return number_problem("cell.json metrics", metrics)
 
 
 class BrokenCellsError(ValueError):
@@ -127,6 +167,8 @@ def verify_cell(folder: str) -> str | None:
         problem = f"cell.json belongs to cell {cell['id']!r}, not to this folder"
     if problem is None and not all(isinstance(t, str) for t in cell["spec"]["tasks"]):
         problem = "cell.json spec: tasks must be names"
+    if problem is None:
+        problem = _metrics_problem(cell["metrics"])
     results, bad = _load_json(folder, "results.json")
     problem = problem or bad or _type_problem("results.json", results, RESULT_FIELDS)
     if problem is None:
@@ -145,6 +187,8 @@ def _results_problem(results: dict) -> str | None:
             number = isinstance(value, NUMBER) and not isinstance(value, bool)
             if "," in key and not (number or value in ("N/A", None)):
                 return f"results.json: results[{task!r}][{key!r}]={str(value)[:40]!r} is not a number"
+            if "," in key and number and (why := number_problem(f"results.json: results[{task!r}][{key!r}]", value)):
+                return why
     for task, version in results["versions"].items():
         if isinstance(version, bool) or not isinstance(version, (int, float, str)):
             return f"results.json: versions[{task!r}]={str(version)[:40]!r} is not a version number"

@@ -75,3 +75,37 @@ def test_a_tampered_plan_is_refused_where_it_is_read(kind, tmp_path, capsys):
 def test_a_valid_plan_passes():
     plan = Plan("reap", "prune", ratio=0.5, keep={1: [0, 2, 5]})
     assert plan_problem(json.loads(plan.to_json())) is None
+
+
+def test_a_model_with_nan_weights_is_not_pruned_from_nan_scores(tmp_path, corpus, capsys):
+    import torch
+
+    folder = tmp_path / "nan"
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    for path in ("--sequential", "--no-sequential"):
+        code = main(["prune", str(folder), "--method", "reap", "--ratio", "0.5", "--calib", f"file:{corpus}",
+                     "--samples", "4", "--seq-len", "16", "--device", "cpu", path, "--stats-dir",
+                     str(tmp_path / f"s{path}"), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "MoE layer 1" in err and "non-finite" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e300, "fast"])
+def test_absurd_metrics_make_a_cell_broken_and_named(value, tmp_path, capsys):
+    import shutil
+
+    source = os.path.join(os.path.dirname(__file__), "..", "..", "results", "demo", "cells")
+    cell = sorted(os.listdir(source))[1]
+    folder = tmp_path / "results" / "study" / "cells" / cell
+    shutil.copytree(os.path.join(source, cell), folder, ignore=shutil.ignore_patterns("LOCK"))
+    data = json.loads((folder / "cell.json").read_text())
+    data["metrics"]["decode_speedup"] = value
+    (folder / "cell.json").write_text(json.dumps(data))
+    assert main(["collect", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert cell in err and "decode_speedup" in err and "Traceback" not in err
