@@ -6,6 +6,7 @@ Standard library only; the bottom of the import order (nothing in moebench is im
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import importlib
@@ -154,6 +155,21 @@ def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
         raise
 
 
+def _clear_stale_temporaries(folder: str, name: str) -> None:
+    """Remove ``.<name>.<pid>.<random>.tmp`` files that `atomic_write` left for ``name`` in ``folder`` when its
+    writer was killed (a process that no longer runs); those of running writers stay."""
+    prefix = f".{name}."
+    try:
+        entries = [e for e in os.listdir(folder) if e.startswith(prefix) and e.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
 def atomic_write(path: str, write: Callable[[str], None], root: str | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -165,7 +181,8 @@ def atomic_write(path: str, write: Callable[[str], None], root: str | None = Non
     """
     writable_target(path, root)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    _clear_stale_temporaries(folder, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)

@@ -295,8 +295,9 @@ class LayeredCheckpoint:
         root = os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
         h = hashlib.sha256(os.path.realpath(self.path).encode())
         for file in [*sorted(set(self.weight_map.values())), os.path.join(self.path, "config.json")]:
-            st = os.stat(file)
-            h.update(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}:{self.dtype}".encode())
+            st = os.stat(file)  # the change time and inode too: `cp -p` or `touch -r` can set the mtime back, not these
+            h.update(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_dev}:"
+                     f"{st.st_ino}:{self.dtype}".encode())
         return os.path.join(root, "fingerprints", h.hexdigest()[:32])
 
     def _compute_fingerprint(self) -> str:
