@@ -159,12 +159,21 @@ class Calibration:
         need = self.samples * self.seq_len
         sep = _separator_id(tokenizer)
         ids: list[int] = []
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
         for batch in _batched(self.texts(), 64):
-            for doc in tokenizer(batch, add_special_tokens=False, split_special_tokens=True,
-                                 verbose=False)["input_ids"]:
-                if doc:
-                    ids.extend(doc)
+            small = [doc for doc in batch if len(doc) <= DOC_CHUNK_CHARS]
+            encoded = dict(zip((i for i, d in enumerate(batch) if len(d) <= DOC_CHUNK_CHARS), encode(small),
+                               strict=True)) if small else {}
+            for i, doc in enumerate(batch):
+                tokens = encoded[i] if i in encoded else _encode_long(doc, encode, need - len(ids))
+                if tokens:
+                    ids.extend(tokens)
                     ids.append(sep)
+                if len(ids) >= need:
+                    break
             if len(ids) >= need:
                 break
         if len(ids) < need:
@@ -381,6 +390,25 @@ def _articles(lines: Iterable[str]) -> list[str]:
             articles.append([])
         articles[-1].append(line)
     return [text for text in ("".join(a).strip() for a in articles) if text]
+
+
+DOC_CHUNK_CHARS = 1 << 20  # a longer document is tokenised a piece at a time, only as far as tokens are needed
+
+
+def _encode_long(doc: str, encode, wanted: int) -> list[int]:
+    """The tokens of a document longer than `DOC_CHUNK_CHARS`, read a piece at a time (cut at whitespace) until
+    ``wanted`` tokens are there: a 30 MB document costs what its first tokens cost, not its whole tokenisation
+    (ours; tokens at a cut may differ from tokenising the whole document)."""
+    tokens: list[int] = []
+    start = 0
+    while start < len(doc) and len(tokens) < wanted:
+        end = min(len(doc), start + DOC_CHUNK_CHARS)
+        if end < len(doc):
+            space = doc.rfind(" ", start + DOC_CHUNK_CHARS // 2, end)
+            end = space if space > start else end
+        tokens.extend(encode([doc[start:end]])[0])
+        start = end
+    return tokens
 
 
 def _separator_id(tokenizer) -> int:

@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from moebench.grid.validate import DEFAULT_MEASURE, STATS_KEYS, as_list, method_entries, validate
+from moebench.grid.validate import DEFAULT_MEASURE, MAX_CELLS, STATS_KEYS, as_list, method_entries, validate
 from moebench.method.registry import get_method
 from moebench.util import read_yaml
 
@@ -142,7 +142,9 @@ def parse_study(spec: dict) -> Study:
     """Validate a spec dict and expand it into cells."""
     problems = validate(spec)
     if problems:
-        raise SpecError(f"study spec has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        shown = [p if len(p) <= 400 else p[:400] + "..." for p in problems[:50]]
+        more = [f"... and {len(problems) - 50} more"] if len(problems) > 50 else []
+        raise SpecError(f"study spec has {len(problems)} problem(s):\n  " + "\n  ".join(shown + more))
     return Study(spec["name"], spec, expand(spec))
 
 
@@ -157,6 +159,14 @@ def expand(spec: dict) -> list[Cell]:
               "dtype": spec.get("dtype", "auto"), "include_path": tuple(as_list(spec.get("include_path") or [])),
               **{key: spec.get(key) for key in STATS_KEYS}}
     cells, seen = [], set()
+    limit = spec.get("max_cells") or MAX_CELLS
+
+    def check_count() -> None:
+        if len(cells) > limit:
+            raise SpecError(f"the study expands to more than {limit} cells (models x methods x ratios x calibration "
+                            f"sets); {'raise' if 'max_cells' in spec else 'set'} max_cells in the spec if that many "
+                            "are meant")
+
     for model in as_list(spec["models"]):
         if spec.get("baseline", True):
             cells.append(Cell(**copy.deepcopy(common), model=model, method="none", params={}, skip="none",
@@ -170,4 +180,5 @@ def expand(spec: dict) -> list[Cell]:
                 if cell.id not in seen:
                     seen.add(cell.id)
                     cells.append(cell)
+                    check_count()
     return cells

@@ -13,7 +13,9 @@ from moebench.util import did_you_mean
 
 SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
              "calib_seq_len", "seed", "apply", "baseline", "measure", "executor", "include_path", "dtype",
-             "device", "description", "stats_dir", "subsample_tokens", "ratio_samples"}
+             "device", "description", "stats_dir", "subsample_tokens", "ratio_samples", "max_cells"}
+MAX_SPEC_VALUES = 20_000  # values a spec may hold, aliases expanded (a real study holds a few hundred)
+MAX_CELLS = 5_000  # cells a study may expand to unless its spec sets max_cells
 STATS_KEYS = ("subsample_tokens", "ratio_samples")  # statistics settings; 0 = every calibration token
 REQUIRED = ("name", "models", "methods", "ratios", "tasks")
 DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
@@ -46,7 +48,10 @@ def validate(spec: dict) -> list[str]:
     """Problems with a spec: unknown keys, methods, parameters, tasks, model families, impossible budgets."""
     if not isinstance(spec, dict):
         return ["the spec must be a YAML mapping with keys name, models, methods, ratios, tasks"]
-    problems = [f"unknown key {k!r}{did_you_mean(k, SPEC_KEYS)}" for k in spec if k not in SPEC_KEYS]
+    too_big = spec_size_problem(spec)
+    if too_big:
+        return [too_big]
+    problems = [f"unknown key {str(k)[:60]!r}{did_you_mean(str(k), SPEC_KEYS)}" for k in spec if k not in SPEC_KEYS]
     problems += [f"missing key {k!r}" for k in REQUIRED if not spec.get(k)]
     if problems and any(p.startswith("missing") for p in problems):
         return problems
@@ -63,8 +68,31 @@ def validate(spec: dict) -> list[str]:
             problems.append(f"{key}={value!r} must be a whole number >= 0 (tokens kept for the statistics; "
                             "0 = every calibration token)")
     if spec.get("apply", "physical") not in ("physical", "mask"):
-        problems.append(f"apply={spec['apply']!r} must be physical or mask")
+        problems.append(f"apply={str(spec['apply'])[:60]!r} must be physical or mask")
+    limit = spec.get("max_cells")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        problems.append(f"max_cells={str(limit)[:60]!r} must be a whole number >= 1")
     return problems
+
+
+def spec_size_problem(spec) -> str | None:
+    """Whether a parsed spec holds more than `MAX_SPEC_VALUES` values (YAML aliases counted each time they are
+    used, as every later check would walk them), checked before anything else reads it."""
+    count, stack = 0, [spec]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            return (f"the spec holds more than {MAX_SPEC_VALUES} values (YAML anchors and aliases count each time "
+                    "they are used); a study needs a few hundred: write it out plainly")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, str) and len(value) > 100_000:
+            return f"the spec holds a text of {len(value)} characters; no value of a study is that long"
+    return None
 
 
 def _check_methods(spec) -> list[str]:

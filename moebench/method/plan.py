@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from moebench.moe.checkpoint import MAX_EXPERTS, MAX_LAYERS
 from moebench.moe.merge import normalise_group
 from moebench.util import atomic_write_text
 
@@ -74,8 +75,6 @@ class Plan:
 
 
 PLAN_FIELDS = ("method", "kind", "params", "ratio", "calib", "keep", "extra", "skip", "selector", "merge")
-MAX_LAYERS = 4096  # decoder layers a plan may name (the largest MoEs have ~100)
-MAX_EXPERTS = 1 << 16  # expert ids are below this (the largest MoEs have 384)
 
 
 def plan_problem(data) -> str | None:

@@ -169,8 +169,35 @@ def save_folder(out_dir: str, files: dict[str, Callable[[str], None]]) -> list[s
     return atomic_folder(out_dir, write)
 
 
+MAX_LAYERS = 4096  # decoder layers a config may declare (the largest MoEs have ~100)
+MAX_EXPERTS = 1 << 16  # routed experts per layer (the largest MoEs have 384)
+MAX_WIDTH = 1 << 20  # hidden / intermediate sizes and vocabulary (the largest models: ~300k vocabulary)
+
+
+def config_size_problem(config) -> str | None:
+    """Why a config cannot be a real model (sizes far beyond any published one), or None. Checked before the model
+    is built, even on the meta device: a config claiming 10^5 layers of 10^4 experts would take hours to build."""
+    from moebench.moe.families import family_for
+
+    text = getattr(config, "text_config", None) or config
+    checks = [("num_hidden_layers", MAX_LAYERS)]
+    family = family_for(getattr(text, "model_type", ""))
+    if family is not None:
+        checks.append((family.count_key, MAX_EXPERTS))
+    checks += [(key, MAX_WIDTH) for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "vocab_size")]
+    for key, limit in checks:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+            return (f"its config declares {key}={value}, beyond any real model (at most {limit}); the config is "
+                    "damaged or not a model's")
+    return None
+
+
 def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):
     """A model from ``config`` whose layers are cut to ``counts`` experts (random weights)."""
+    problem = config_size_problem(config)
+    if problem:
+        raise ValueError(problem)
     model = AutoModelForCausalLM.from_config(config, **from_config_kwargs)
     view = MoEView(model)
     for index, n in counts.items():
@@ -246,6 +273,9 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     if not os.path.isdir(path):
         check_hub_config(path, kwargs.get("revision"))
     config = read_config(path, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+    problem = config_size_problem(config)
+    if problem:
+        raise ValueError(f"{name_or_path}: {problem}")
     counts = per_layer_counts(config)
     if counts is None:
         from safetensors import SafetensorError
