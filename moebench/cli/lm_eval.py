@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     register()
     from lm_eval.__main__ import cli_evaluate
 
+    from moebench.eval.args import repeated_in_command_line
+
+    repeated = repeated_in_command_line(args.lm_eval_args)
+    if repeated:  # before lm-eval merges the string (keeping the last value) and loads anything
+        raise ValueError(repeated)
     saved = sys.argv
     sys.argv = ["lm-eval", *args.lm_eval_args]
     try:

@@ -48,6 +48,37 @@ def hf_arg_names() -> set[str]:
     return (named | loading | FORWARDED_LOAD_ARGS) - {"self", "pretrained_model_name_or_path", "config"}
 
 
+def repeated_keys(arg_string: str) -> str | None:
+    """Why a raw ``key=value,...`` model_args string is refused: a key given twice with different values (lm-eval
+    keeps the last one, so ``pretrained=M,...,pretrained=/other`` would load the other model), else None."""
+    seen: dict[str, str] = {}
+    for item in (arg_string or "").split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            continue
+        if key in seen and seen[key] != value.strip():
+            return (f"model_args: {key} is given twice ({key}={seen[key][:60]} and {key}={value.strip()[:60]}); "
+                    "give each argument once")
+        seen[key] = value.strip()
+    return None
+
+
+def repeated_in_command_line(argv: list[str]) -> str | None:
+    """`repeated_keys` of the ``--model_args`` / ``-a`` values on an lm-eval command line (each value, and keys
+    repeated across values), or None."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in ("--model_args", "-a"):  # one value, or several (`-a k=v k2=v2`), up to the next option
+            for value in argv[i + 1:]:
+                if value.startswith("-"):
+                    break
+                values.append(value)
+        elif arg.startswith("--model_args="):
+            values.append(arg.split("=", 1)[1])
+    return repeated_keys(",".join(values)) if values else None
+
+
 def split_model_args(given: dict) -> tuple[dict, dict, dict]:
     """``(hf args, pruned_moe's own args, method parameters)``; an unknown key raises with a suggestion.
 

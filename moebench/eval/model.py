@@ -25,12 +25,19 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from moebench.eval.args import EXECUTION_ARGS, PrunedMoESettings, split_model_args
+from moebench.eval.args import (
+    EXECUTION_ARGS,
+    PrunedMoESettings,
+    repeated_in_command_line,
+    repeated_keys,
+    split_model_args,
+)
 from moebench.eval.plugin import register as _register
 from moebench.eval.select import SelectMixin
 from moebench.method.apply import Applied
@@ -79,6 +86,10 @@ class PrunedMoELM(SelectMixin, HFLM):
     """
 
     def __init__(self, pretrained, **kwargs):
+        if os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval") or sys.argv[:1] == ["lm-eval"]:
+            repeated = repeated_in_command_line(sys.argv[1:])  # lm-eval merged the raw string, keeping the last
+            if repeated:
+                raise ValueError(repeated)
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
         self.settings = PrunedMoESettings.from_args(own, params)
         if hf.get("device") is not None:  # given: a device this machine lacks is named now, before any work
@@ -118,6 +129,14 @@ class PrunedMoELM(SelectMixin, HFLM):
         self.applied = None
         self.record: dict | None = None
         self._relabelled = None
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's constructor from ``key=value,...``; a key given twice with two values is refused."""
+        repeated = repeated_keys(arg_string)
+        if repeated:
+            raise ValueError(repeated)
+        return super().create_from_arg_string(arg_string, additional_config)
 
     # ----- construction helpers ----------------------------------------------------------------
 

@@ -123,3 +123,23 @@ def test_a_parameter_given_twice_or_a_negative_seed_is_refused(tiny_folder, tmp_
     assert "--param seed is given twice (seed=1 and seed=2)" in capsys.readouterr().err
     assert main([*common, "--method", "random", "--param", "seed=-5"]) == 2
     assert "seed" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_model_args_given_twice_are_refused_before_loading(tmp_path):
+    import subprocess
+
+    from moebench.eval.args import repeated_in_command_line, repeated_keys
+
+    assert repeated_keys("pretrained=testbed-8e,method=reap,pretrained=/etc").startswith(
+        "model_args: pretrained is given twice (pretrained=testbed-8e and pretrained=/etc)")
+    assert repeated_keys("pretrained=a,method=reap,ratio=0.5") is None
+    assert repeated_in_command_line(["--model", "pruned_moe", "-a", "pretrained=a", "method=reap", "pretrained=b",
+                                     "--tasks", "x"]) is not None
+    done = subprocess.run([sys.executable, "-m", "moebench.cli", "lm-eval", "--model", "pruned_moe", "--model_args",
+                           "pretrained=testbed-8e,method=frequency,ratio=0.5,pretrained=/etc", "--tasks",
+                           "testbed_logic_quick", "--limit", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "pretrained is given twice" in done.stderr and "Traceback" not in done.stderr
+    from moebench.eval.model import PrunedMoELM
+
+    with pytest.raises(ValueError, match="method is given twice"):
+        PrunedMoELM.create_from_arg_string("pretrained=testbed-8e,method=reap,method=frequency")
