@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from moebench.moe.formats import quantized_experts_refusal
 from moebench.moe.kernels import observing, run_expert, use_moebench_kernel
 from moebench.moe.view import MoEError, MoELayer, MoEView
-from moebench.util import on_terminal, pid_alive
+from moebench.util import on_terminal, open_nofollow, pid_alive
 
 OUTPUT_CHUNK_ELEMENTS = 1 << 26  # every expert's outputs are computed this many elements at a time (128 MiB bf16)
 
@@ -230,7 +230,7 @@ class _LayerAccumulator:
             if self.spill is None:
                 self._append("all_outputs", ys)
             else:  # on disk as the pass goes: the pass never holds every layer's outputs
-                with open(self.spill, "ab") as f:
+                with os.fdopen(open_nofollow(self.spill, os.O_WRONLY | os.O_APPEND), "ab") as f:
                     f.write(memoryview(ys.contiguous().numpy()).cast("B"))
                 self.spilled += ys.shape[0]
                 self.spill_shape = tuple(ys.shape[1:])
@@ -358,7 +358,7 @@ def collect(model, tokens: torch.Tensor, groups, settings: CollectSettings | Non
             for layer in view.layers]
     for acc in accs:
         if acc.spill:  # start empty: rows of an earlier pass must not precede this one's
-            open(acc.spill, "wb").close()
+            os.close(open_nofollow(acc.spill, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))  # a planted link: refused
     hooks = [acc.layer.router.register_forward_hook(acc.router_seen) for acc in accs]
     slot = [acc for acc in accs if acc.layer.family.experts_slot]
     hooks += [acc.layer.block.register_forward_pre_hook(_block_observer(acc))
