@@ -23,7 +23,7 @@ import warnings
 
 import pandas as pd
 
-from moebench.method.plan import plan_problem
+from moebench.limits import plan_problem
 from moebench.util import atomic_write
 
 SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from moebench.moe.checkpoint import MAX_EXPERTS, MAX_LAYERS
+from moebench.limits import plan_problem
 from moebench.moe.merge import normalise_group
 from moebench.util import atomic_write_text
 
@@ -75,31 +75,3 @@ class Plan:
 
 
 PLAN_FIELDS = ("method", "kind", "params", "ratio", "calib", "keep", "extra", "skip", "selector", "merge")
-
-
-def plan_problem(data) -> str | None:
-    """What is wrong with the contents of a plan.json, or None: its fields and types, and every kept set a list
-    of distinct whole numbers in [0, MAX_EXPERTS) for a layer index in [0, MAX_LAYERS) (so a hand-edited or
-    tampered file is refused where it is read, not deep inside a report)."""
-    if not isinstance(data, dict):
-        return f"holds a {type(data).__name__}, not a plan (a mapping)"
-    for name, types in (("method", str), ("kind", str), ("keep", dict)):
-        if not isinstance(data.get(name), types):
-            return f"{name} is missing or not a {types.__name__} ({str(data.get(name))[:40]!r})"
-    if data.get("ratio") is not None and (isinstance(data["ratio"], bool) or not isinstance(data["ratio"], (int, float))
-                                          or not 0 <= data["ratio"] <= 1):
-        return f"ratio {str(data['ratio'])[:40]!r} is not a number in [0, 1]"
-    keep = data["keep"]
-    if len(keep) > MAX_LAYERS:
-        return f"keep names {len(keep)} layers (at most {MAX_LAYERS})"
-    for layer, ids in keep.items():
-        if not str(layer).isdigit() or int(layer) >= MAX_LAYERS:
-            return f"keep: layer {str(layer)[:20]!r} is not a layer index (a whole number below {MAX_LAYERS})"
-        if not isinstance(ids, list) or len(ids) > MAX_EXPERTS:
-            return f"keep[{layer}] is not a list of at most {MAX_EXPERTS} expert ids"
-        bad = next((e for e in ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < MAX_EXPERTS), None)
-        if bad is not None:
-            return f"keep[{layer}] holds {str(bad)[:20]!r}, not an expert id (a whole number in [0, {MAX_EXPERTS}))"
-        if len(set(ids)) != len(ids):
-            return f"keep[{layer}] names an expert twice"
-    return None

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from moebench.limits import MAX_EXPERTS, MAX_LAYERS, MAX_WIDTH
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
 from moebench.util import atomic_folder, load_plugins, on_terminal
@@ -169,9 +170,6 @@ def save_folder(out_dir: str, files: dict[str, Callable[[str], None]]) -> list[s
     return atomic_folder(out_dir, write)
 
 
-MAX_LAYERS = 4096  # decoder layers a config may declare (the largest MoEs have ~100)
-MAX_EXPERTS = 1 << 16  # routed experts per layer (the largest MoEs have 384)
-MAX_WIDTH = 1 << 20  # hidden / intermediate sizes and vocabulary (the largest models: ~300k vocabulary)
 
 
 def config_size_problem(config) -> str | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from moebench.grid.items import read_items
-from moebench.method.plan import plan_problem
+from moebench.limits import plan_problem
 from moebench.report.facets import facet_of, registered_kind
 
 LATENCY_COLUMNS = ["cell", "prompt_len", "batch", "ms_per_token"]
