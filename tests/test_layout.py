@@ -25,7 +25,8 @@ RANKS = {
     "moebench.measure": 6,
     "moebench.grid": 7,
     "moebench.report": 8, "moebench.testbed": 8,
-    "moebench.cli": 9,
+    "moebench.results": 9,  # the results API: the report's tables as DataFrames
+    "moebench.cli": 10,
 }
 BUILD_ONLY = {"moebench._packaging"}  # setuptools commands, never imported at run time
 

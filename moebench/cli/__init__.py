@@ -33,9 +33,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Version(argparse.Action):
+    """``--version``: print `version_line` unwrapped and exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """``moebench X (torch Y, transformers Z, lm-eval W, python V)``, read without importing torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import moebench
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"moebench {moebench.__version__} (torch {of('torch')}, transformers {of('transformers')}, "
+            f"lm-eval {of('lm_eval')}, python {platform.python_version()})")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="moebench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print moebench's version and those of torch, transformers and lm-eval")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

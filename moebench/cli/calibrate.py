@@ -29,6 +29,5 @@ def run(args: argparse.Namespace) -> int:
     layer = next(iter(stats.values()))
     print(f"statistics for {len(stats)} MoE layers, groups {', '.join(groups)} "
           f"({int(layer['tokens'].item()) if 'tokens' in layer else '?'} tokens) in {time.perf_counter() - start:.1f}s")
-    print(f"cache: {request.stats_dir or 'default'} / "
-          f"{request.calib_samples}x{request.calib_seq_len} of {request.calib}")
+    # where they are: `statistics` printed the cache folder (to stderr, with whether they were there already)
     return 0

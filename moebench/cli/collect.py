@@ -25,4 +25,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     for name, path in sorted(paths.items()):
         print(f"{name}: {path}")
+    print_results(args.results_dir)
     return 0
+
+
+def print_results(results_dir: str) -> None:
+    """The results table of each study under ``results_dir`` (`moebench.results.results_table`)."""
+    from moebench.report.tables import load_studies
+    from moebench.results import load, results_table
+
+    for study in load_studies(results_dir):
+        print(f"\n{study.name}: {len(study.runs)} cells (average accuracy over its tasks; decode speedup paired "
+              "against the unpruned model, 95% interval)")
+        print(results_table(load(results_dir, study.name).summary()))
+    print("\nAll columns: moebench.results.load(...).summary(); figures and the report: moebench report")

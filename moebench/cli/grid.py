@@ -60,4 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  failed: {folder} (see failure.json)")
     for name, path in sorted(summary["tables"].items()):
         print(f"  table {name}: {path}")
+    if summary["tables"]:
+        from moebench.cli.collect import print_results
+
+        print_results(root)
     return 1 if summary["failed"] else 0

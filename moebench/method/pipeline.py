@@ -8,6 +8,7 @@ grid cells.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -120,7 +121,17 @@ def statistics(model, tokenizer, request: PlanRequest, groups, progress: bool = 
                        model_key(model, request.model_id, request.revision), calib.key, settings)
     layered = getattr(model, LAYERED_ATTR, None)  # a skeleton opened layer by layer: its parameters are meta
     device = layered.device if layered is not None else next(model.parameters()).device
-    return get_stats(model, lambda: calib.tokens(tokenizer).to(device), groups, folder, settings, progress)
+    collected = []
+
+    def tokens():
+        collected.append(True)
+        return calib.tokens(tokenizer).to(device)
+
+    stats = get_stats(model, tokens, groups, folder, settings, progress)
+    if progress:  # the command line says where the statistics are, and whether they were there already
+        how = "collected and cached in" if collected else "read from the cache"
+        print(f"statistics ({', '.join(sorted(groups))}) of {calib.key}: {how} {folder}", file=sys.stderr)
+    return stats
 
 
 def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> Plan:
