@@ -14,7 +14,7 @@
 
 Random values, valid codes: what the formats' readers see is exactly what they would see in a
 published file. Hidden sizes are the smallest that give real blocks (256 for FP8, 128 x 128
-blocks; 64 for MXFP4, 32-value blocks).
+blocks, one weight ending in a partial block as DeepSeek-V3's do; 64 for MXFP4, 32-value blocks).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ FP8_MAX = 448.0
 
 
 def fp8_deepseek_config(mtp: bool = True):
-    """A DeepSeek-V3 config whose quantized linears are whole 128 x 128 blocks (first layer dense)."""
+    """A DeepSeek-V3 config whose quantized linears are 128 x 128 blocks (first layer dense); like DeepSeek-V3's own
+    ``kv_a_proj_with_mqa`` (576 = 4.5 x 128 rows) one weight ends in a partial block: 128 + 64 = 192 rows."""
     return AutoConfig.for_model(
         "deepseek_v3", vocab_size=96, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
         num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         n_group=2, topk_group=1, routed_scaling_factor=2.5, num_attention_heads=2, num_key_value_heads=2,
-        q_lora_rank=None, kv_lora_rank=64, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+        q_lora_rank=None, kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         num_nextn_predict_layers=1 if mtp else 0, dtype="bfloat16")
 

@@ -92,6 +92,9 @@ class PrunedMoELM(SelectMixin, HFLM):
                 raise ValueError(repeated)
         hf, own, params = split_model_args({"pretrained": pretrained, **kwargs})
         self.settings = PrunedMoESettings.from_args(own, params)
+        from moebench.moe.formats import fp8_ragged_blocks
+
+        fp8_ragged_blocks()  # lm-eval loads FP8 checkpoints with transformers' dequantization: partial blocks right
         if hf.get("device") is not None:  # given: a device this machine lacks is named now, before any work
             check_device(str(hf["device"]), "device=")
         hf.pop("pretrained")

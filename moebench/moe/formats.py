@@ -175,6 +175,51 @@ def disk_summary(source: str, written: str) -> dict:
             "format_after": format_name(raw_config(written), written), "bytes_after": disk_bytes(written)}
 
 
+_FP8_PATCHED = False
+
+
+def fp8_ragged_blocks() -> None:
+    """Make transformers' FP8 dequantization right for weights whose sides are not whole blocks (ours, for
+    transformers 5.25; idempotent).
+
+    transformers derives the block from the weight and the scale grid (rows / scale rows): right when every
+    side is a whole number of blocks, wrong when the last block is partial. DeepSeek-V3's ``kv_a_proj_with_mqa``
+    is 576 = 4.5 x 128 rows with 5 block rows: transformers refuses it ("not divisible by scale grid"), and a
+    192-row weight (1.5 blocks, 2 block rows) is silently scaled with 96-row blocks. Where the op knows the
+    checkpoint's ``weight_block_size`` and the grid is the ceiling of the weight over it with a partial last
+    block, each scale is spread over its block (``repeat_interleave``) and cut to the weight; every other case
+    (whole blocks, FP4, per-tensor scales) goes to transformers' own code unchanged.
+    """
+    global _FP8_PATCHED
+    if _FP8_PATCHED:
+        return
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    original = Fp8Dequantize._dequantize_one
+
+    def dequantize_one(self, quantized, scales, output_dtype=None):
+        config = getattr(getattr(self, "hf_quantizer", None), "quantization_config", None)
+        block = getattr(config, "weight_block_size", None)
+        if (block and quantized.dim() >= 2 and scales.dim() >= 2 and quantized.dtype != torch.int8
+                and quantized.element_size() == 1):
+            rows, cols = quantized.shape[-2:]
+            grid = (-(-rows // block[0]), -(-cols // block[1]))
+            if tuple(scales.shape[-2:]) == grid and (rows % block[0] or cols % block[1]):
+                return ragged_dequantize(quantized, scales, block, output_dtype or torch.bfloat16)
+        return original(self, quantized, scales, output_dtype)
+
+    Fp8Dequantize._dequantize_one = dequantize_one
+    _FP8_PATCHED = True
+
+
+def ragged_dequantize(quantized: torch.Tensor, scales: torch.Tensor, block, dtype: torch.dtype) -> torch.Tensor:
+    """``quantized * scale of its block`` with blocks of ``block = (rows, cols)``, the last ones partial."""
+    rows, cols = quantized.shape[-2:]
+    s = (scales.to(torch.float32) - 127.0).exp2() if scales.dtype == torch.uint8 else scales.to(torch.float32)
+    s = s.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return (quantized.to(torch.float32) * s).to(dtype)
+
+
 def dequantizing_quantizer(config, device: str | torch.device):
     """transformers' quantizer for a pre-quantized config, set to dequantize as it loads (its own FP8 / MXFP4
     code), or None for an unquantized checkpoint. Used to read one layer at a time: the statistics then equal
@@ -183,6 +228,7 @@ def dequantizing_quantizer(config, device: str | torch.device):
         return None
     from transformers.quantizers.auto import AutoHfQuantizer
 
+    fp8_ragged_blocks()
     if not AutoHfQuantizer.supports_quant_method(quantization(config)):
         raise MoEError(f"quantization {quant_method(config)!r} is not one transformers can read; moebench reads what "
                        "transformers reads (FP8 block-quantized, MXFP4, ...)")
@@ -339,7 +385,8 @@ def save_sliced(source: str, model, keep: dict[int, list[int]], counts_before: d
     units += [(None, keys) for keys in others.values()]
     os.makedirs(out_dir, exist_ok=True)
     shards = ShardWriter(out_dir, len(units))
-    dequant = _Dequantizer(save_dtype) if save_dtype is not None else None
+    dequant = (_Dequantizer(save_dtype, (quantization(config) or {}).get("weight_block_size"))
+               if save_dtype is not None else None)
     for shard, (index, unit_keys) in enumerate(tqdm(units, desc="writing pruned checkpoint", unit="shard",
                                                     disable=not progress)):
         ids = keeps.get(index) if index in keeps else mtp.get(index)
@@ -409,10 +456,10 @@ def _rows(handle, key: str, ids: list[int], n: int) -> torch.Tensor:
 class _Dequantizer:
     """Quantized tensors of one layer -> ``dtype`` by transformers' own FP8 / MXFP4 code; floats cast."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, block=None):
         from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-        self.dtype = dtype
+        self.dtype, self.block = dtype, block
         self.fp8 = Fp8Dequantize(None)
 
     def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -425,7 +472,10 @@ class _Dequantizer:
             if key.endswith("_scales") and key[: -len("_scales")] + "_blocks" in tensors:
                 continue
             if key + "_scale_inv" in tensors:
-                out[key] = self.fp8._dequantize_one(t, tensors[key + "_scale_inv"], self.dtype)
+                scales = tensors[key + "_scale_inv"]
+                partial = self.block and t.dim() >= 2 and (t.shape[-2] % self.block[0] or t.shape[-1] % self.block[1])
+                out[key] = (ragged_dequantize(t, scales, self.block, self.dtype) if partial
+                            else self.fp8._dequantize_one(t, scales, self.dtype))
             elif key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in tensors:
                 base = key[: -len("_blocks")]
                 out[base] = convert_moe_packed_tensors(t, tensors[base + "_scales"], dtype=self.dtype)

@@ -383,3 +383,32 @@ def test_a_checkpoint_without_safetensors_is_written_from_memory(tmp_path, corpu
                  str(tmp_path / "stats"), "--out", str(out)]) == 0
     assert "checkpoint on disk: float32" in capsys.readouterr().out
     AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[3, 4, 5]]))
+
+
+def test_fp8_weights_ending_in_a_partial_block_are_dequantized_block_by_block(published):
+    """transformers 5.25 takes rows / scale rows as the block height: 96 for a 192-row weight with 2 block rows
+    (DeepSeek-V3's 576-row kv_a_proj_with_mqa is refused outright). moebench's fix scales each 128 x 128 block by
+    its own scale, on both paths."""
+    from safetensors import safe_open
+
+    from moebench.moe.formats import ragged_dequantize
+
+    source = published("fp8_mtp")
+    key = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    index = _json(source, "model.safetensors.index.json")
+    with safe_open(os.path.join(source, index["weight_map"][key]), framework="pt") as f:
+        q = f.get_tensor(key)
+    with safe_open(os.path.join(source, index["weight_map"][key + "_scale_inv"]), framework="pt") as f:
+        s = f.get_tensor(key + "_scale_inv")
+    assert q.shape == (192, 256) and s.shape == (2, 2)  # the last block row holds 64 rows
+    expected = q.float().clone()
+    for i in range(2):
+        for j in range(2):
+            expected[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] *= s[i, j]
+    expected = expected.to(torch.bfloat16)
+    assert torch.equal(ragged_dequantize(q, s, (128, 128), torch.bfloat16), expected)
+    loaded = load_model(source).model.layers[1].self_attn.kv_a_proj_with_mqa.weight
+    assert torch.equal(loaded.detach(), expected)
+    layered = LayeredCheckpoint(source)
+    layer = layered.materialise(1)
+    assert torch.equal(layer.self_attn.kv_a_proj_with_mqa.weight.detach(), expected)
