@@ -221,8 +221,10 @@ def test_nothing_is_calibrated_or_changed_until_the_first_request(env, tmp_path,
     ("method=naee,ratio=0.5,subsample_tokens=-1", r"subsample_tokens=-1 must be >= 0"),
 ])
 def test_bad_model_args_are_clear_errors(env, extra, message):
+    given = {kv.split("=", 1)[0] for kv in extra.split(",")}
+    calib = ",".join(kv for kv in env.calib.split(",") if kv.split("=", 1)[0] not in given)  # each key once
     with pytest.raises(ValueError, match=message):
-        evaluate(env, "pruned_moe", f"pretrained={env.model},{env.calib},{extra}")  # later keys win
+        evaluate(env, "pruned_moe", f"pretrained={env.model},{calib},{extra}")
 
 
 def test_merge_methods_run_and_equal_their_saved_checkpoints(env, tmp_path):
