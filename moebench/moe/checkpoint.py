@@ -262,20 +262,6 @@ def _native_config(path: str, revision: str | None):
     return config_class(**values)
 
 
-def quantization_of(config):
-    """`moebench.moe.formats.quantization` (imported when called: formats builds on this module's readers)."""
-    from moebench.moe.formats import quantization
-
-    return quantization(config)
-
-
-def fp8_ragged_blocks() -> None:
-    """`moebench.moe.formats.fp8_ragged_blocks`."""
-    from moebench.moe.formats import fp8_ragged_blocks as patch
-
-    patch()
-
-
 def load_model(name_or_path: str, dtype="auto", **kwargs):
     """Load a causal LM by hub id, folder or testbed name; also loads moebench's non-uniform checkpoints.
 
@@ -289,7 +275,9 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
     if problem:
         raise ValueError(f"{name_or_path}: {problem}")
     counts = per_layer_counts(config)
-    if quantization_of(config) is not None:
+    from moebench.moe.formats import fp8_ragged_blocks, quantization  # formats builds on this module's readers
+
+    if quantization(config) is not None:
         fp8_ragged_blocks()  # transformers' FP8 dequantization of partial blocks (DeepSeek-V3's 576-row weights)
     if counts is None:
         from safetensors import SafetensorError

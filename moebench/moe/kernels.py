@@ -169,7 +169,7 @@ def _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider) 
             continue
         t, s = token[start:start + n], slot[start:start + n]
         start += n
-        y = run_expert(self, e, hidden[t])
+        y = provider.forward(self, e, hidden[t]) if provider is not None else expert_forward(self, e, hidden[t])
         gate = top_k_weights[t, s]
         out.index_add_(0, t, (y * gate.unsqueeze(-1)).to(out.dtype))
         if observer is not None:
