@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     slot.shared()
     from moebench.grid.executors.base import is_done
     from moebench.grid.guard import BUSY_EXIT, die_with_parent, holder, try_lock
+    from moebench.grid.index import mark
     from moebench.grid.runner import clean_partial
 
     folder = (argv or sys.argv[1:])[0]
@@ -219,13 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     if is_done(folder):
         return 0
     clean_partial(folder)
+    mark(folder, "running")
     print(f"moebench cell: started {os.path.basename(os.path.abspath(folder))} (pid {os.getpid()})", flush=True)
     try:
         evaluate(folder, slot)
+        mark(folder, "done")
         return 0
     except Exception:  # recorded for the user and retried by the next run, never swallowed
         _write(folder, "failure.json", {"traceback": traceback.format_exc(), "time": time.time()})
         print(traceback.format_exc(), file=sys.stderr)
+        mark(folder, "failed")
         return 1
 
 

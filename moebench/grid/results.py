@@ -20,11 +20,13 @@ import json
 import math
 import os
 import warnings
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from moebench.limits import plan_problem
 from moebench.util import atomic_write
+
+if TYPE_CHECKING:  # pandas is imported where tables are built: checking a cell (grid status) needs none
+    import pandas as pd
 
 SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")
             for stage in ("prefill", "decode") for q in ("", "_lo", "_hi")]
@@ -261,6 +263,8 @@ def latency_rows(folder: str) -> list[dict]:
 
 def build_latency(results_dir: str, folders: list[str] | None = None) -> pd.DataFrame:
     """The ``latency`` table of the finished cells under ``results_dir`` (or of ``folders``)."""
+    import pandas as pd
+
     rows = [r for f in (complete_cells(results_dir) if folders is None else folders) for r in latency_rows(f)]
     frame = pd.DataFrame(rows, columns=LATENCY_COLUMNS)
     return frame.sort_values(["cell", "batch", "prompt_len"]).reset_index(drop=True)
@@ -272,6 +276,8 @@ def build_tables(results_dir: str, allow_mixed: bool = False, skip_broken: bool 
 
     Broken cells raise `BrokenCellsError` naming them, unless ``skip_broken``.
     """
+    import pandas as pd
+
     folders = complete_cells(results_dir, skip_broken) if folders is None else folders
     runs = pd.DataFrame([run_row(f) for f in folders], columns=RUN_COLUMNS)
     scores = pd.DataFrame([r for f in folders for r in score_rows(f)],

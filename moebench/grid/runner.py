@@ -23,10 +23,11 @@ import sys
 from pathlib import Path
 
 from moebench.grid.executors.base import is_done
-from moebench.grid.guard import LOCK_FILE, holder, is_locked, release, study_lock, try_lock
+from moebench.grid.guard import LOCK_FILE, holder, release, study_lock, try_lock
 from moebench.grid.index import write_index
 from moebench.grid.results import BrokenCellsError, finished_cells, verify_cell, write_tables
 from moebench.grid.spec import Cell, Study
+from moebench.grid.status import STATES, cell_state, plain
 from moebench.util import atomic_write_json, check_name, path_under
 
 
@@ -43,7 +44,10 @@ def cell_dir(root: str, cell: Cell) -> str:
 def prepare(study: Study, root: str) -> list[str]:
     """Create the study folder and each cell's ``spec.json`` (atomically); returns the cell folders."""
     os.makedirs(os.path.join(root, "cells"), exist_ok=True)
-    atomic_write_json(os.path.join(root, "study.json"), {"name": study.name, "spec": study.spec, "path": study.path})
+    import moebench
+
+    atomic_write_json(os.path.join(root, "study.json"), {"name": study.name, "spec": plain(study.spec),
+                                                         "path": study.path, "moebench_version": moebench.__version__})
     folders = []
     for cell in study.cells:
         folder = cell_dir(root, cell)
@@ -54,19 +58,6 @@ def prepare(study: Study, root: str) -> list[str]:
                                           "device": study.spec.get("device"), "spec": cell.to_dict()})
         folders.append(folder)
     return folders
-
-
-STATES = ("done", "running", "failed", "broken", "pending")
-
-
-def cell_state(folder: str) -> str:
-    """``done``, ``running`` (another process holds it), ``failed`` (failure.json, no DONE),
-    ``broken`` (DONE, but files that do not verify) or ``pending``."""
-    if is_locked(folder):
-        return "running"
-    if is_done(folder):
-        return "broken" if verify_cell(folder) else "done"
-    return "failed" if os.path.exists(os.path.join(folder, "failure.json")) else "pending"
 
 
 def reopen(folder: str, problem: str) -> bool:
@@ -92,10 +83,20 @@ def reopen_broken(folders: list[str]) -> dict[str, str]:
     return {f: p for f, p in broken.items() if reopen(f, p)}
 
 
+def calibration_needs(cells: list[Cell]) -> dict[tuple[str, str], set[str]]:
+    """For each (model, calibration source) the cells use, the union of the statistic groups they need."""
+    needs: dict[tuple[str, str], set[str]] = {}
+    for cell in cells:
+        if cell.calib:
+            needs.setdefault((cell.model, cell.calib), set()).update(cell.needs() or {"routing"})
+    return needs
+
+
 def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> dict[str, float]:
     """Collect, for each (model, calibration) the pending cells use, the union of their statistic groups.
 
-    Runs in this process before any cell starts, so concurrent cells only read the cache.
+    Runs in this process before any cell starts, so concurrent cells only read the cache. Says
+    ``calibration i of N`` before each pass and, from the second on, the time the rest should take.
     Returns seconds spent per ``"<model>|<calibration>"`` (a cache hit costs almost nothing).
     """
     import time
@@ -103,12 +104,14 @@ def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> di
     from moebench.method.pipeline import PlanRequest, single_requests, statistics
     from moebench.moe.checkpoint import load_with_tokenizer
 
-    needs: dict[tuple[str, str], set[str]] = {}
-    for cell in cells:
-        if cell.calib:
-            needs.setdefault((cell.model, cell.calib), set()).update(cell.needs() or {"routing"})
-    seconds = {}
-    for (model_name, calib), groups in sorted(needs.items()):
+    needs = sorted(calibration_needs(cells).items())
+    seconds: dict[str, float] = {}
+    for i, ((model_name, calib), groups) in enumerate(needs, 1):
+        if progress:
+            spent = sum(seconds.values())
+            eta = f"; about {_duration(spent / (i - 1) * (len(needs) - i + 1))} left" if i > 1 and spent > 1 else ""
+            print(f"calibration {i} of {len(needs)}: {model_name} on {calib} ({', '.join(sorted(groups))}){eta}",
+                  flush=True)
         start = time.perf_counter()
         model, tokenizer = load_with_tokenizer(model_name, dtype=study.spec.get("dtype", "auto"),
                                                device=study.spec.get("device"))
@@ -124,6 +127,10 @@ def calibrate_once(study: Study, cells: list[Cell], progress: bool = True) -> di
     return seconds
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def _seq_len(model, cell: Cell) -> int:
     """The cell's calibration length, defaulting to what the model can take (at most 2048)."""
     from moebench.moe.view import MoEView
@@ -136,20 +143,96 @@ def cell_command(folder: str) -> list[str]:
     return [sys.executable, "-m", "moebench.grid.cell", folder]
 
 
-def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> dict:
-    """Run every unfinished cell of ``study`` under ``root``; returns counts, cells and table paths.
+def choose(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,
+           retry_failed: bool = False) -> dict:
+    """Which cells a run would start, from their state now; reads, writes nothing.
 
-    ``elsewhere``: cells another process was running; ``reopened``: broken finished cells run again.
+    ``only``: filters (`moebench.grid.select`) a cell must match to run; ``force``: filters of finished cells
+    to run again; ``retry_failed``: run only failed and broken cells (plus forced ones). Returns lists of
+    ``(cell, folder, state)``: ``run`` (with ``forced`` among them), ``running`` (held by another process),
+    ``done`` (finished, left as they are) and ``left`` (unfinished, not selected).
+    """
+    from moebench.grid.index import index_row
+    from moebench.grid.select import select
+
+    entries = [(cell, cell_dir(root, cell), cell_state(cell_dir(root, cell))) for cell in study.cells]
+    fields = lambda entry: index_row(entry[0], entry[2])  # noqa: E731
+    chosen = {id(e) for e in select(entries, only, fields, "--only")}
+    forced = {id(e) for e in select(entries, force, fields, "--force")} if force else set()
+    out: dict[str, list] = {"run": [], "forced": [], "running": [], "done": [], "left": []}
+    for entry in entries:
+        state = entry[2]
+        if state == "running":
+            out["running" if id(entry) in chosen else "left"].append(entry)
+        elif id(entry) not in chosen:
+            out["done" if state == "done" else "left"].append(entry)
+        elif id(entry) in forced and state == "done":
+            out["run"].append(entry)
+            out["forced"].append(entry)
+        elif state == "done":
+            out["done"].append(entry)
+        elif retry_failed and state == "pending":
+            out["left"].append(entry)
+        else:
+            out["run"].append(entry)
+    return out
+
+
+def dry_run(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,
+            retry_failed: bool = False) -> str:
+    """What `grid run` would do, in spec terms: the cells it would start and the calibration passes."""
+    from moebench.grid.index import index_row
+    from moebench.grid.status import describe
+
+    plan = choose(study, root, only, force, retry_failed)
+    forced = {id(e) for e in plan["forced"]}
+    lines = [f"{study.name}: would run {len(plan['run'])} of {len(study.cells)} cells "
+             f"({len(plan['done'])} done and kept, {len(plan['running'])} running elsewhere, "
+             f"{len(plan['left'])} not selected); nothing is written"]
+    needs = calibration_needs([e[0] for e in plan["run"]])
+    for i, ((model, calib), groups) in enumerate(sorted(needs.items()), 1):
+        lines.append(f"  calibration {i} of {len(needs)}: {model} on {calib}: {', '.join(sorted(groups))} "
+                     "(read from the statistics cache where it holds them)")
+    for entry in plan["run"]:
+        why = "forced" if id(entry) in forced else entry[2]
+        lines.append(f"  run  {describe(index_row(entry[0], why))}  [{why}; cells/{entry[0].id}]")
+    for entry in plan["running"]:
+        lines.append(f"  skip {describe(index_row(entry[0], 'running'))}  [running elsewhere; cells/{entry[0].id}]")
+    return "\n".join(lines)
+
+
+def force_rerun(folder: str) -> bool:
+    """Hand a finished cell back to the next run (its DONE removed, under its lock); False when another process
+    holds it. Its old files are removed when the cell starts again."""
+    lock = try_lock(folder)
+    if lock is None:
+        return False
+    try:
+        if is_done(folder):
+            os.remove(os.path.join(folder, "DONE"))
+        return True
+    finally:
+        release(lock)
+
+
+def run_grid(study: Study, root: str, executor=None, progress: bool = True, only: list[str] | None = None,
+             force: list[str] | None = None, retry_failed: bool = False) -> dict:
+    """Run the unfinished cells of ``study`` under ``root`` (those `choose` selects); returns counts, cells and
+    table paths.
+
+    ``elsewhere``: cells another process was running; ``reopened``: broken finished cells run again;
+    ``forced``: finished cells run again by ``force``; ``left``: unfinished cells not selected.
     """
     from moebench.grid.executors import make_executor
 
     with study_lock(root):
         folders = prepare(study, root)
         reopened = reopen_broken(folders)
+        plan = choose(study, root, only, force, retry_failed)
+        forced = [folder for _, folder, _ in plan["forced"] if force_rerun(folder)]
         _write_index(study, root)
-        unfinished = [f for f in folders if not is_done(f)]
-        elsewhere = [f for f in unfinished if is_locked(f)]
-        pending = [f for f in unfinished if f not in elsewhere]
+        pending = [folder for _, folder, _ in plan["run"] if not is_done(folder)]
+        elsewhere = [folder for _, folder, _ in plan["running"]]
         by_folder = dict(zip(folders, study.cells, strict=True))
         seconds = calibrate_once(study, [by_folder[f] for f in pending], progress)
         _record_calibration(root, seconds)
@@ -163,8 +246,10 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True) -> d
         _write_index(study, root)
         tables = write_tables(root, skip_broken=True) if any(is_done(f) for f in folders) else {}
     return {"cells": len(folders), "done": len(result.done) if result else 0,
-            "skipped": len(folders) - len(unfinished), "failed": failed, "elsewhere": elsewhere,
-            "holders": {f: holder(f) for f in elsewhere}, "reopened": reopened, "tables": tables}
+            "skipped": len(plan["done"]), "failed": failed, "elsewhere": elsewhere,
+            "holders": {f: holder(f) for f in elsewhere}, "reopened": reopened, "tables": tables,
+            "forced": forced, "left": [folder for _, folder, _ in plan["left"]],
+            "errors": dict(result.errors) if result else {}}
 
 
 def collect(results_dir: str, allow_mixed: bool = False, skip_broken: bool = False) -> tuple[dict, dict]:

@@ -96,7 +96,8 @@ def test_a_cell_held_by_another_process_is_left_alone_and_reported(tmp_path, sav
         done = subprocess.run(grid(spec, results), capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "1 done now, 0 already done, 0 failed, 1 running elsewhere" in done.stdout
-        assert f"running elsewhere: {held} (pid {os.getpid()} on" in done.stdout
+        assert f"running elsewhere: frequency ratio 0.25 calib file:{tmp_path}/calib.txt" in done.stdout
+        assert f"[cells/{os.path.basename(held)}]: held by another run (here, pid {os.getpid()} since" in done.stdout
         shown = subprocess.run(grid(spec, results, action="status"), capture_output=True, text=True)
         assert "1 done, 1 running, 0 failed, 0 broken, 0 pending" in shown.stdout
         assert Path(held, "results.json").read_text() == "being written by the other process"  # untouched
@@ -117,7 +118,9 @@ def test_broken_finished_cells_are_named_skipped_or_redone(tmp_path, saved_model
 
     Path(a, "results.json").write_text("garbage{")
     shown = subprocess.run(grid(spec, results, action="status"), capture_output=True, text=True)
-    assert f"broken: {a}: results.json is not readable JSON (Expecting value" in shown.stdout
+    (line,) = [line for line in shown.stdout.splitlines() if line.strip().startswith("broken ")]
+    assert "frequency ratio" in line and f"[cells/{os.path.basename(a)}]" in line
+    assert ": results.json is not readable JSON (Expecting value" in line
     skip = subprocess.run([*collect, "--skip-broken"], capture_output=True, text=True)
     assert skip.returncode == 0 and f"skipped broken cell {a}: results.json is not readable JSON" in skip.stderr
     assert sorted(pd.read_csv(os.path.join(root, "tables", "runs.csv"))["cell"]) == sorted(
@@ -135,7 +138,8 @@ def test_broken_finished_cells_are_named_skipped_or_redone(tmp_path, saved_model
     Path(c, "cell.json").write_text(Path(c, "cell.json").read_text()[:40])  # truncated; grid run finds it
     again = subprocess.run(grid(spec, results), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"redone: {c} held broken results (cell.json is not readable JSON" in again.stdout
+    (line,) = [line for line in again.stdout.splitlines() if line.strip().startswith("redone: ")]
+    assert f"[cells/{os.path.basename(c)}] held broken results (cell.json is not readable JSON" in line
     assert "3 done now" in again.stdout and [starts(f) for f in (a, b, c)] == [2, 2, 2]
     assert subprocess.run(collect, capture_output=True).returncode == 0
     assert len(pd.read_csv(os.path.join(root, "tables", "runs.csv"))) == 3
