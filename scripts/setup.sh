@@ -14,9 +14,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --disable-pip-version-check -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/pip install --disable-pip-version-check -q -e ".[test]"
-if [ "$(id -u)" = 0 ] && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then scripts/slurm/install.sh || echo "warning: could not install Slurm (slurm-wlm, munge); the Slurm executor tests will be skipped" >&2; fi
+if [ "$(id -u)" = 0 ] && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then
+    echo "set-up: installing slurm-wlm and munge system-wide (apt-get, as root) for the Slurm executor tests, which start a single-node cluster"
+    scripts/slurm/install.sh || echo "warning: could not install Slurm (slurm-wlm, munge); the Slurm executor tests will be skipped" >&2; fi
 # pdffonts (poppler-utils) lets the report tests check that no figure font is Type 3
 if [ "$(id -u)" = 0 ] && ! command -v pdffonts >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "set-up: installing poppler-utils system-wide (apt-get, as root): its pdffonts lets the report tests check the PDF fonts"
     { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends poppler-utils >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
            --no-install-recommends poppler-utils >/dev/null; }; } \
