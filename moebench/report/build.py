@@ -23,12 +23,17 @@ from moebench.util import atomic_write_text, check_name, path_under
 GENERATED = ("report.md", "report.pdf", "figures", "tables")
 
 
-def _figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
+def draw_figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
+    """Every figure of the report (`figures.Figure`, open) or why it was not drawn (`figures.Skipped`), in
+    report order. Each method has one colour and marker in all of them (`style.report_styles`, fixed here
+    once for the report)."""
     measure = study.spec.get("measure")
     reps = measure.get("reps") if isinstance(measure, dict) else None
-    out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", "")), F.recovery_vs_ratio(table),
-           F.memory_pareto(table), F.speedup_vs_ratio(table, reps), maps.latency_vs_input(study.latency, table),
-           F.recovery_heatmap(table), F.calibration_effect(effect, table)]
+    styles = style.report_styles(table, effect)
+    out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", ""), styles), F.recovery_vs_ratio(table, styles),
+           F.memory_pareto(table, styles), F.speedup_vs_ratio(table, reps, styles),
+           maps.latency_vs_input(study.latency, table), F.recovery_heatmap(table),
+           F.calibration_effect(effect, table, styles)]
     kept = maps.kept_expert_maps(study.plans, table)
     return out + (kept if isinstance(kept, list) else [kept])
 
@@ -84,7 +89,7 @@ def build_report(study: StudyData, out_root: str, spec: MetricSpec, domain_overr
     comparison = published.compare(study, table)
     refs = published.references(sorted(table["model"].unique()))
     with style.figure_style():
-        drawn = _figures(study, table, effect, spec)
+        drawn = draw_figures(study, table, effect, spec)
         for item in drawn:
             if isinstance(item, F.Figure):
                 item.paths = style.save_figure(item.fig, os.path.join(folder, "figures", item.name))

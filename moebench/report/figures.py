@@ -3,9 +3,11 @@ memory-accuracy Pareto front, each faceted by method kind (`moebench.report.face
 
 Every function returns a `Figure` (open matplotlib figure plus its file stem, title, caption) or a
 `Skipped` note saying which data were missing. In every panel: the unpruned model (black, dashed),
-the random baseline as a grey band (min-max over its seeds), at most six series in six colours with
-distinct markers (line style: calibration source), the panel's legend below it. Cells run with an
-lm-eval ``limit`` are drawn with hollow markers. Speeds carry their spread over repetitions.
+the random baseline as a grey band (min-max over its seeds), at most six series, each method in the
+colour and marker it has throughout the report (``styles``, `style.report_styles`; line style:
+calibration source), the panel's legend below it. Cells run with an lm-eval ``limit`` are drawn
+with hollow markers. Accuracies carry their 95% interval (1.96 standard errors) where the scores
+table has standard errors; speeds carry their spread over repetitions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from moebench.report.layout import (
     shared_legend,
 )
 from moebench.report.textfmt import byte_unit
-from moebench.report.uncertainty import speedup_interval
+from moebench.report.uncertainty import Z95, speedup_interval
 
 __all__ = [
     "Figure",
@@ -101,11 +103,29 @@ def _ratios(table: pd.DataFrame) -> list[float]:
     return sorted({0.0, *(float(r) for r in table["ratio"].dropna())})
 
 
-def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, reference: float | None):
+def _interval(ax, xs, ys, stderrs, colour: str) -> int:
+    """95% interval bars (``Z95`` x stderr) at the points that have a stderr; returns how many."""
+    points = [(x, y, Z95 * e) for x, y, e in zip(xs, ys, stderrs, strict=True)
+              if not (pd.isna(y) or e is None or pd.isna(e))]
+    if points:
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="none",
+                    ecolor=colour, elinewidth=0.8, capsize=1.5, zorder=2)
+    return len(points)
+
+
+def _styles(table: pd.DataFrame, styles: style.MethodStyles | None) -> style.MethodStyles:
+    return style.report_styles(table) if styles is None else styles
+
+
+def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, reference: float | None,
+                 styles: style.MethodStyles, stderr: str | None = None):
+    """Lines of ``column`` x ``scale`` vs ratio; with ``stderr``, 95% interval bars where it is known.
+    Returns the figure, the series caption note and the number of interval bars drawn."""
     panels, series = _panels(table)
     common = _common(table)
     parts = facet_grid([p.labels() for p in panels], common)
     fig, axes = parts[:2]
+    bars = 0
     for ax, panel in zip(axes, panels, strict=True):
         part = table[table["model"] == panel.model]
         base = part[part["baseline"]]
@@ -113,47 +133,59 @@ def _ratio_lines(table: pd.DataFrame, column: str, scale: float, ylabel: str, re
         start = reference if reference is not None else base_value
         _reference(ax, start)
         _draw_band(ax, part, column, scale, start)
-        for i, (method, calib) in enumerate(panel.series):
+        if stderr and base_value is not None and reference is None:
+            bars += _interval(ax, [0.0], [base_value], [base[stderr].iloc[0] * scale], style.REFERENCE_COLOUR)
+        for method, calib in panel.series:
             group = part[(part["method"] == method) & (part["calib"] == calib) & ~part["baseline"]].sort_values("ratio")
             x, y = list(group["ratio"]), list(group[column] * scale)
+            kw = styles[method].line(panel.variant(calib))
+            if stderr:
+                bars += _interval(ax, x, y, list(group[stderr] * scale), kw["color"])
             if start is not None and 0.0 not in x:
                 x, y = [0.0, *x], [start, *y]
-            kw = style.series_style(i, panel.variant(calib))
             ax.plot(x, y, label=style.text(panel.label(method, calib)), **kw)
             limited = group[group["limited"]]
             ax.scatter(limited["ratio"], limited[column] * scale, facecolors="white", edgecolors=kw["color"],
                        marker=kw["marker"], s=18, zorder=3)
         ax.set_title(style.text(panel.title))
     _legends(parts, panels, common, XLABEL, ylabel, _ratios(table))
-    return fig, series.note()
+    return fig, series.note(), bars
 
 
 BAND_NOTE = (" Each panel is one kind of method (at most six series); dashed black: unpruned; grey band: random "
              "pruning, min-max over its seeds.")
 
 
-def accuracy_vs_ratio(table: pd.DataFrame, metric_text: str) -> Figure:
-    """Average accuracy vs pruning ratio, a panel per method kind (and model)."""
-    fig, note = _ratio_lines(table, "accuracy", 100.0, "average accuracy (%)", None)
+def accuracy_vs_ratio(table: pd.DataFrame, metric_text: str, styles: style.MethodStyles | None = None) -> Figure:
+    """Average accuracy vs pruning ratio, a panel per method kind (and model), with 95% interval bars
+    where the scores carry standard errors."""
+    fig, note, bars = _ratio_lines(table, "accuracy", 100.0, "average accuracy (%)", None, _styles(table, styles),
+                                   stderr="accuracy_stderr")
+    intervals = (" Bars: 95% interval of each cell's average accuracy (1.96 standard errors, from the tasks' "
+                 "standard errors; the unpruned model's at 0)." if bars else
+                 " No bars: the scores table has no standard errors.")
     return Figure("accuracy_vs_ratio", "Average accuracy vs pruning ratio",
-                  f"Average accuracy ({metric_text}) vs the ratio of routed experts removed." + BAND_NOTE + note, fig)
+                  f"Average accuracy ({metric_text}) vs the ratio of routed experts removed." + BAND_NOTE + intervals
+                  + note, fig)
 
 
-def recovery_vs_ratio(table: pd.DataFrame) -> Figure:
+def recovery_vs_ratio(table: pd.DataFrame, styles: style.MethodStyles | None = None) -> Figure:
     """Recovery (% of the unpruned model's accuracy) vs pruning ratio, a panel per method kind."""
-    fig, note = _ratio_lines(table, "recovery", 1.0, "recovery (% of unpruned)", 100.0)
+    fig, note, _ = _ratio_lines(table, "recovery", 1.0, "recovery (% of unpruned)", 100.0, _styles(table, styles))
     return Figure("recovery_vs_ratio", "Recovery vs pruning ratio",
                   "Average accuracy as a percentage of the unpruned model's, vs pruning ratio." + BAND_NOTE + note,
                   fig)
 
 
-def speedup_vs_ratio(table: pd.DataFrame, reps: int | None = None) -> Figure | Skipped:
+def speedup_vs_ratio(table: pd.DataFrame, reps: int | None = None,
+                     styles: style.MethodStyles | None = None) -> Figure | Skipped:
     """Paired decode speedup over the unpruned model vs ratio, with its 95% interval; hollow markers: cells
     timed unpaired or under load."""
     if table["decode_speedup"].notna().sum() == 0:
         return Skipped("speedup_vs_ratio", "Decode speedup vs ratio",
                        "no paired decode speedup in the runs table (decode_speedup): the study ran without "
                        "`measure`, or its cells are from before paired timing")
+    styles = _styles(table, styles)
     panels, series = _panels(table)
     common = ["unpruned (1 by definition)"]
     parts = facet_grid([p.labels() for p in panels], common)
@@ -169,7 +201,7 @@ def speedup_vs_ratio(table: pd.DataFrame, reps: int | None = None) -> Figure | S
             if not points:
                 continue
             dodge = (i - (len(panel.series) - 1) / 2) * 0.012
-            kw = style.series_style(i, panel.variant(calib))
+            kw = styles[method].line(panel.variant(calib))
             xs, ys = [x + dodge for x, _, _ in points], [s[1] for _, s, _ in points]
             err = [[s[1] - s[0] for _, s, _ in points], [s[2] - s[1] for _, s, _ in points]]
             ax.errorbar(xs, ys, yerr=err, capsize=2, elinewidth=0.8, label=style.text(panel.label(method, calib)),
@@ -200,9 +232,11 @@ def pareto_front(memory: list[float], accuracy: list[float]) -> list[int]:
     return front
 
 
-def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
+def memory_pareto(table: pd.DataFrame, styles: style.MethodStyles | None = None) -> Figure | Skipped:
     """Measured run peak on GPUs (resident weights on CPUs or where not measured) vs average accuracy, a panel
-    per method kind, with the Pareto front of all of the model's cells in each."""
+    per method kind, with the Pareto front of all of the model's cells in each; a method's cells are joined
+    in order of ratio (line style: calibration source)."""
+    styles = _styles(table, styles)
     gpu = (table["run_peak_bytes"].notna().all() and len(table) > 0
            and table["memory_measure"].astype(str).str.startswith("cuda").all())
     column = "run_peak_bytes" if gpu else "weight_bytes"
@@ -226,13 +260,18 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
         ax.scatter([mem[i] for i in others], [acc[i] for i in others], color=style.BAND_COLOUR, s=9, zorder=1,
                    label="other cells", linewidths=0)
         for i in part.index[part["baseline"]]:
-            ax.scatter(mem[i], acc[i], color=style.REFERENCE_COLOUR, marker="*", s=50, label="unpruned", zorder=3)
-        for k, (method, calib) in enumerate(panel.series):
-            kw = style.series_style(k, panel.variant(calib))
-            for i, row in part[(part["method"] == method) & (part["calib"] == calib)].iterrows():
-                face = "white" if row["limited"] else kw["color"]
-                ax.scatter(mem[i], acc[i], facecolors=face, edgecolors=kw["color"], marker=kw["marker"], s=22,
-                           label=style.text(panel.label(method, calib)), zorder=2)
+            ax.scatter(mem[i], acc[i], color=style.REFERENCE_COLOUR, marker=style.BASELINE.marker, s=50,
+                       label="unpruned", zorder=3)
+        for method, calib in panel.series:
+            kw = {**styles[method].line(panel.variant(calib)), "linewidth": 0.8, "markersize": 4.5}
+            rows = part[(part["method"] == method) & (part["calib"] == calib) & ~part["baseline"]]
+            rows = rows.sort_values("ratio")
+            ax.plot([mem[i] for i in rows.index], [acc[i] for i in rows.index], zorder=2,
+                    label=style.text(panel.label(method, calib)), **kw)
+            limited = [i for i in rows.index if rows.at[i, "limited"]]
+            if limited:
+                ax.scatter([mem[i] for i in limited], [acc[i] for i in limited], facecolors="white",
+                           edgecolors=kw["color"], marker=kw["marker"], s=22, zorder=3)
         ax.set_title(style.text(panel.title))
     _legends(parts, panels, common, ("run peak, GPU" if gpu else "resident weights") + f" ({unit})",
              "average accuracy (%)")
@@ -240,5 +279,6 @@ def memory_pareto(table: pd.DataFrame) -> Figure | Skipped:
             "applied)" if gpu else "resident weight bytes (the measured run peak on a CPU is the whole "
             "process's resident set, mostly the runtime; it is in the main table)")
     return Figure("memory_pareto", "Memory vs accuracy (Pareto front)",
-                  f"Each cell's {what} vs average accuracy, a panel per kind of method; the dark steps join the cells "
-                  "no other cell of the model beats on both; grey dots: the model's other cells." + series.note(), fig)
+                  f"Each cell's {what} vs average accuracy, a panel per kind of method; a method's cells are joined "
+                  "in order of ratio (line style: calibration source); the dark steps join the cells no other cell "
+                  "of the model beats on both; grey dots: the model's other cells." + series.note(), fig)

@@ -2,7 +2,9 @@
 calibration-domain effect (domain minus generic calibration per domain task, with 95% intervals).
 
 Rows of the heat map follow the facet order of `moebench.report.facets` (static scores, search,
-global budgets, input-aware, merging, skipping, then random), separated by white rules.
+global budgets, input-aware, merging, skipping, then random), separated by white rules; its colour
+bar lies below the panels, so its label has the figure's width however few rows there are. The
+calibration-effect bars take each method's colour and a hatch of the report's `style.MethodStyles`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from moebench.report.layout import Figure, Skipped, columns_for, outer_labels, s
 from moebench.report.uncertainty import Z95
 
 ROW_IN = 0.17  # inches per heat-map row (8 pt numbers)
+BAR_IN = 0.55  # the horizontal colour bar below the panels, with its ticks and label
 
 
 def _row_order(part: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -34,7 +37,7 @@ def recovery_heatmap(table: pd.DataFrame) -> Figure | Skipped:
     lo, hi = float(pruned["recovery"].min()), max(100.0, float(pruned["recovery"].max()))
     ncols = min(2, len(models))
     rows = max(len(_row_order(pruned[pruned["model"] == m])) for m in models)
-    fig = plt.figure(figsize=(style.TWO_COLUMN, rows * ROW_IN * -(-len(models) // ncols) + 1.0),
+    fig = plt.figure(figsize=(style.TWO_COLUMN, rows * ROW_IN * -(-len(models) // ncols) + 1.0 + BAR_IN),
                      layout="constrained")
     several = pruned.groupby("method")["calib"].nunique().to_dict()
     axes = fig.subplots(-(-len(models) // ncols), ncols, squeeze=False).flat
@@ -64,21 +67,24 @@ def recovery_heatmap(table: pd.DataFrame) -> Figure | Skipped:
         ax.grid(False)
     for ax in list(axes)[len(models):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=fig.axes[:len(models)], label="recovery (% of unpruned accuracy)", shrink=0.9, aspect=30)
+    fig.colorbar(image, ax=fig.axes[:len(models)], label="recovery (% of unpruned accuracy)", location="bottom",
+                 shrink=0.5, aspect=40, pad=0.05)
     return Figure("recovery_heatmap", "Recovery heatmap",
                   "Recovery (% of the unpruned model's average accuracy) per method and ratio; rows grouped by kind "
                   "of method (white rules between groups); a calibration source is named where a method ran with "
                   "several.", fig)
 
 
-def calibration_effect(effect: pd.DataFrame, table: pd.DataFrame) -> Figure | Skipped:
-    """Domain minus generic calibration on each domain task, bars per method with 95% intervals,
-    a panel per model x ratio."""
+def calibration_effect(effect: pd.DataFrame, table: pd.DataFrame,
+                       styles: style.MethodStyles | None = None) -> Figure | Skipped:
+    """Domain minus generic calibration on each domain task, bars per method (the report's ``styles``)
+    with 95% intervals, a panel per model x ratio."""
     if effect.empty:
         return Skipped("calibration_effect", "Calibration-domain effect",
                        "no method and ratio has cells with both a generic (c4, testbed:mix) and a domain calibration")
     keys = sorted(set(zip(effect["model"], effect["ratio"], strict=True)))
     methods = sorted(effect["method"].unique())
+    styles = style.report_styles(table, effect) if styles is None else styles
     ncols = min(3, columns_for(len(keys)))
     fig, axes, lax, ncol = shared_grid(len(keys), methods, plot_h=1.45, ncols=ncols, sharey=True)
     many_generic = effect["generic_calib"].nunique() > 1
@@ -91,8 +97,9 @@ def calibration_effect(effect: pd.DataFrame, table: pd.DataFrame) -> Figure | Sk
             xs = [cats.index((t, g)) + (k - (len(methods) - 1) / 2) * width
                   for t, g in zip(rows["task"], rows["generic_calib"], strict=True)]
             err = (Z95 * rows["delta_stderr"]).fillna(0.0)
-            ax.bar(xs, rows["delta"], width=width, color=style.PANEL_COLOURS[k % len(style.PANEL_COLOURS)],
-                   label=style.text(method), yerr=err, error_kw={"elinewidth": 0.8, "capsize": 2})
+            ax.bar(xs, rows["delta"], width=width, label=style.text(method), yerr=err,
+                   error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": style.REFERENCE_COLOUR},
+                   **styles[method].bar())
         ax.axhline(0, color=style.REFERENCE_COLOUR, linewidth=0.8)
         ax.set_xticks(range(len(cats)), [style.text(f"{t}\nvs {g}" if many_generic else t) for t, g in cats])
         ax.set_title(style.text(f"{model}, ratio {ratio:.2f}" if effect["model"].nunique() > 1

@@ -5,7 +5,8 @@ Latency table (``<study>/tables/latency.{csv,parquet}``), one row per cell x pro
 ``cell``, ``prompt_len`` (input tokens per sequence), ``batch`` (sequences), ``ms_per_token``
 (median milliseconds per decode step, i.e. per generated token of each sequence); optional
 ``ms_per_token_p10``, ``ms_per_token_p90`` (the spread shaded around each line), ``new_tokens``,
-``prefill_ms``. The figure uses the smallest batch measured.
+``prefill_ms``. The figure uses the smallest batch measured. Its lines stand for ratios, drawn in shades
+of the sequential ``cividis`` map (`style.ratio_looks`), so they never take a method's colour.
 
 Kept-expert maps use ``keep`` (MoE layer -> kept expert ids) of each plan, and for input-aware
 methods ``extra.keep_frequency`` (layer -> per-expert fraction of inputs that kept the expert).
@@ -74,6 +75,7 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
     ratios = sorted(r for r in lat["ratio"].unique() if r > 0)
     twice = pd.Series([k[1] for k in keys]).value_counts().to_dict()
     labels = ["unpruned"] + [f"ratio {r:.2f}" for r in ratios]
+    looks = style.ratio_looks(ratios)  # shades of one sequential map: a ratio never looks like a method
     fig, axes, lax, ncol = shared_grid(len(keys), labels, plot_h=1.05, ncols=min(4, max(1, len(keys))), sharey=True,
                                        sharex=True)
     spreads = set()
@@ -83,10 +85,10 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
         if len(base):
             _latency_line(ax, base, "unpruned", {"color": style.REFERENCE_COLOUR, "marker": "*", "linewidth": 1.2,
                                                  "markersize": 4}, spreads)
-        for k, ratio in enumerate(ratios):
+        for ratio in ratios:
             rows = part[(part["method"] == method) & (part["calib"] == calib) & (part["ratio"] == ratio)]
             if len(rows):
-                _latency_line(ax, rows, f"ratio {ratio:.2f}", style.series_style(k), spreads)
+                _latency_line(ax, rows, f"ratio {ratio:.2f}", looks[ratio].line(), spreads)
         ax.set_xscale("log", base=2)
         name = f"{method} [{calib}]" if calib and twice.get(method, 0) > 1 else method
         ax.set_title(style.text(f"{model}: {name}" if lat["model"].nunique() > 1 else name), fontsize=8)
@@ -100,10 +102,10 @@ def latency_vs_input(latency: pd.DataFrame | None, table: pd.DataFrame) -> Figur
               "shaded: from the median to the p90 of the repetitions (no p10 recorded)" if spreads else
               "no spread recorded")
     return Figure("latency_vs_input", title, f"Median decode latency per generated token vs prompt length at "
-                  f"batch {batch}, one line per pruning ratio; black: unpruned; {spread}. A panel per method, "
-                  "grouped by kind, on shared axes; random pruning is left out (its latency is that of any static "
-                  "method "
-                  "at the same ratio: see tables/latency.csv)." + series.note(), fig)
+                  f"batch {batch}, one line per pruning ratio (darker: fewer experts removed); black: unpruned; "
+                  f"{spread}. A panel per method, grouped by kind, on shared axes; random pruning is left out (its "
+                  "latency is that of any static method at the same ratio: see tables/latency.csv)." + series.note(),
+                  fig)
 
 
 def slug(text: str) -> str:

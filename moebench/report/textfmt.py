@@ -85,10 +85,16 @@ def speedup_text(median, lo, hi) -> str:
     return f"{num(median, 2)} [{num(lo, 2)}, {num(hi, 2)}]"
 
 
-def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int | None = None) -> str:
+def markdown_table(header: list[str], rows: list[list[str]], numeric_from: int | None = None,
+                   link_last: bool = False) -> str:
     """A GitHub Markdown table, every cell escaped (`md_escape`); columns from ``numeric_from`` on are
-    right-aligned."""
-    esc = [[md_escape(c) for c in row] for row in [header, *rows]]
+    right-aligned. With ``link_last``, each row has one more item than ``header``, a URL (already
+    percent-encoded, or ``""`` for none) that its last cell links to."""
+    if link_last:
+        rows = [[*row[:-2], (row[-2], row[-1])] for row in rows]
+    esc = [[md_escape(c) for c in header]] + [
+        [f"[{md_escape(c[0])}]({c[1]})" if isinstance(c, tuple) and c[1] else
+         md_escape(c[0] if isinstance(c, tuple) else c) for c in row] for row in rows]
     align = ["---:" if numeric_from is not None and i >= numeric_from else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(esc[0]) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]

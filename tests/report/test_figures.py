@@ -1,5 +1,5 @@
-"""Figures as a paper needs them: panels by kind of method, at most six series in six colours, the
-unpruned line and the random band in every panel, legends below the plots and smaller than them,
+"""Figures as a paper needs them: panels by kind of method, at most six series, each method in its own
+colour and marker, the unpruned line and the random band in every panel, legends below the plots and smaller than them,
 paper widths, 8-9 pt text, colour bars that say their unit, speed spread, and the PDF's pages."""
 
 from __future__ import annotations
@@ -88,8 +88,13 @@ def test_accuracy_figure_is_faceted_by_kind_with_band_and_reference(table):
         for ax in panels:
             lines = _series_lines(ax)
             assert 1 <= len(lines) <= 6, ax.get_title()
-            colours = [mcolors.to_hex(ln.get_color()) for ln in lines]
-            assert len(set(colours)) == len(colours), (ax.get_title(), colours)  # no colour twice in a panel
+            looks = [(mcolors.to_hex(ln.get_color()), ln.get_marker(), ln.get_linestyle()) for ln in lines]
+            assert len(set(looks)) == len(looks), (ax.get_title(), looks)  # no two series look alike in a panel
+            methods = {ln.get_label().split(" [")[0]: look[:2] for ln, look in zip(lines, looks, strict=True)}
+            colours = [c for c, _ in methods.values()]
+            markers = [m for _, m in methods.values()]
+            # a method's calibrations share its colour and marker (line style tells them apart); methods differ
+            assert len(set(colours)) == len(colours) and len(set(markers)) == len(markers), (ax.get_title(), methods)
             reference = [ln for ln in ax.get_lines() if ln.get_label() == "unpruned"]
             assert reference and reference[0].get_linestyle() == "--"
             bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -122,7 +127,7 @@ def test_heat_maps_have_colour_bars_with_units_and_maps_say_what_0_and_1_mean(tm
     with style.figure_style():
         heat = F.recovery_heatmap(table)
         bars = [ax for ax in heat.fig.axes if ax.get_label() == "<colorbar>"]
-        assert len(bars) == 1 and "%" in bars[0].get_ylabel()
+        assert len(bars) == 1 and "%" in bars[0].get_xlabel()  # a horizontal bar below the panels
         style.close(heat.fig)
         plans = {"p1": {"kind": "prune", "keep": {"0": [0, 1, 2], "1": [0, 1]}, "extra": {"n_experts": 4}},
                  "p2": {"kind": "select", "keep": {"0": [0, 1], "1": [1, 2]},

@@ -190,9 +190,13 @@ def test_limited_runs_are_flagged_and_off_the_leaderboard(built):
 
 
 def test_regeneration_is_byte_identical(built, tmp_path):
+    from moebench.report.leaderboard import write_leaderboard
+    from moebench.report.tables import MetricSpec
+
     out = tmp_path / "again"
     assert main(["report", built["folder"], "--out", str(out)]) == 0
-    assert main(["leaderboard", built["root"], "--out", str(out)]) == 0
+    # the leaderboard's cell links are relative to where it lies: made for the first one's folder here
+    write_leaderboard(built["root"], str(out), MetricSpec(), links_from=built["out"])
     first = sorted(os.path.relpath(p, built["out"]) for p in glob.glob(f"{built['out']}/**/*", recursive=True)
                    if os.path.isfile(p))
     second = sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/**/*", recursive=True) if os.path.isfile(p))
@@ -246,10 +250,12 @@ def test_measured_beside_published_and_figures_skipped_without_data(tmp_path):
     assert "arXiv:2509.16105" in text  # sources cited in Appendix B
     tex = (tmp_path / "reports" / "diep-mini" / "tables" / "published.tex").read_text()
     assert r"\toprule" in tex and "Bai et al. 2025 (DiEP)" in tex
-    # figures whose data are missing are skipped, with the reason in the report
-    assert "### Per-token latency vs input length (not drawn)" in text
-    assert "no latency table" in text and "no plan.json in the cell folders" in text
-    assert "Skipped: no method and ratio has cells with both a generic" in text
+    # figures whose data are missing are left out, with the reason in the report's last list
+    left_out = text.split("## Not in this report")[1].split("## Files")[0]
+    assert "- Per-token latency vs input length: no latency table" in left_out
+    assert "no plan.json in the cell folders" in left_out
+    assert "- Calibration-domain effect: no method and ratio has cells with both a generic" in left_out
+    assert "(not drawn)" not in text and "## Calibration-domain effect" not in text
     assert not os.path.exists(tmp_path / "reports" / "diep-mini" / "figures" / "latency_vs_input.png")
 
 
@@ -311,7 +317,12 @@ def test_published_setup_studies_validate_except_model_downloads(monkeypatch):
 def test_committed_leaderboard_regenerates_identically(tmp_path):
     if not glob.glob(os.path.join(REPO, "results", "*", "tables", "runs.csv")):
         pytest.skip("no committed results yet")
-    assert main(["leaderboard", os.path.join(REPO, "results"), "--out", str(tmp_path)]) == 0
+    from moebench.report.leaderboard import write_leaderboard
+    from moebench.report.tables import MetricSpec
+
+    # `moebench leaderboard` with its defaults, its cell links made from where the committed files lie
+    write_leaderboard(os.path.join(REPO, "results"), str(tmp_path), MetricSpec(),
+                      links_from=os.path.join(REPO, "reports"))
     for name in ("leaderboard.md", "leaderboard.html"):
         assert filecmp.cmp(tmp_path / name, os.path.join(REPO, "reports", name), shallow=False), name
     for committed in sorted(glob.glob(os.path.join(REPO, "reports", "*", "report.md"))):
