@@ -341,3 +341,26 @@ def load_plugins() -> None:
     _PLUGINS_LOADED = True
     for ep in entry_points(group=PLUGIN_GROUP):
         importlib.import_module(ep.value.split(":")[0])
+
+
+def hub_unreachable(repo_id: str, filename: str, revision: str | None = None,
+                    repo_type: str | None = None) -> str | None:
+    """Why the Hugging Face Hub cannot answer for ``repo_id`` now (offline mode, no connection), or None.
+
+    One HEAD request without retries, under the Hub's own timeout (``HF_HUB_ETAG_TIMEOUT``): huggingface_hub
+    otherwise retries an unreachable Hub for about half a minute. Any answer from the Hub (a missing file or a
+    gated repository, say) counts as reachable, and is left to the loader to explain.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    url = huggingface_hub.hf_hub_url(repo_id, filename, revision=revision, repo_type=repo_type)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        return None
+    except Exception as err:  # no connection (DNS, refused, timed out, proxy)
+        return f"the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached: {err}"
+    return None

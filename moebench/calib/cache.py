@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -326,38 +327,60 @@ def get_stats(model, tokens: Callable[[], torch.Tensor], groups, folder: str,
         # A pass is the expensive part: take the cheap groups along so the next method finds them.
         missing = sorted((set(missing) | set(CHEAP_GROUPS)) - cached)
         per_layer = [g for g in missing if g in PER_LAYER_GROUPS]
-        os.makedirs(folder, exist_ok=True)
-
-        def on_layer(index: int, layer_stats: dict) -> dict:
-            for name, t in layer_stats.items():  # no plan is made from NaN scores, on either path
-                problem = nonfinite_problem(name, t) if isinstance(t, torch.Tensor) else None
-                if problem:
-                    raise NonFiniteStatistics(
-                        f"MoE layer {index}: the calibration statistic {problem}: the model's weights or activations "
-                        f"are not finite (NaN or inf weights in the checkpoint, or an overflow in its dtype: try "
-                        "--dtype float32); no plan is made from them")
-            for group in per_layer:  # written now, then dropped from memory
-                part = {n: t for n, t in layer_stats.items() if n in GROUP_STATS[group]}
-                _save_group(_layer_file(folder, group, index), group, {index: part})
-            return {n: t for n, t in layer_stats.items() if not any(n in GROUP_STATS[g] for g in per_layer)}
-
-        layered = getattr(model, LAYERED_ATTR, None)
-        if layered is not None:
-            from moebench.calib.sequential import collect_sequential
-
-            fresh = collect_sequential(layered, tokens(), missing, settings, progress=progress, on_layer=on_layer)
-        else:
-            fresh = _one_pass(model, tokens, missing, settings, progress, folder, on_layer)
-        for group in missing:
-            if group in PER_LAYER_GROUPS:  # the group's index: which layers it has (each file holds its layer)
-                _save_group(os.path.join(folder, f"{group}.pt"), group, {i: {} for i in fresh})
-                for index in fresh:
-                    stats[index].add_file(_layer_file(folder, group, index), GROUP_STATS[group])
-                continue
-            part = {i: {n: t for n, t in s.items() if n in GROUP_STATS[group]} for i, s in fresh.items()}
-            _save_group(os.path.join(folder, f"{group}.pt"), group, part)
-        _merge(stats, fresh)
+        with _removed_if_left_empty(folder):
+            _collect_missing(model, tokens, missing, per_layer, settings, progress, folder, stats)
     return stats
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: str):
+    """Create ``folder``; if the block fails and it holds no file then, remove it again (no empty cache
+    folder is left by a pass that failed before writing anything, e.g. a calibration source that cannot load)."""
+    top = None  # the outermost folder this call creates
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path):
+        top, path = path, os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if top is not None and not any(files for _, _, files in os.walk(top)):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _collect_missing(model, tokens, missing, per_layer, settings, progress, folder, stats) -> None:
+    """Collect the ``missing`` groups in one pass (or layer by layer) and write them to ``folder``."""
+
+    def on_layer(index: int, layer_stats: dict) -> dict:
+        for name, t in layer_stats.items():  # no plan is made from NaN scores, on either path
+            problem = nonfinite_problem(name, t) if isinstance(t, torch.Tensor) else None
+            if problem:
+                raise NonFiniteStatistics(
+                    f"MoE layer {index}: the calibration statistic {problem}: the model's weights or activations "
+                    f"are not finite (NaN or inf weights in the checkpoint, or an overflow in its dtype: try "
+                    "--dtype float32); no plan is made from them")
+        for group in per_layer:  # written now, then dropped from memory
+            part = {n: t for n, t in layer_stats.items() if n in GROUP_STATS[group]}
+            _save_group(_layer_file(folder, group, index), group, {index: part})
+        return {n: t for n, t in layer_stats.items() if not any(n in GROUP_STATS[g] for g in per_layer)}
+
+    layered = getattr(model, LAYERED_ATTR, None)
+    if layered is not None:
+        from moebench.calib.sequential import collect_sequential
+
+        fresh = collect_sequential(layered, tokens(), missing, settings, progress=progress, on_layer=on_layer)
+    else:
+        fresh = _one_pass(model, tokens, missing, settings, progress, folder, on_layer)
+    for group in missing:
+        if group in PER_LAYER_GROUPS:  # the group's index: which layers it has (each file holds its layer)
+            _save_group(os.path.join(folder, f"{group}.pt"), group, {i: {} for i in fresh})
+            for index in fresh:
+                stats[index].add_file(_layer_file(folder, group, index), GROUP_STATS[group])
+            continue
+        part = {i: {n: t for n, t in s.items() if n in GROUP_STATS[group]} for i, s in fresh.items()}
+        _save_group(os.path.join(folder, f"{group}.pt"), group, part)
+    _merge(stats, fresh)
 
 
 def _one_pass(model, tokens, groups, settings, progress, folder, on_layer) -> dict:

@@ -13,6 +13,7 @@ there is loaded instead of the hub, through the same code path.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -380,6 +381,49 @@ def _load_help(hub: HubSource, source: str, err: Exception) -> str:
             f"({type(err).__name__}: {err}){mode}. To fix: go online, or {cache}download the dataset "
             f"repository into ${DATA_DIR_ENV}/{hub.dataset} (hf download --repo-type dataset "
             f"{hub.dataset} --local-dir ...), or use file:PATH with a local .txt / .jsonl")
+
+
+def availability_problem(spec: str, stats_dir: str | None = None, samples: int | None = None,
+                         seed: int = 0) -> str | None:
+    """Why a calibration source of ``spec`` cannot be read now, found before any model is loaded; None when each
+    can be tried. Files and packaged sources are read where they are named; a hub dataset passes with a local
+    copy (``$MOEBENCH_DATA_DIR``), a Hub that answers, (not streamed) something of it in the datasets cache, or
+    statistics of it (``samples`` windows, ``seed``) in the statistics cache ``stats_dir`` for some model: those
+    may be all the run needs, which only the loaded model's fingerprint can tell."""
+    from moebench.util import hub_unreachable
+
+    for source in calibration_sources(spec):
+        kind, _, rest = source.partition(":")
+        if kind == "file" or kind in registered_sources():
+            continue
+        hub = _parse_hf(rest) if kind == "hf" else PRESETS[source]
+        if _local_copy(hub.dataset) or _has_statistics(stats_dir, source, samples, seed):
+            continue
+        probe = hub.data_files if hub.data_files and not any(c in hub.data_files for c in "*?[") else "README.md"
+        why = hub_unreachable(hub.dataset, probe, repo_type="dataset")
+        if why is None or (not hub.streaming and _in_datasets_cache(hub.dataset)):
+            continue
+        return _load_help(hub, source, ConnectionError(why))
+    return None
+
+
+def _has_statistics(stats_dir: str | None, source: str, samples: int | None, seed: int) -> bool:
+    """Whether the statistics cache holds a folder for ``source`` with ``samples`` windows and ``seed`` (any model,
+    any window length)."""
+    if stats_dir is None:
+        return False
+    pattern = f"{glob.escape(_slug(source))}-{samples if samples is not None else '*'}x*-s{seed}"
+    return any(Path(path).is_dir() for path in glob.glob(os.path.join(glob.escape(stats_dir), "*", pattern)))
+
+
+def _in_datasets_cache(dataset: str) -> bool:
+    """Whether the datasets or hub cache holds anything of ``dataset`` (it may then load offline)."""
+    import datasets.config
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    names = [Path(datasets.config.HF_DATASETS_CACHE, dataset.replace("/", "___")),
+             Path(HF_HUB_CACHE, "datasets--" + dataset.replace("/", "--"))]
+    return any(path.is_dir() and any(path.iterdir()) for path in names)
 
 
 def _articles(lines: Iterable[str]) -> list[str]:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
-from moebench.calib.sources import calibration_size_problem
+from moebench.calib.sources import availability_problem, calibration_size_problem
 from moebench.method.pipeline import PlanRequest
-from moebench.moe.checkpoint import check_device, load_with_tokenizer, quantized_on_device, sequential_needed
+from moebench.moe.checkpoint import (
+    check_device,
+    check_hub_config,
+    load_with_tokenizer,
+    quantized_on_device,
+    resolve,
+    sequential_needed,
+)
 from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.view import MoEView
 
@@ -72,6 +79,22 @@ def check_calibration_size(args) -> None:
         raise ValueError(problem + ("" if args.seq_len is not None else " (--seq-len defaults to at most 2048)"))
 
 
+def check_inputs(args) -> None:
+    """Refuse at once, before any model is loaded, a hub id that is neither cached nor reachable and a calibration
+    source that cannot be read now (each with what to do), instead of after retries or a loaded model."""
+    import os
+
+    from moebench.calib.cache import default_stats_dir
+
+    path = resolve(args.model)
+    if not os.path.isdir(path):
+        check_hub_config(path, args.revision)
+    if getattr(args, "calib", None):
+        problem = availability_problem(args.calib, args.stats_dir or default_stats_dir(), args.samples, args.seed)
+        if problem:
+            raise OSError(problem)
+
+
 def load(args):
     """Model and tokenizer named by the parsed arguments (calibration sizes are checked first).
 
@@ -81,6 +104,7 @@ def load(args):
     """
     check_calibration_size(args)
     device = check_device(args.device)  # a missing GPU is named before anything is loaded
+    check_inputs(args)
     sequential = getattr(args, "sequential", False)
     if sequential is None:
         why = sequential_needed(args.model, device, args.revision)

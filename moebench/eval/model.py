@@ -98,6 +98,7 @@ class PrunedMoELM(SelectMixin, HFLM):
         if hf.get("device") is not None:  # given: a device this machine lacks is named now, before any work
             check_device(str(hf["device"]), "device=")
         hf.pop("pretrained")
+        self._check_inputs(pretrained, hf.get("revision"))
         self._presliced = None  # sequential=true: (pruned folder, sizes of the unpruned model)
         load_from = resolve(pretrained) if isinstance(pretrained, str) else pretrained
         if self.settings.sequential:
@@ -374,14 +375,32 @@ class PrunedMoELM(SelectMixin, HFLM):
         if_pruned = after if s.apply == "physical" else pruned_sizes(MoEView(model), plan.keep)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.info("pruned_moe: %s kept %s experts per MoE layer (%s); parameters %.4gM -> %.4gM, expert bytes "
-                 "%.4g MB -> %.4g MB; planned and applied in %.1fs", s.method,
-                 sorted(set(plan.experts_kept().values())), s.apply, before[0] / 1e6, after[0] / 1e6,
-                 before[1] / 1e6, after[1] / 1e6, time.perf_counter() - start)
+        if self.rank == 0:  # said on stderr: lm-eval shows no INFO records of other loggers
+            kept = sorted(set(plan.experts_kept().values()))
+            budget = f"ratio {self.request.ratio:g}" if self.request.ratio is not None else "its budget"
+            print(f"pruned_moe: {s.method} at {budget} kept {kept} experts per MoE layer "
+                  f"({s.apply}); parameters {before[0] / 1e6:.4g}M -> {after[0] / 1e6:.4g}M, expert bytes "
+                  f"{before[1] / 1e6:.4g} MB -> {after[1] / 1e6:.4g} MB; planned and applied in "
+                  f"{time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         rounding = {k: plan.extra[k] for k in ("ratio_realised", "budget_note") if k in plan.extra}
         return {**record, **rounding, **self._sizes_record(before, after, if_pruned),
                 "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
                 "seconds": seconds}
+
+    def _check_inputs(self, pretrained, revision: str | None) -> None:
+        """Refuse, before any loading, a hub id neither cached nor reachable and a calibration source that cannot be
+        read now (unless the statistics cache may hold what the run needs), each with what to do."""
+        from moebench.calib.cache import default_stats_dir
+        from moebench.calib.sources import availability_problem
+        from moebench.moe.checkpoint import check_hub_config
+
+        if isinstance(pretrained, str) and not os.path.isdir(resolve(pretrained)):
+            check_hub_config(resolve(pretrained), revision)
+        s = self.settings
+        if s.uses_data and s.calib:
+            problem = availability_problem(s.calib, s.stats_dir or default_stats_dir(), s.calib_samples, s.seed)
+            if problem:
+                raise OSError(f"pruned_moe: {problem}")
 
     @staticmethod
     def _sizes_record(before, after, if_pruned) -> dict:

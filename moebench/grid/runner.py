@@ -27,18 +27,8 @@ from moebench.grid.guard import LOCK_FILE, holder, release, study_lock, try_lock
 from moebench.grid.index import write_index
 from moebench.grid.results import BrokenCellsError, finished_cells, verify_cell, write_tables
 from moebench.grid.spec import Cell, Study
-from moebench.grid.status import STATES, cell_state, plain
-from moebench.util import atomic_write_json, check_name, path_under
-
-
-def study_root(results: str, study: Study) -> str:
-    """``<results>/<study name>``, refused unless the name is a plain folder name inside ``results``."""
-    return path_under(results, check_name(study.name, "study name"))
-
-
-def cell_dir(root: str, cell: Cell) -> str:
-    """The folder of a cell under a study's results folder (refused if it resolves elsewhere)."""
-    return path_under(root, "cells", cell.id)
+from moebench.grid.status import STATES, cell_dir, cell_state, plain, study_root  # noqa: F401 (re-exported)
+from moebench.util import atomic_write_json
 
 
 def prepare(study: Study, root: str) -> list[str]:
@@ -178,6 +168,20 @@ def choose(study: Study, root: str, only: list[str] | None = None, force: list[s
     return out
 
 
+def check_sources(study: Study, cells: list[Cell]) -> None:
+    """Refuse, before anything is written or loaded, a calibration source the cells need that cannot be read now
+    (a hub dataset offline with no local copy and no cached statistics of it)."""
+    from moebench.calib.cache import default_stats_dir
+    from moebench.calib.sources import availability_problem
+
+    for model, calib in sorted(calibration_needs(cells)):
+        first = next(c for c in cells if c.model == model and c.calib == calib)
+        problem = availability_problem(calib, study.spec.get("stats_dir") or default_stats_dir(),
+                                       first.calib_samples, first.seed)
+        if problem:
+            raise OSError(f"{problem} (needed by the cells on {model}; nothing was run)")
+
+
 def dry_run(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,
             retry_failed: bool = False) -> str:
     """What `grid run` would do, in spec terms: the cells it would start and the calibration passes."""
@@ -225,6 +229,7 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True, only
     """
     from moebench.grid.executors import make_executor
 
+    check_sources(study, [entry[0] for entry in choose(study, root, only, force, retry_failed)["run"]])
     with study_lock(root):
         folders = prepare(study, root)
         reopened = reopen_broken(folders)

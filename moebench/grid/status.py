@@ -23,6 +23,16 @@ from moebench.util import check_name, path_under, read_yaml
 STATES = ("done", "running", "failed", "broken", "pending")
 
 
+def study_root(results: str, study) -> str:
+    """``<results>/<study name>``, refused unless the name is a plain folder name inside ``results``."""
+    return path_under(results, check_name(study.name, "study name"))
+
+
+def cell_dir(root: str, cell) -> str:
+    """The folder of a cell under a study's results folder (refused if it resolves elsewhere)."""
+    return path_under(root, "cells", cell.id)
+
+
 def plain(data):
     """``data`` as it reads back from JSON (tuples as lists, keys as strings, other values as text)."""
     return json.loads(json.dumps(data, sort_keys=True, default=str))
@@ -126,7 +136,6 @@ def indexed_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]] | N
 def expanded_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]]:
     """``(study root, cells)`` from validating and expanding the spec (imports the method registry)."""
     from moebench.grid.index import index_row
-    from moebench.grid.runner import cell_dir, study_root
     from moebench.grid.spec import load_study
 
     study = load_study(spec_path)

@@ -29,7 +29,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from moebench.limits import MAX_EXPERTS, MAX_LAYERS, MAX_WIDTH
 from moebench.moe.ops import _prune_layer
 from moebench.moe.view import MoEView
-from moebench.util import atomic_folder, load_plugins, on_terminal
+from moebench.util import atomic_folder, hub_unreachable, load_plugins, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +100,12 @@ def check_hub_config(repo_id: str, revision: str | None = None, config_only: boo
     ``config_only``: the caller reads config.json alone (`load_structure`), and the message says so.
     """
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
         return
-    if huggingface_hub.is_offline_mode():
-        raise HubUnreachable(_hub_help(repo_id, "HF_HUB_OFFLINE is set", config_only))
-    url = huggingface_hub.hf_hub_url(repo_id, "config.json", revision=revision)
-    try:
-        huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
-    except HfHubHTTPError:
-        return
-    except Exception as err:  # no connection (DNS, refused, timed out, proxy): said below, with the cause
-        why = f"the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached: {err}"
-        raise HubUnreachable(_hub_help(repo_id, why, config_only)) from err
+    why = hub_unreachable(repo_id, "config.json", revision)
+    if why is not None:
+        raise HubUnreachable(_hub_help(repo_id, why, config_only))
 
 
 def _hub_help(repo_id: str, why: str, config_only: bool) -> str:
