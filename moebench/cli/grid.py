@@ -59,6 +59,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     from moebench.grid.runner import dry_run, run_grid, study_root
     from moebench.grid.spec import load_study
     from moebench.grid.status import CellRow, failure_line, who_runs
@@ -95,8 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     for folder in summary["failed"]:
         print(f"  failed: {label(folder)}: {failure_line(folder)} (see {folder}/failure.json; "
               "`moebench grid run --retry-failed` runs only these)")
-    for name, path in sorted(summary["tables"].items()):
-        print(f"  table {name}: {path}")
+    if summary["tables"]:
+        folders = sorted({os.path.dirname(path) for path in summary["tables"].values()})
+        names = sorted({os.path.splitext(name)[0] for name in summary["tables"]})
+        print(f"  tables: {', '.join(names)} (CSV and Parquet) in {', '.join(folders)}")
     if summary["tables"]:
         from moebench.cli.collect import print_results
 

@@ -63,7 +63,8 @@ def describe(fields: dict, model: bool = True) -> str:
         text += f" ratio {float(fields['ratio']):g}"
     if fields.get("calib"):
         text += f" calib {fields['calib']}"
-    return text + (f" ({fields['model']})" if model else "")
+    notes = ([fields["model"]] if model else []) + (["unpruned"] if fields["method"] == "none" else [])
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def cell_state(folder: str) -> str:
