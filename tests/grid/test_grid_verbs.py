@@ -66,6 +66,7 @@ def test_grid_verbs_and_status_in_spec_terms(tmp_path, saved_models, capsys):
     assert main(["grid", "run", spec, "--results", results, "--only", "method=frequency"]) == 0
     out = capsys.readouterr().out
     assert "2 done now, 0 already done, 0 failed, 0 running elsewhere, 2 not selected" in out
+    assert f"calibration 1 of 1: {load_study(spec).cells[0].model} on {calib} (routing)" in out  # the selected cells
     assert index_states(results) == {("frequency", "0.25"): "done", ("frequency", "0.5"): "done",
                                      ("reap", "0.25"): "pending", ("reap", "0.5"): "pending"}
 
