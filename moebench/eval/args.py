@@ -12,14 +12,17 @@ from dataclasses import dataclass, field
 
 from moebench.calib.sources import calibration_size_problem, calibration_sources, parse_calibration
 from moebench.method.pipeline import SKIP_RULES, PlanRequest
+from moebench.method.recover import RecoverSpec
 from moebench.method.registry import MethodSpec, get_method
 from moebench.util import did_you_mean
 
 # pruned_moe's own model_args and their defaults.
+RECOVER_KEYS = ("data", "steps", "lr", "rank", "alpha", "expert_rank", "batch", "seq_len", "warmup", "seed", "kd_top")
 OWN_ARGS = {"method": "none", "ratio": None, "keep": None, "calib": None, "calib_samples": 128,
             "calib_seq_len": None, "seed": 0, "stats_dir": None, "apply": "physical", "skip": "none",
             "skip_beta": None, "offload": False, "subsample_tokens": None, "ratio_samples": None,
-            "sequential": False, "save_dtype": None}
+            "sequential": False, "save_dtype": None, "recover": None,
+            **{f"recover_{name}": None for name in RECOVER_KEYS}}
 APPLY_MODES = ("physical", "mask")
 
 # from_pretrained keywords that HFLM forwards through **kwargs, besides from_pretrained's named ones.
@@ -141,6 +144,17 @@ def _flag(value) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
+def _recover(args: dict) -> RecoverSpec | None:
+    """The recovery stage from ``recover=<kind>`` and its ``recover_<setting>`` arguments, or None."""
+    given = {name: args[f"recover_{name}"] for name in RECOVER_KEYS if args[f"recover_{name}"] is not None}
+    if args["recover"] is None:
+        if given:
+            raise ValueError(f"recover_{next(iter(given))}=... sets up a recovery stage: give recover=lora, "
+                             "router_kd or full as well")
+        return None
+    return RecoverSpec.parse({"kind": args["recover"], **given}, "recover")
+
+
 @dataclass(frozen=True)
 class PrunedMoESettings:
     """pruned_moe's own arguments, converted and checked (everything that needs no statistics).
@@ -172,6 +186,7 @@ class PrunedMoESettings:
     ratio_samples: int | None = None
     sequential: bool = False
     save_dtype: str | None = None
+    recover: RecoverSpec | None = None  # a recovery stage after the method (`moebench.method.recover`)
 
     @property
     def spec(self) -> MethodSpec:
@@ -199,7 +214,7 @@ class PrunedMoESettings:
                        skip_beta=_optional(args["skip_beta"], float), offload=_flag(args["offload"]),
                        subsample_tokens=_optional(args["subsample_tokens"], int),
                        ratio_samples=_optional(args["ratio_samples"], int), sequential=_flag(args["sequential"]),
-                       save_dtype=_optional(args["save_dtype"], str))
+                       save_dtype=_optional(args["save_dtype"], str), recover=_recover(args))
         settings._check()
         return settings
 
@@ -240,6 +255,17 @@ class PrunedMoESettings:
                 raise ValueError(f"save_dtype={self.save_dtype} sets the format of the pruned checkpoint that "
                                  "sequential=true writes; without sequential=true no checkpoint is written (the model "
                                  "is loaded and pruned in memory, in dtype=...)")
+        if self.recover is not None:
+            from moebench.method.recover import refusal
+
+            if spec.is_identity:
+                raise ValueError("recover=... trains a pruned model: give a method and a budget, e.g. "
+                                 "method=reap,ratio=0.5,calib=c4,recover=lora,recover_data=c4")
+            why = refusal(spec.kind, self.skip, self.apply)
+            if why:
+                raise ValueError(why)
+            if self.sequential:
+                raise ValueError("recover=... trains the model in memory; sequential=true never holds it whole")
         if self.offload and spec.kind != "select":
             raise ValueError(f"offload=true streams the experts each request selects: it needs a select method "
                              f"(premoe_taer, prep), not {self.method}")

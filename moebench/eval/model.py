@@ -237,9 +237,12 @@ class PrunedMoELM(SelectMixin, HFLM):
                     "skip_beta": s.skip_beta}
         # statistics settings only when given, so the variants named before they existed keep their names
         identity.update({k: v for k in ("subsample_tokens", "ratio_samples") if (v := getattr(s, k)) is not None})
+        if s.recover is not None:  # only when set: variants without recovery keep their names
+            identity["recover"] = s.recover.to_dict()
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         budget = f"-r{s.ratio:g}" if s.ratio is not None else f"-k{s.keep}" if s.keep is not None else ""
-        tag = f"{s.method}{budget}{'-mask' if s.apply == 'mask' else ''}-{digest[:8]}"
+        recovered = f"-{s.recover.kind}" if s.recover is not None else ""
+        tag = f"{s.method}{budget}{'-mask' if s.apply == 'mask' else ''}{recovered}-{digest[:8]}"
         name = pretrained if isinstance(pretrained, str) else self.pretrained_id
         return digest, f"{name}__{tag}"
 
@@ -360,8 +363,11 @@ class PrunedMoELM(SelectMixin, HFLM):
                                          self.request.skip)
             record["sequential"] = folder
         else:
+            targets = self._teacher_targets() if s.recover is not None and s.recover.kind == "router_kd" else None
             self.applied = prepare(model, self.tokenizer, self.request, s.apply, self._offloader or s.offload,
                                    progress=self.rank == 0)
+            if s.recover is not None:
+                record["recover"] = self._recover(targets)
         plan = self.applied.plan
         seconds = round(time.perf_counter() - start, 3)
         if s.spec.is_identity:
@@ -387,6 +393,29 @@ class PrunedMoELM(SelectMixin, HFLM):
                 "experts_per_layer": _str_keys(plan.experts_kept()), "kept_experts": _str_keys(plan.keep),
                 "seconds": seconds}
 
+    def _teacher_targets(self) -> dict:
+        """The unpruned model's next-token targets on the recovery windows (before the plan is applied), from the
+        statistics cache or computed in one pass and cached there."""
+        from moebench.method.recover import cached_teacher_targets
+
+        s = self.settings
+        return cached_teacher_targets(self.model, self.tokenizer, s.recover, s.stats_dir, self.request.model_id,
+                                      self.request.revision, progress=self.rank == 0)
+
+    def _recover(self, targets: dict | None) -> dict:
+        """Train the pruned model in place (the recovery stage) and say what it did."""
+        from moebench.method.recover import recover
+
+        model, record = recover(self.model, self.tokenizer, self.settings.recover, targets, progress=self.rank == 0)
+        if model is not self.model:
+            raise RuntimeError("recover returned a new model object; the lm-eval model holds the old one")
+        if self.rank == 0:
+            print(f"pruned_moe: recover {self.settings.recover.label()}: loss {record['loss_first_tenth']:.4f} -> "
+                  f"{record['loss_last_tenth']:.4f} (mean of the first / last tenth of the steps), "
+                  f"{record['trained_parameters']:,} parameters trained in {record['seconds']:.1f}s",
+                  file=sys.stderr, flush=True)
+        return record
+
     def _check_inputs(self, pretrained, revision: str | None) -> None:
         """Refuse, before any loading, a hub id neither cached nor reachable and a calibration source that cannot be
         read now (unless the statistics cache may hold what the run needs), each with what to do."""
@@ -401,6 +430,8 @@ class PrunedMoELM(SelectMixin, HFLM):
             problem = availability_problem(s.calib, s.stats_dir or default_stats_dir(), s.calib_samples, s.seed)
             if problem:
                 raise OSError(f"pruned_moe: {problem}")
+        if s.recover is not None and (problem := availability_problem(s.recover.data)):
+            raise OSError(f"pruned_moe: recover_data: {problem}")
 
     @staticmethod
     def _sizes_record(before, after, if_pruned) -> dict:

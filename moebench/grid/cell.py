@@ -129,7 +129,7 @@ def _run(folder: str, meta: dict, cell: Cell, slot) -> None:
     if not cell.is_baseline:  # the complete plan: kept sets, skip thresholds, selector state
         plan = copy.deepcopy(lm.applied.plan)
         plan.ratio = cell.ratio
-        plan.extra.update({k: record[k] for k in ("keep_frequency", "skipping") if k in record})
+        plan.extra.update({k: record[k] for k in ("keep_frequency", "skipping", "recover") if k in record})
         plan.save(os.path.join(folder, "plan.json"))
     _write(folder, "cell.json", portable({"id": meta["id"], "study": meta["study"], "spec": cell.to_dict(),
                                           "metrics": metrics, "env": environment(lm.model), "moebench": record}))
@@ -152,6 +152,9 @@ def _evaluate(lm, cell: Cell) -> tuple[dict, dict, dict]:
     metrics = {"eval_s": time.perf_counter() - start, "planning_s": record.get("seconds"),
                "skip_rate": (record.get("skipping") or {}).get("skip_rate"),
                "experts_kept": json.dumps(record.get("experts_per_layer"), sort_keys=True)}
+    if record.get("recover"):  # the recovery stage's cost and what its loss did
+        metrics.update(recover_s=record["recover"]["seconds"], recover_loss_first=record["recover"]["loss_first_tenth"],
+                       recover_loss_last=record["recover"]["loss_last_tenth"])
     return results, record, metrics
 
 

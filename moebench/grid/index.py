@@ -19,14 +19,15 @@ from moebench.util import atomic_write_text
 if TYPE_CHECKING:
     from moebench.grid.spec import Cell
 
-COLUMNS = ("cell", "model", "method", "params", "ratio", "calib", "skip", "state")
+COLUMNS = ("cell", "model", "method", "params", "ratio", "calib", "skip", "recover", "state")
 
 
 def index_row(cell: Cell, state: str) -> dict:
     """The index row of one cell in ``state``."""
     return {"cell": cell.id, "model": cell.model, "method": cell.method,
             "params": json.dumps(cell.params, sort_keys=True) if cell.params else "",
-            "ratio": f"{cell.ratio:g}", "calib": cell.calib or "", "skip": cell.skip, "state": state}
+            "ratio": f"{cell.ratio:g}", "calib": cell.calib or "", "skip": cell.skip,
+            "recover": cell.recover["kind"] if cell.recover else "", "state": state}
 
 
 def write_index(root: str, cells: list[tuple[Cell, str]]) -> str:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pandas is imported where tables are built: checking a cell 
 
 SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")
             for stage in ("prefill", "decode") for q in ("", "_lo", "_hi")]
-RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "tasks",
+RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "recover", "tasks",
                "limit", "limited", "experts_kept", "parameters",
                # memory (moebench.measure.memory)
                "expert_bytes", "other_bytes", "weight_bytes", "host_expert_bytes",
@@ -45,6 +45,8 @@ RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "c
                # how busy the machine was while timing (moebench.measure.load)
                "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "under_load",
                "calibration_s", "planning_s", "eval_s", "skip_rate",
+               # the recovery stage (moebench.method.recover): training seconds, mean loss of its first / last tenth
+               "recover_s", "recover_loss_first", "recover_loss_last",
                "lm_eval_version", "moebench_version", "torch_version", "transformers_version", "git_sha",
                "device", "dtype", "expert_kernel", "seed", "task_versions"]
 
@@ -54,7 +56,8 @@ NUMERIC_METRICS = frozenset({
     "parameters", "expert_bytes", "other_bytes", "weight_bytes", "host_expert_bytes",
     "offload_device_expert_bytes_peak", "load_peak_bytes", "run_peak_bytes",
     *[c for c in RUN_COLUMNS if "tokens_per_s" in c], *SPEEDUPS,
-    "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "planning_s", "eval_s", "skip_rate"})
+    "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "planning_s", "eval_s", "skip_rate",
+    "recover_s", "recover_loss_first", "recover_loss_last"})
 PLAUSIBLE = 1e18  # no recorded number is larger in magnitude (bytes of an exabyte; anything beyond is damage)
 
 
@@ -221,6 +224,7 @@ def run_row(folder: str) -> dict:
         "cell": cell["id"], "study": cell.get("study"), "model": spec["model"], "method": spec["method"],
         "params": json.dumps(spec["params"], sort_keys=True), "skip": spec["skip"], "ratio": spec["ratio"],
         "calib": spec["calib"] or "", "apply": spec["apply"], "tasks": ",".join(spec["tasks"]),
+        "recover": json.dumps(spec["recover"], sort_keys=True) if spec.get("recover") else "",
         "limit": limit, "limited": limit is not None, "seed": spec["seed"],
         "task_versions": json.dumps(results.get("versions", {}), sort_keys=True),
     }

@@ -1,7 +1,7 @@
 """Cell filters for `grid run --only / --force` and `grid status --only`: cells named in spec terms.
 
 A filter is ``key=value[,key=value...]``; a cell matches when every pair does. Keys: ``model``,
-``method``, ``ratio``, ``calib``, ``skip``, or any method parameter (``seed=1``). Values may use
+``method``, ``ratio``, ``calib``, ``skip``, ``recover`` (its kind), or any method parameter (``seed=1``). Values may use
 shell wildcards (``method=hc_*``); ratios compare as numbers (``ratio=0.5`` matches 0.50). Giving
 a filter several times selects the cells any of them matches.
 """
@@ -13,7 +13,7 @@ import json
 
 from moebench.util import did_you_mean
 
-COLUMN_KEYS = ("model", "method", "ratio", "calib", "skip")
+COLUMN_KEYS = ("model", "method", "ratio", "calib", "skip", "recover")
 
 
 class FilterError(ValueError):

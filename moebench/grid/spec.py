@@ -16,7 +16,8 @@ Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit, or any other argumen
 ``include_path`` (extra lm-eval task folders), ``dtype``, ``device``, and the statistics settings
 ``subsample_tokens`` / ``ratio_samples`` (0 = every calibration token; absent: the defaults).
 A method's parameter given as a list expands into one method entry per value; a method entry may
-name its own ``calibration`` and ``ratios`` lists instead of the study's.
+name its own ``calibration`` and ``ratios`` lists instead of the study's, and a ``recover`` stage
+(``{kind: lora, data: testbed:mix, steps: 200}``, `moebench.method.recover`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from moebench.grid.validate import DEFAULT_MEASURE, MAX_CELLS, STATS_KEYS, as_list, method_entries, validate
+from moebench.method.recover import RecoverSpec
 from moebench.method.registry import get_method
 from moebench.util import read_yaml
 
@@ -69,6 +71,7 @@ class Cell:
     include_path: tuple[str, ...] = ()
     subsample_tokens: int | None = None
     ratio_samples: int | None = None
+    recover: dict | None = None  # a recovery stage after the method (`moebench.method.recover.RecoverSpec`)
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -82,7 +85,7 @@ class Cell:
         """The normalised spec, as written to ``spec.json`` (JSON types only)."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
         data["tasks"], data["include_path"] = list(self.tasks), list(self.include_path)
-        for key in STATS_KEYS:
+        for key in (*STATS_KEYS, "recover"):  # left out when unset: cells of older specs keep their ids
             if data[key] is None:
                 del data[key]
         return data
@@ -107,6 +110,9 @@ class Cell:
             args.update(ratio=self.ratio, calib=self.calib, calib_samples=self.calib_samples,
                         calib_seq_len=self.calib_seq_len, stats_dir=stats_dir,
                         **{key: getattr(self, key) for key in STATS_KEYS})
+        if self.recover is not None:
+            args["recover"] = self.recover["kind"]
+            args.update({f"recover_{k}": v for k, v in self.recover.items() if k != "kind"})
         args["device"] = device
         return {k: v for k, v in args.items() if v is not None}
 
@@ -175,8 +181,10 @@ def expand(spec: dict) -> list[Cell]:
                              for r in e["ratios"] or as_list(spec["ratios"])):
             for calib in entry["calibration"] or as_list(spec.get("calibration") or [None]):
                 needs_data = bool(get_method(entry["name"]).needs_for(entry["params"])) or entry["skip"] != "none"
+                recover = RecoverSpec.parse(entry["recover"]).to_dict() if entry["recover"] is not None else None
                 cell = Cell(**copy.deepcopy(common), model=model, method=entry["name"], params=entry["params"],
-                            skip=entry["skip"], ratio=float(ratio), calib=calib if needs_data else None)
+                            skip=entry["skip"], ratio=float(ratio), calib=calib if needs_data else None,
+                            recover=recover)
                 if cell.id not in seen:
                     seen.add(cell.id)
                     cells.append(cell)

@@ -63,6 +63,8 @@ def describe(fields: dict, model: bool = True) -> str:
         text += f" ratio {float(fields['ratio']):g}"
     if fields.get("calib"):
         text += f" calib {fields['calib']}"
+    if fields.get("recover"):
+        text += f" recover {fields['recover']}"
     notes = ([fields["model"]] if model else []) + (["unpruned"] if fields["method"] == "none" else [])
     return text + (f" ({', '.join(notes)})" if notes else "")
 

@@ -36,7 +36,8 @@ def method_entries(raw) -> list[dict]:
         item = {"name": item} if isinstance(item, str) else item
         entry = {"name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
                  "calibration": as_list(item["calibration"]) if item.get("calibration") else None,
-                 "ratios": as_list(item["ratios"]) if item.get("ratios") else None}
+                 "ratios": as_list(item["ratios"]) if item.get("ratios") else None,
+                 "recover": item.get("recover")}
         keys = sorted(entry["params"])
         values = [as_list(entry["params"][k]) for k in keys]
         for combo in itertools.product(*values):
@@ -110,6 +111,8 @@ def _check_methods(spec) -> list[str]:
             problems.append(str(err))
         if entry["skip"] not in ("none", "naee"):
             problems.append(f"method {name}: skip={entry['skip']!r} must be none or naee")
+        if entry["recover"] is not None:
+            problems += _recover_problems(spec, name, entry, methods[name])
         if (methods[name].needs or entry["skip"] != "none") and not (spec.get("calibration") or entry["calibration"]):
             problems.append(f"method {name} needs calibration statistics: add a 'calibration' list (e.g. testbed:mix)")
     sources = set(as_list(spec.get("calibration") or []))
@@ -123,6 +126,18 @@ def _check_methods(spec) -> list[str]:
         except (ValueError, OSError) as err:
             problems.append(f"calibration {source!r}: {err}")
     return problems
+
+
+def _recover_problems(spec, name: str, entry: dict, method) -> list[str]:
+    """A method entry's ``recover`` stage: its settings, and a method and apply mode it can follow."""
+    from moebench.method.recover import RecoverSpec, refusal
+
+    try:
+        RecoverSpec.parse(entry["recover"], f"method {name}: recover")
+    except ValueError as err:
+        return [str(err)]
+    why = refusal(method.kind, entry["skip"], spec.get("apply", "physical"))
+    return [f"method {name}: {why}"] if why else []
 
 
 def _check_measure(spec) -> list[str]:

@@ -66,7 +66,8 @@ def front_matter(record: dict) -> dict:
     """The card's YAML metadata: the Hub's keys, then moebench's own block."""
     counts = {int(i): len(ids) for i, ids in record["kept_experts"].items()}
     return {"base_model": record["base_model"], "library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["moe", "expert-pruning", "moebench", f"moebench-{record['method']}"],
+            "tags": ["moe", "expert-pruning", "moebench", f"moebench-{record['method']}",
+                     *([f"moebench-recover-{record['recover']['kind']}"] if record.get("recover") else [])],
             "moebench": {"method": record["method"], "params": record["params"], "ratio": record["ratio"],
                          "keep": record["keep"], "calibration": record["calibration"],
                          "experts_per_layer": counts,
@@ -91,6 +92,20 @@ def disk_text(record: dict, disk: dict | None) -> list[str]:
     return lines
 
 
+def recover_text(record: dict) -> list[str]:
+    """The card's lines on a recovery stage after pruning (`moebench recover`), if there was one."""
+    done = record.get("recover")
+    if not done:
+        return []
+    trained = {"lora": "LoRA adapters on the attention projections and the experts, merged into the weights",
+               "router_kd": "the routers alone, distilled from the unpruned model",
+               "full": "every weight"}.get(done["kind"], done["kind"])
+    return [f"Recovered after pruning: {trained}, trained {done['steps']} steps on "
+            f"`{done['data']}` (learning rate {done['lr']:g}; loss {done['loss_first_tenth']:.4f} -> "
+            f"{done['loss_last_tenth']:.4f}, the mean of the first and last tenth of the steps). The sizes are the "
+            "pruned model's.", ""]
+
+
 def card_text(record: dict, disk: dict | None = None) -> str:
     """The whole model card: front matter and a body that says what was done; ``disk``: `disk_summary`'s facts."""
     meta = yaml.safe_dump(front_matter(record), sort_keys=False, default_flow_style=None, width=100)
@@ -113,7 +128,8 @@ def card_text(record: dict, disk: dict | None = None) -> str:
         f"{record['moebench_version']}: method `{record['method']}`{paper}, {params}, "
         f"{budget_text(record)}. The experts to keep were {calib}. Shared experts, attention and "
         "every other weight are unchanged.", "",
-        f"Routed-expert bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB.", "", *disk_text(record, disk),
+        f"Routed-expert bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB.", "", *recover_text(record),
+        *disk_text(record, disk),
         "| MoE layer | experts before | kept | kept expert ids |", "|---|---|---|---|", *rows, "",
         loading + " The same facts are in `config.json` under `moebench` and, with the full plan, in "
         "`plan.json`.", "",

@@ -198,13 +198,15 @@ def load_studies(results_dir: str) -> list[StudyData]:
     return sorted(found, key=lambda s: s.name)
 
 
-def method_label(method: str, params: str = "{}", skip: str = "none") -> str:
-    """Readable method name: ``unpruned``, ``reap``, ``random(seed=1)``, ``naee+skip:naee``."""
+def method_label(method: str, params: str = "{}", skip: str = "none", recover: str = "") -> str:
+    """Readable method name: ``unpruned``, ``reap``, ``random(seed=1)``, ``naee+skip:naee``, ``reap+lora`` (a
+    recovery stage after the method)."""
     if method == "none":
         return "unpruned"
     values = json.loads(params) if params else {}
     label = method + ("(" + ",".join(f"{k}={values[k]}" for k in sorted(values)) + ")" if values else "")
-    return label + (f"+skip:{skip}" if skip and skip != "none" else "")
+    label += f"+skip:{skip}" if skip and skip != "none" else ""
+    return label + (f"+{json.loads(recover)['kind']}" if isinstance(recover, str) and recover else "")
 
 
 def leaf_tasks(scores: pd.DataFrame) -> list[str]:
@@ -307,7 +309,8 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
         ref_acc = acc.get(ref, float("nan")) if ref else float("nan")
         weights = run.weight_bytes if not pd.isna(run.weight_bytes) else run.expert_bytes + run.other_bytes
         kind = plan_kind(study, run.cell, run.method)
-        row = {"model": run.model, "method": method_label(run.method, run.params, run.skip),
+        label = method_label(run.method, run.params, run.skip, getattr(run, "recover", ""))
+        row = {"model": run.model, "method": label,
                "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
                "accuracy_stderr": err.get(run.cell, float("nan")),
                "recovery": 100.0 * accuracy / ref_acc if ref_acc else float("nan"),

@@ -34,8 +34,10 @@ def test_grid_log_is_quiet_and_cells_are_indexed(tmp_path):
     # no per-tensor or per-batch bars; the calibration says what it does in two lines; the grid's bar stays
     assert "Loading weights" not in text and "Writing model shards" not in text
     assert [line for line in text.splitlines() if "calibration" in line] == [
-        line for line in text.splitlines() if line.startswith("calibration: ")]
+        line for line in text.splitlines() if line.startswith(("calibration: ", "calibration 1 of 1: "))]
     assert len([line for line in text.splitlines() if line.startswith("calibration: ")]) == 2
+    assert [line for line in text.splitlines() if line.startswith("calibration 1 of ")] == [
+        "calibration 1 of 1: testbed-8e on testbed:mix (norms, routing)"]  # the grid's one pass, named
     assert "batch/s" not in text
     assert "2/2" in text and "cell" in text  # the grid bar: 2 cells (the unpruned one and reap)
 
