@@ -3,7 +3,7 @@
 Writes ``report.md``, ``report.pdf``, ``figures/<name>.{png,pdf}`` and booktabs LaTeX tables
 ``tables/*.tex``. ``RESULTS_DIR`` is a study's results folder (``results/<study>``, holding
 ``tables/``) or a folder of them; each study gets its own report. Figures that need data a study
-lacks (latency table, plans, domain calibrations, speed measurements) are skipped with a note.
+lacks (latency table, plans, domain calibrations, speed measurements, recovered cells) are skipped with a note.
 Output is deterministic: same tables, same bytes.
 """
 
@@ -33,7 +33,7 @@ def draw_figures(study: StudyData, table, effect, spec: MetricSpec) -> list:
     out = [F.accuracy_vs_ratio(table, spec.describe().replace("`", ""), styles), F.recovery_vs_ratio(table, styles),
            F.memory_pareto(table, styles), F.speedup_vs_ratio(table, reps, styles),
            maps.latency_vs_input(study.latency, table), F.recovery_heatmap(table),
-           F.calibration_effect(effect, table, styles)]
+           F.recovery_after_finetune(table, styles, study.runs), F.calibration_effect(effect, table, styles)]
     kept = maps.kept_expert_maps(study.plans, table)
     return out + (kept if isinstance(kept, list) else [kept])
 

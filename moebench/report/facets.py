@@ -9,8 +9,11 @@ Facets, in figure order (`FACETS`):
 * **input-aware**: ``select`` methods that choose experts per input (premoe_taer, prep);
 * **merging**: ``merge`` methods (they change weights);
 * **skipping composites**: any method run with a skip rule (naee + skip:naee); the panel also draws
-  the same pruning without skipping, the comparison the composite is about;
+  the same pruning without skipping (and without recovery), the comparison the composite is about;
 * **other methods**: names this installation does not register.
+
+A cell trained after its method (``reap+lora``, `moebench.method.recover`) is a series of its own in its
+method's facet, beside the method without recovery.
 
 The unpruned model (method ``none``) is the reference line of every panel and ``random`` (over its
 seeds) the band of every panel, never a series. A method's kind and flags come from its plan
@@ -104,6 +107,7 @@ def _series(part: pd.DataFrame, facet: str, shown) -> list[tuple[str, str]]:
     keys = sorted({(m, c) for m, c in zip(rows["method"], rows["calib"], strict=True) if shown(m, c)})
     if facet == "skip":  # the same pruning without skipping, beside each composite
         plain = part[(part["skip"] == "none") & ~part["baseline"]]
+        plain = plain[plain["recover"] == ""] if "recover" in plain else plain  # the twin, not a recovered cell
         for method_id, calib in sorted(set(zip(rows["method_id"], rows["calib"], strict=True))):
             match = plain[(plain["method_id"] == method_id) & (plain["calib"] == calib)]
             keys += sorted({(m, calib) for m in match["method"]} - set(keys))

@@ -1,5 +1,6 @@
 """Paper figures drawn from the tidy tables only: accuracy, recovery and speedup vs ratio, and the
-memory-accuracy Pareto front, each faceted by method kind (`moebench.report.facets`).
+memory-accuracy Pareto front, each faceted by method kind (`moebench.report.facets`); and accuracy
+before and after recovery training (`recovery_after_finetune`), a panel per ratio.
 
 Every function returns a `Figure` (open matplotlib figure plus its file stem, title, caption) or a
 `Skipped` note saying which data were missing. In every panel: the unpruned model (black, dashed),
@@ -26,8 +27,10 @@ from moebench.report.layout import (
     facet_grid,
     outer_labels,
     panel_legend,
+    shared_grid,
     shared_legend,
 )
+from moebench.report.tables import recover_text, twins
 from moebench.report.textfmt import byte_unit
 from moebench.report.uncertainty import Z95, speedup_interval
 
@@ -39,6 +42,7 @@ __all__ = [
     "calibration_effect",
     "memory_pareto",
     "pareto_front",
+    "recovery_after_finetune",
     "recovery_heatmap",
     "recovery_vs_ratio",
     "speedup_vs_ratio",
@@ -282,3 +286,91 @@ def memory_pareto(table: pd.DataFrame, styles: style.MethodStyles | None = None)
                   f"Each cell's {what} vs average accuracy, a panel per kind of method; a method's cells are joined "
                   "in order of ratio (line style: calibration source); the dark steps join the cells no other cell "
                   "of the model beats on both; grey dots: the model's other cells." + series.note(), fig)
+
+
+RECOVERY_NAME, RECOVERY_TITLE = "recovery_after_finetune", "Accuracy before and after recovery training"
+NO_RECOVERY = ("no recovered cells: no method entry of the study has a `recover:` stage (training after pruning), "
+               "so there is no accuracy before and after recovery to compare")
+
+
+def _look(styles: style.MethodStyles, method: str) -> style.Look:
+    """A method's look; random's seeds (the band elsewhere, not in the style table) are grey circles."""
+    return styles[method] if method in styles else style.Look(style.BAND_COLOUR, "o")
+
+
+def _recovery_panels(table: pd.DataFrame) -> list[tuple[str, float, list[tuple[str, list]]]]:
+    """(model, ratio, [(x label, [(cell row, after?), ...]), ...]) per panel: at each x the twin (before),
+    then the recovered cells of the same method, parameters and calibration (after)."""
+    found = twins(table)
+    recovered = table[(table["recover"] != "") & table["accuracy"].notna()]
+    by_cell = table.set_index("cell")
+    out = []
+    for (model, ratio), rows in recovered.groupby(["model", "ratio"], sort=True):
+        groups: dict[tuple, list] = {}
+        for _, row in rows.sort_values(["method", "cell"]).iterrows():
+            twin = found.get(row["cell"])
+            before = by_cell.loc[twin].to_dict() | {"cell": twin} if twin else None
+            members = groups.setdefault((before["method"] if before else row["method"], row["calib"]), [])
+            if before and not members and pd.notna(before["accuracy"]):
+                members.append((before, False))
+            members.append((row.to_dict(), True))
+        counts = pd.Series([name for name, _ in groups]).value_counts()
+        xs = [(name + (f"\n[{calib}]" if counts[name] > 1 and calib else ""), groups[(name, calib)])
+              for name, calib in sorted(groups)]
+        out.append((model, float(ratio), xs))
+    return out
+
+
+def recovery_after_finetune(table: pd.DataFrame, styles: style.MethodStyles | None = None,
+                            runs: pd.DataFrame | None = None) -> Figure | Skipped:
+    """Average accuracy of each recovered cell beside its twin (the same cell without recovery), a panel per
+    ratio (and model), a method per x position, 95% intervals, the unpruned accuracy as the reference line.
+    ``runs`` (the runs table) only names the recovery settings in the caption."""
+    if "recover" not in table or not ((table["recover"] != "") & table["accuracy"].notna()).any():
+        return Skipped(RECOVERY_NAME, RECOVERY_TITLE, NO_RECOVERY)
+    styles = _styles(table, styles)
+    panels = _recovery_panels(table)
+    several = table["model"].nunique() > 1
+    labels = ["unpruned", *dict.fromkeys(row["method"] for _, _, xs in panels for _, m in xs for row, _ in m)]
+    ncols = min(3, columns_for(len(panels)))
+    fig, axes, lax, ncol = shared_grid(len(panels), labels, plot_h=1.6, ncols=ncols, sharey=True)
+    bars, alone = 0, 0
+    for ax, (model, ratio, xs) in zip(axes, panels, strict=True):
+        base = table[(table["model"] == model) & table["baseline"]]
+        _reference(ax, 100 * base["accuracy"].iloc[0] if len(base) and pd.notna(base["accuracy"].iloc[0]) else None)
+        for x, (_, members) in enumerate(xs):
+            alone += len(members) if all(after for _, after in members) else 0
+            offsets = [(j - (len(members) - 1) / 2) * 0.28 for j in range(len(members))]
+            points = [(x + dx, 100 * row["accuracy"]) for dx, (row, _) in zip(offsets, members, strict=True)]
+            if not members[0][1]:  # from the twin to each recovered cell
+                for after_point in points[1:]:
+                    ax.plot(*zip(points[0], after_point, strict=True), color=style.BAND_COLOUR, linewidth=0.8,
+                            zorder=1)
+            for (px, py), (row, after) in zip(points, members, strict=True):
+                look = _look(styles, row["method"])
+                err = row.get("accuracy_stderr")
+                known = err is not None and pd.notna(err)
+                bars += known
+                ax.errorbar([px], [py], yerr=[100 * Z95 * err] if known else None, color=look.color,
+                            marker=look.marker, markersize=5, linestyle="none", elinewidth=0.8, capsize=2,
+                            markerfacecolor=look.color if after else "white", markeredgewidth=1.0, zorder=3,
+                            label=style.text(row["method"]))
+        names = [style.text(name) for name, _ in xs]
+        tilt = len(xs) > 3 or max(map(len, names)) > 14  # long or many names: slanted, so they never overlap
+        ax.set_xticks(range(len(xs)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.grid(False, axis="x")
+        ax.set_title(style.text(f"{model}, ratio {ratio:.2f}" if several else f"ratio {ratio:.2f}"))
+    outer_labels(axes, ncols, "", "average accuracy (%)")
+    shared_legend(axes, lax, ncol)
+    settings = {} if runs is None or "recover" not in runs else dict(zip(runs["cell"], runs["recover"], strict=True))
+    how = sorted({recover_text(settings.get(c, "")) for c in table.loc[table["recover"] != "", "cell"]} - {""})
+    intervals = (" Bars: 95% interval (1.96 standard errors of the average accuracy)." if bars else
+                 " No bars: the scores table has no standard errors.")
+    lonely = f" {alone} recovered cell(s) have no twin (with an accuracy) in the study: drawn alone." if alone else ""
+    return Figure(RECOVERY_NAME, RECOVERY_TITLE,
+                  "Average accuracy of each pruned cell before recovery training (hollow marker: the same method, "
+                  "parameters, calibration and ratio without recovery) and after it (filled, joined by a grey line; "
+                  "the method named with its recovery kind, e.g. reap+lora), a panel per ratio"
+                  + (f"; recovery: {'; '.join(how)}" if how else "") + ". Dashed black: unpruned." + intervals
+                  + lonely, fig)

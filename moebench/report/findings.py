@@ -1,4 +1,5 @@
-"""The demo's findings (F1-F6), stated with the measured numbers whichever way they come out.
+"""The demo's findings (F1-F6, and F7 where the study has recovered cells), stated with the measured numbers
+whichever way they come out.
 
 Every number comes from the study's tidy tables through `moebench.report.tables.summary`
 (average accuracy over the multiple-choice tasks) and `moebench.report.domains`. A finding whose
@@ -8,6 +9,10 @@ paired over per-item results where both sides have them, else from the stderrs, 
 (`moebench.report.uncertainty`). Speeds are paired ratios measured in one process; they differ only
 when their 95% interval excludes 1 ("no measurable change" otherwise), and cells timed unpaired or
 under load get no speed verdict.
+
+F1-F6 compare methods as they prune: they read only cells without a recovery stage (`_plain`), so a
+recovered cell (``reap+lora``) never enters its method's numbers. F7 compares each recovered cell with
+its twin (the same cell without recovery, `tables.twins`).
 
 Shared helpers (other findings use them): `_acc` (mean accuracy of the matching cells, a `Score`
 carrying its uncertainty), `_fmt` (a score as text) and `_verdict` (yes / no / tie of one score
@@ -20,7 +25,7 @@ import pandas as pd
 
 from moebench.method.registry import load_methods
 from moebench.report.domains import calibration_effect
-from moebench.report.tables import MetricSpec, StudyData, summary
+from moebench.report.tables import MetricSpec, StudyData, recover_text, summary, twins, unrecovered
 from moebench.report.uncertainty import Estimate, cell_estimates, combine, difference, speed_verdict
 
 GENERIC = ("testbed:mix", "c4")
@@ -51,9 +56,16 @@ def _estimate_of(rows: pd.DataFrame) -> Estimate | None:
                     for a, e, c in zip(rows["accuracy"], errs, rows["cell"], strict=True)])
 
 
+def _plain(table: pd.DataFrame) -> pd.DataFrame:
+    """The cells without a recovery stage: the methods as they prune (all cells of tables from before recovery)."""
+    return unrecovered(table)
+
+
 def _acc(table: pd.DataFrame, method: str, ratio: float, calib_generic: bool = True,
          skip: str = "none") -> Score | None:
-    """Mean accuracy of the cells of ``method`` at ``ratio`` (generic or no calibration unless told), or None."""
+    """Mean accuracy of the cells of ``method`` at ``ratio`` (generic or no calibration unless told, no recovery
+    stage), or None."""
+    table = _plain(table)
     rows = table[(table["method_id"] == method) & (table["ratio"] == ratio) & (table["skip"] == skip)]
     if calib_generic:
         rows = rows[rows["calib"].isin(GENERIC) | (rows["calib"] == "")]
@@ -87,7 +99,7 @@ def _verdict(a: float | None, b: float | None) -> str:
 def f1(table: pd.DataFrame) -> str:
     """Does enumeration (NAEE) or REAP beat frequency and random at 25% and 50%?"""
     parts = []
-    seeds = table.loc[table["method_id"] == "random", "params"].nunique()
+    seeds = _plain(table).loc[lambda t: t["method_id"] == "random", "params"].nunique()
     for ratio in (0.25, 0.5):
         acc = {m: _acc(table, m, ratio) for m in ("naee", "reap", "frequency", "random")}
         best_new = max((v for k, v in acc.items() if k in ("naee", "reap") and v is not None), default=None)
@@ -100,7 +112,7 @@ def f1(table: pd.DataFrame) -> str:
 
 def f2(study: StudyData, table: pd.DataFrame, spec: MetricSpec) -> str:
     """Does domain calibration beat generic calibration on the domain's own task?"""
-    effect = calibration_effect(study, table, spec)
+    effect = calibration_effect(study, _plain(table), spec)
     if effect.empty:
         return "F2 (domain vs generic calibration): not measured (no domain-calibrated cells)"
     z = 1.96 * effect["delta_stderr"].astype(float)
@@ -124,6 +136,7 @@ def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
     the same kernel and process (``skip_decode_speedup``); no verdict on flagged cells.
     """
     rates = {} if runs is None or "skip_rate" not in runs else dict(zip(runs["cell"], runs["skip_rate"], strict=True))
+    table = _plain(table)
     skipped = table[table["skip"] != "none"]
     if skipped.empty:
         return "F3 (dynamic skipping): not measured"
@@ -152,6 +165,7 @@ def f4(table: pd.DataFrame) -> str:
 
 def f5(table: pd.DataFrame) -> str:
     """Does input-aware selection beat static pruning at high sparsity (75%)?"""
+    table = _plain(table)
     static = table[(table["ratio"] == 0.75) & table["method_id"].isin(
         ["frequency", "reap", "naee", "ean", "soft_activation", "premoe", "grape"]) & (table["skip"] == "none")]
     best = static.dropna(subset=["accuracy"]).sort_values(["accuracy", "cell"], ascending=[False, True]).head(1)
@@ -194,8 +208,94 @@ def f6(table: pd.DataFrame) -> str:
     return "F6 (pruning vs merging, same experts kept): " + "; ".join(parts)
 
 
+def _score(rows: pd.DataFrame) -> Score | None:
+    """The `Score` of one cell's row (``rows``: a one-row frame), None without an accuracy."""
+    if rows.empty or pd.isna(rows["accuracy"].iloc[0]):
+        return None
+    est = _estimate_of(rows)
+    return Score(est) if est is not None else None
+
+
+def _gap(before: Score | None, after: Score | None, unpruned: Score | None) -> str:
+    """``closes 27% of the gap to the unpruned``: (after - before) / (unpruned - before), in percent."""
+    if unpruned is None:
+        return "gap closed n/a (no unpruned cell)"
+    if before is None or after is None:
+        return "gap closed n/a"
+    if unpruned - before <= 0:
+        return "gap closed n/a (not below the unpruned before recovery)"
+    return f"closes {100 * (after - before) / (unpruned - before):.0f}% of the gap to the unpruned"
+
+
+def _ranking(pairs: list[tuple[str, Score, Score]], which: int) -> str:
+    order = sorted(pairs, key=lambda p: (-p[which], p[0]))
+    return " > ".join(p[0] for p in order)
+
+
+def _f7_ratio(table: pd.DataFrame, rows: pd.DataFrame, found: dict, prefix: str) -> str:
+    """One model and ratio of F7: each recovered cell against its twin, the gap closed, the rankings."""
+    model, ratio = rows["model"].iloc[0], rows["ratio"].iloc[0]
+    base = table[(table["model"] == model) & table["baseline"]]
+    unpruned = _score(base.iloc[[0]]) if len(base) else None
+    named = []
+    for _, row in rows.sort_values(["method", "calib", "cell"]).iterrows():
+        twin = found.get(row["cell"])
+        twin_rows = table[table["cell"] == twin] if twin else table.iloc[:0]
+        named.append((twin_rows["method"].iloc[0] if len(twin_rows) else row["method"], row, twin_rows))
+    counts = pd.Series([n for n, _, _ in named]).value_counts()
+    parts, pairs = [], []
+    for name, row, twin_rows in named:
+        name += f" [{row['calib']}]" if counts[name] > 1 and row["calib"] else ""
+        after = _score(table.loc[[row.name]])
+        if twin_rows.empty:
+            parts.append(f"{name} {_fmt(after)} (no twin without recovery: same method, parameters, calibration and "
+                         "ratio)")
+            continue
+        before = _score(twin_rows)
+        parts.append(f"{name} {_fmt(before)} -> {_fmt(after)} ({_verdict(after, before)}), "
+                     f"{_gap(before, after, unpruned)}")
+        if before is not None and after is not None:
+            pairs.append((name, before, after))
+    text = f"{prefix}at {ratio:.0%} (unpruned {_fmt(unpruned)}): " + "; ".join(parts)
+    if len(pairs) > 1:
+        text += f"; ranking before recovery: {_ranking(pairs, 1)}; after: {_ranking(pairs, 2)}"
+    return text
+
+
+def f7(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
+    """What does recovery after pruning buy: each recovered cell against its twin (paired where both have
+    per-item results), the share of the gap to the unpruned model it closes, and the methods' ranking at each
+    ratio before and after recovery (by mean accuracy)."""
+    recovered = table[table["recover"] != ""] if "recover" in table else table.iloc[:0]
+    if recovered.empty:
+        return "F7 (recovery after pruning): not measured (no recovered cells)"
+    settings = {} if runs is None or "recover" not in runs else dict(zip(runs["cell"], runs["recover"], strict=True))
+    how = recovered["cell"].map(lambda c: recover_text(settings.get(c, ""))).where(lambda t: t != "",
+                                                                                   recovered["recover"])
+    found = twins(table)
+    texts = sorted(set(how))
+    head = f"F7 (recovery after pruning: {texts[0]})" if len(texts) == 1 else "F7 (recovery after pruning)"
+    if not any(found.get(c) for c in recovered["cell"]):
+        listed = ", ".join(f"{r.method} {r.ratio:.0%} {_fmt(_score(recovered.loc[[i]]))}"
+                           for i, r in recovered.sort_values(["method", "ratio", "cell"]).iterrows())
+        return (f"{head}: not measured (no recovered cell has a twin without recovery: same model, method, "
+                f"parameters, calibration and ratio; recovered: {listed})")
+    several = recovered["model"].nunique() > 1
+    parts = []
+    for text in texts:
+        group = recovered[how == text]
+        lead = f"{text}: " if len(texts) > 1 else ""
+        for k, ((model, _), rows) in enumerate(group.groupby(["model", "ratio"], sort=True)):
+            prefix = (lead if k == 0 else "") + (f"{model} " if several else "")
+            parts.append(_f7_ratio(table, rows, found, prefix))
+    return f"{head}: " + "; ".join(parts)
+
+
 def findings(study: StudyData, spec: MetricSpec | None = None) -> list[str]:
-    """F1-F6 as sentences with numbers."""
+    """F1-F6 as sentences with numbers, and F7 when the study has recovered cells."""
     spec = spec or MetricSpec()
     table = with_estimates(summary(study, spec), study, spec)
-    return [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table), f6(table)]
+    out = [f1(table), f2(study, table, spec), f3(table, study.runs), f4(table), f5(table), f6(table)]
+    if "recover" in table and (table["recover"] != "").any():
+        out.append(f7(table, study.runs))
+    return out

@@ -7,7 +7,9 @@ leave memory, and **resident** variants (input-aware selection, kind ``select``,
 ``apply=mask``), which keep every expert in memory, so their ratio is the share each input does not
 use, not memory freed; both show the resident weight bytes. Each row ends with its cell id, linked
 to the cell's folder (``<results>/<study>/cells/<id>/``: plan, results, logs) by a path relative to
-the leaderboard file; a cell without a folder has no link.
+the leaderboard file; a cell without a folder has no link. A method name ending in ``+lora``,
+``+router_kd`` or ``+full`` is a cell trained after pruning (`moebench.method.recover`); the intro says so
+whenever such a row is listed.
 
 ``leaderboard.md`` has a table per ratio in each section. ``leaderboard.html`` is static (a few
 lines of inline JavaScript, no server, no external files, works offline): one table per section, a
@@ -27,7 +29,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from moebench.report.tables import MetricSpec, averaged_tasks, load_studies, summary
-from moebench.report.textfmt import main_rows, markdown_table, md_escape, num
+from moebench.report.textfmt import RECOVERED_NOTE, has_recovered, main_rows, markdown_table, md_escape, num
 from moebench.util import atomic_write_text
 
 SORT_SCRIPT = """
@@ -190,6 +192,8 @@ def write_leaderboard(results_dir: str, out: str, spec: MetricSpec, links_from: 
              "no verdict; cell (files): the cell's folder with its plan, results and logs.",
              f"{len(rows)} cells from {len(notes)} stud{'y' if len(notes) == 1 else 'ies'}; {limited} cells run with "
              "an lm-eval limit are left out.", "Tasks per study: " + "; ".join(notes) + "."]
+    if has_recovered(rows):  # only then, so leaderboards without recovered cells read as before
+        intro.append(RECOVERED_NOTE[0].upper() + RECOVERED_NOTE[1:])
     sections = []
     for key, title in SECTIONS:
         part = rows[rows["section"] == key] if len(rows) else rows

@@ -13,7 +13,8 @@ methods ``extra.keep_frequency`` (layer -> per-expert fraction of inputs that ke
 The expert count per layer is ``extra.n_experts`` (an int, or layer -> int) when a plan has it,
 else one more than the largest expert id any plan of that model keeps. A map is drawn for every
 (model, method) with a non-uniform plan (kept counts differ between layers) or an input-aware one
-(plan ``kind`` ``select`` or ``keep_frequency`` present).
+(plan ``kind`` ``select`` or ``keep_frequency`` present). A recovered cell (trained after its method)
+keeps its twin's experts, so it has no map of its own where its twin is in the study.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from matplotlib.ticker import NullLocator
 from moebench.report import style
 from moebench.report.facets import BAND, FACETS
 from moebench.report.layout import Figure, Series, Skipped, outer_labels, shared_grid, shared_legend, width_for
-from moebench.report.tables import LATENCY_COLUMNS
+from moebench.report.tables import LATENCY_COLUMNS, twins
 
 MAX_MAP_CALIBS = 4  # rows of panels per kept-expert map
 LATENCY_NOTE = ("no latency table: the grid writes tables/latency.csv (cell, prompt_len, batch, ms_per_token) "
@@ -206,6 +207,8 @@ def kept_expert_maps(plans: dict, table: pd.DataFrame) -> list[Figure] | Skipped
     if not plans:
         return Skipped("kept_experts", title, "no plan.json in the cell folders (cells/<id>/plan.json)")
     rows = table[~table["baseline"] & table["cell"].isin(plans)]
+    pairs = twins(rows)  # a recovered cell keeps its twin's experts: its map would repeat the twin's
+    rows = rows[rows["cell"].map(lambda c: not pairs.get(c)).astype(bool)]
     out = []
     for (model, method), group in rows.groupby(["model", "method"], sort=True):
         if not any(_is_mapped(plans[c]) for c in group["cell"]):

@@ -16,7 +16,7 @@ from moebench.report import pdf
 from moebench.report.domains import GENERIC_SOURCES
 from moebench.report.layout import Figure
 from moebench.report.settings import settings_pairs
-from moebench.report.textfmt import main_rows, markdown_table, md_escape, num, pm
+from moebench.report.textfmt import RECOVERED_NOTE, has_recovered, main_rows, markdown_table, md_escape, num, pm
 
 MAIN_NOTE = ("avg acc: mean \u00b1 standard error over the averaged tasks' items, in percent; weights: the bytes "
              "resident in memory (input-aware and masked variants free nothing); run peak: memory measured at its "
@@ -118,6 +118,8 @@ def report_markdown(study, table, tasks, spec, tasks_frame, used, effect, compar
            "Regenerating from the same tables gives identical files.", "", "## Settings", ""]
     out += [f"- {line}" for line in settings(study, table, tasks, spec)] + ["", "## Main table", ""]
     out += [markdown_table(*main_rows(table), numeric_from=3), "", MAIN_NOTE, "", LIMITED_NOTE, ""]
+    if has_recovered(table):
+        out += [RECOVERED_NOTE[0].upper() + RECOVERED_NOTE[1:], ""]
     if not comparison.empty:
         see = f" (see Appendix {letters['published']} for sources)" if "published" in letters else ""
         out += ["## Measured beside published", "", markdown_table(*comparison_rows(comparison), numeric_from=7), "",
@@ -153,8 +155,9 @@ def pdf_document(study, table, tasks, spec, tasks_frame, used, effect, compariso
     the same sections as ``report.md`` (those without data left out and listed last)."""
     drawn = [f for f in figures if isinstance(f, Figure)]
     letters = appendices(used, references)
+    recovered = " " + RECOVERED_NOTE[0].upper() + RECOVERED_NOTE[1:] if has_recovered(table) else ""
     blocks = [pdf.Table("Main table", *main_rows(table), numeric_from=3, group=1,
-                        note=MAIN_NOTE + " " + LIMITED_NOTE.replace("`", ""))]
+                        note=MAIN_NOTE + " " + (LIMITED_NOTE + recovered).replace("`", ""))]
     if not comparison.empty:
         blocks.append(pdf.Table("Measured beside published", *comparison_rows(comparison), numeric_from=7, group=0,
                                 note="Published numbers are the papers'; measured ones are computed the paper's way."))

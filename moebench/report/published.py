@@ -110,6 +110,8 @@ def same_model(a: str, b: str) -> bool:
 
 def matches(entry: Published, row) -> bool:
     """Whether a main-table row (see `tables.summary`) measures the entry's setting."""
+    if row.get("recover"):  # trained after the method: not the one-shot setting papers report
+        return False
     params = json.loads(row["params"] or "{}")
     calib_ok = entry.calibration is None or not row["calib"] or entry.calibration.lower() == row["calib"].lower()
     return (same_model(entry.model, row["model"]) and entry.method == row["method_id"] and entry.skip == row["skip"]

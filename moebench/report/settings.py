@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from moebench.report.tables import recover_text
 from moebench.report.textfmt import num
 
 UNCERTAINTY = ("\u00b1 is the standard error, in percent: of the average accuracy, sqrt(sum of the tasks' squared "
@@ -65,6 +66,19 @@ def _versions(runs: pd.DataFrame) -> list[tuple[str, str]]:
     return [("versions", ", ".join(parts))] if parts else []
 
 
+def _recovery_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """The recovery stages of the study's cells (none: no entry, so reports without them read as before)."""
+    if "recover" not in runs:
+        return []
+    how = [recover_text(v) for v in runs["recover"]]
+    counts = pd.Series([h for h in how if h]).value_counts()
+    if counts.empty:
+        return []
+    return [("recovery training", "; ".join(f"{h}: {n} cell{'s' if n > 1 else ''}" for h, n in sorted(counts.items()))
+             + ", trained after their method and named method+kind (reap+lora); the recovery (%) column is a share "
+               "of the unpruned accuracy, not this stage")]
+
+
 def settings_pairs(study, table, tasks, spec) -> list[tuple[str, str]]:
     """The study's settings as (name, value) pairs (plain text; escape for Markdown)."""
     runs = study.runs
@@ -91,6 +105,7 @@ def settings_pairs(study, table, tasks, spec) -> list[tuple[str, str]]:
              ("limited runs", f"{limited} of {len(runs)}" + (" (flagged limited; not on the leaderboard)" if limited
                                                              else "")),
              *_measured_on(runs), *_versions(runs)]
+    pairs += _recovery_pairs(runs)
     if "mixed_versions" in runs and runs["mixed_versions"].astype(str).str.lower().eq("true").any():
         pairs.append(("WARNING", "the cells differ in lm-eval or task versions (collected with --allow-mixed)"))
     return pairs

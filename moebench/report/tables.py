@@ -23,6 +23,11 @@ Definitions:
   ``run_peak_bytes`` (`moebench.measure.memory`).
 * **stderr of the average**: sqrt(sum of the tasks' squared stderrs) / number of tasks (the tasks'
   items are independent); missing when a task reports no stderr.
+* **recovered cell**: a cell trained after its method (``recover`` in the runs table: the JSON of its
+  `moebench.method.recover.RecoverSpec`; empty, NaN or absent in tables from before recovery: none).
+  Its **twin** is the cell of the same model, method, parameters, skip rule, calibration, ratio and
+  apply mode without recovery (`twins`). Not to be confused with the **recovery** column above, which
+  is a share of the unpruned accuracy.
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ def _read(folder: str, name: str) -> pd.DataFrame | None:
 
 def _normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
-    for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", ""), ("apply", "physical")):
+    for col, default in (("calib", ""), ("params", "{}"), ("skip", "none"), ("study", ""), ("apply", "physical"),
+                         ("recover", "")):
         runs[col] = (runs[col] if col in runs else pd.Series(default, index=runs.index)).astype(object)
         runs[col] = runs[col].astype(object).where(runs[col].notna(), default).astype(str)
     for col in ("limited", "under_load"):
@@ -198,6 +204,35 @@ def load_studies(results_dir: str) -> list[StudyData]:
     return sorted(found, key=lambda s: s.name)
 
 
+def recover_settings(value) -> dict:
+    """The recovery settings of a runs row's ``recover`` value (JSON text); ``{}`` for none (empty, NaN, absent)."""
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    settings = json.loads(value)
+    return settings if isinstance(settings, dict) else {}
+
+
+def recover_kind(value) -> str:
+    """The recovery kind (``lora``, ``router_kd``, ``full``) of a runs row's ``recover`` value, ``""`` for none."""
+    return str(recover_settings(value).get("kind", ""))
+
+
+def recover_text(value) -> str:
+    """``lora on testbed:mix, 100 steps`` (defaults filled in), then any other setting given (``, rank 16``);
+    ``""`` for none."""
+    settings = recover_settings(value)
+    if not settings:
+        return ""
+    from moebench.method.recover import RecoverSpec
+
+    try:
+        text = RecoverSpec.parse(settings).label()
+    except (ValueError, TypeError):  # settings this installation does not know: as recorded
+        text = f"{settings.get('kind', '?')} on {settings.get('data', '?')}"
+    others = sorted(k for k in settings if k not in ("kind", "data", "steps"))
+    return text + "".join(f", {k} {settings[k]}" for k in others)
+
+
 def method_label(method: str, params: str = "{}", skip: str = "none", recover: str = "") -> str:
     """Readable method name: ``unpruned``, ``reap``, ``random(seed=1)``, ``naee+skip:naee``, ``reap+lora`` (a
     recovery stage after the method)."""
@@ -206,7 +241,8 @@ def method_label(method: str, params: str = "{}", skip: str = "none", recover: s
     values = json.loads(params) if params else {}
     label = method + ("(" + ",".join(f"{k}={values[k]}" for k in sorted(values)) + ")" if values else "")
     label += f"+skip:{skip}" if skip and skip != "none" else ""
-    return label + (f"+{json.loads(recover)['kind']}" if isinstance(recover, str) and recover else "")
+    kind = recover_kind(recover)
+    return label + (f"+{kind}" if kind else "")
 
 
 def leaf_tasks(scores: pd.DataFrame) -> list[str]:
@@ -267,16 +303,18 @@ def average_stderr(scores: pd.DataFrame, spec: MetricSpec, tasks: list[str] | No
 
 
 def baselines(runs: pd.DataFrame) -> dict[str, str]:
-    """model -> cell id of its unpruned cell (method ``none``, ratio 0, no skipping)."""
+    """model -> cell id of its unpruned cell (method ``none``, ratio 0, no skipping, no recovery)."""
     base = runs[(runs["method"] == "none") & (runs["ratio"] == 0) & (runs["skip"] == "none")]
+    if "recover" in base:
+        base = base[[not recover_kind(v) for v in base["recover"]]]
     base = base.sort_values(["limited", "cell"])
     return {m: group["cell"].iloc[0] for m, group in base.groupby("model", sort=True)}
 
 
 SUMMARY_COLUMNS = ["model", "method", "calib", "ratio", "accuracy", "accuracy_stderr", "recovery", "weight_bytes",
                    "run_peak_bytes", "load_peak_bytes", "memory_measure", "decode_speedup", "limited", "cell",
-                   "method_id", "params", "skip", "baseline", "kind", "facet", "apply", "device", "speed_pairing",
-                   "under_load", "speed_flag", *SPEED_COLUMNS, *SPEEDUP_COLUMNS[1:]]
+                   "method_id", "params", "skip", "recover", "baseline", "kind", "facet", "apply", "device",
+                   "speed_pairing", "under_load", "speed_flag", *SPEED_COLUMNS, *SPEEDUP_COLUMNS[1:]]
 
 
 def speed_flag(run) -> str:
@@ -298,7 +336,8 @@ def plan_kind(study: StudyData, cell: str, method: str) -> str:
 def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
     """The main table: one row per cell with accuracy (and its stderr), recovery, resident weights, run peak,
     the paired decode speedup and its spread and flag, the method's kind and figure facet
-    (`moebench.report.facets`)."""
+    (`moebench.report.facets`), and ``recover``: the kind of the recovery stage after the method (``lora``,
+    ``router_kd``, ``full``; ``""`` for none), which the ``method`` label also names (``reap+lora``)."""
     runs = study.runs
     acc, err = average_accuracy(study.scores, spec), average_stderr(study.scores, spec)
     base = baselines(runs)
@@ -309,7 +348,8 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
         ref_acc = acc.get(ref, float("nan")) if ref else float("nan")
         weights = run.weight_bytes if not pd.isna(run.weight_bytes) else run.expert_bytes + run.other_bytes
         kind = plan_kind(study, run.cell, run.method)
-        label = method_label(run.method, run.params, run.skip, getattr(run, "recover", ""))
+        recover = getattr(run, "recover", "")
+        label = method_label(run.method, run.params, run.skip, recover)
         row = {"model": run.model, "method": label,
                "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
                "accuracy_stderr": err.get(run.cell, float("nan")),
@@ -317,7 +357,8 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
                "weight_bytes": weights, "run_peak_bytes": run.run_peak_bytes, "load_peak_bytes": run.load_peak_bytes,
                "memory_measure": run.memory_measure, "decode_speedup": run.decode_speedup,
                "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
-               "params": run.params, "skip": run.skip, "baseline": run.cell == ref, "kind": kind,
+               "params": run.params, "skip": run.skip, "recover": recover_kind(recover), "baseline": run.cell == ref,
+               "kind": kind,
                "facet": facet_of(run.method, run.skip, kind), "apply": str(getattr(run, "apply", "physical")),
                "device": str(getattr(run, "device", "") or ""), "speed_pairing": run.speed_pairing,
                "under_load": bool(run.under_load), "speed_flag": speed_flag(run)}
@@ -327,6 +368,29 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
     frame["order"] = (~frame["baseline"]).astype(int)
     frame = frame.sort_values(["model", "order", "method", "calib", "ratio", "cell"]).drop(columns="order")
     return frame.reset_index(drop=True)
+
+
+TWIN_KEYS = ("model", "method_id", "params", "skip", "calib", "ratio", "apply")
+
+
+def unrecovered(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a `summary` without a recovery stage (every row of a table from before recovery)."""
+    return table[table["recover"] == ""] if "recover" in table else table
+
+
+def twins(table: pd.DataFrame) -> dict[str, str | None]:
+    """recovered cell -> the cell id of its twin in ``table`` (a `summary`): same `TWIN_KEYS`, no recovery,
+    unlimited cells first; None where it has none."""
+    if "recover" not in table:
+        return {}
+    keys = [k for k in TWIN_KEYS if k in table]
+    found: dict[tuple, str] = {}
+    plain = unrecovered(table)
+    order = plain.sort_values(["limited", "cell"]) if "limited" in plain else plain.sort_values("cell")
+    for row in order.to_dict("records"):
+        found.setdefault(tuple(row[k] for k in keys), row["cell"])
+    recovered = table[table["recover"] != ""]
+    return {row["cell"]: found.get(tuple(row[k] for k in keys)) for row in recovered.to_dict("records")}
 
 
 def per_task(study: StudyData, spec: MetricSpec) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:

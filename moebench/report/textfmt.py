@@ -76,6 +76,16 @@ def main_rows(table: pd.DataFrame, with_study: bool = False,
     return header, rows
 
 
+RECOVERED_NOTE = ("method names ending in `+lora`, `+router_kd` or `+full` (e.g. reap+lora): the cell was trained "
+                  "after pruning (a recovery stage of that kind, `recover:` in the study); its twin without that "
+                  "training is the row of the same method, calibration and ratio without the suffix.")
+
+
+def has_recovered(table: pd.DataFrame) -> bool:
+    """Whether a main table (`tables.summary`) has a cell trained after its method."""
+    return "recover" in table and bool((table["recover"].fillna("") != "").any())
+
+
 def speedup_text(median, lo, hi) -> str:
     """``1.05 [0.98, 1.10]``: a paired speedup and its 95% interval (the median alone where none), or ``-``."""
     if missing(median):

@@ -30,7 +30,8 @@ def _samples(items: dict[str, list[int]]) -> dict:
 
 def _run_row(c: dict, study: str) -> dict:
     """One ``runs`` row. ``speed``: (median, p90, p10) decode tokens/s; ``speedup`` / ``skip_speedup``: the
-    paired ratio (median, lo, hi); ``pairing`` and ``under_load`` as a cell records them."""
+    paired ratio (median, lo, hi); ``pairing`` and ``under_load`` as a cell records them; ``recover``: the
+    recovery settings (``{"kind": "lora", "data": "testbed:mix"}``), written as the runs table's JSON."""
     row = dict.fromkeys(RUN_COLUMNS)
     speed = c.get("speed", (100.0, 95.0, 105.0))  # median, p90 (slow end), p10 (fast end) tokens/s
     baseline = c["method"] == "none" and c.get("skip", "none") == "none"
@@ -42,6 +43,9 @@ def _run_row(c: dict, study: str) -> dict:
         row.update(zip(("skip_decode_speedup", "skip_decode_speedup_lo", "skip_decode_speedup_hi"), c["skip_speedup"],
                        strict=True))
     resident = c.get("kind") == "select" or c.get("apply") == "mask"  # nothing freed
+    if c.get("recover"):  # a recovery stage after the method: its settings as the grid records them
+        row.update(recover=json.dumps(c["recover"], sort_keys=True), recover_s=12.5, recover_loss_first=3.2,
+                   recover_loss_last=2.4)
     row.update(cell=c["cell"], study=study, model=c.get("model", "testbed-8e"), method=c["method"],
                params=json.dumps(c.get("params", {}), sort_keys=True), skip=c.get("skip", "none"), ratio=c["ratio"],
                calib="" if c["method"] in ("none", "random", "weight_norm") else c["calib"],
@@ -88,3 +92,37 @@ def write_study(root: str, cells: list[dict], study: str = "unc", spread: bool =
     frame.to_csv(os.path.join(tables, "runs.csv"), index=False)
     pd.DataFrame(scores).to_csv(os.path.join(tables, "scores.csv"), index=False)
     return folder
+
+
+LORA = {"kind": "lora", "data": "testbed:mix"}  # steps left out: the default (100), as the grid records it
+
+
+def correct(k: int, n: int = 100) -> dict[str, list[int]]:
+    """Per-item results with the first ``k`` of ``n`` items right in every task (nested: k < k' is a subset)."""
+    return {task: [1] * k + [0] * (n - k) for task in TASKS}
+
+
+def recovered_study(root: str, study: str = "rec", rich: bool = False) -> str:
+    """The unpruned model (90 of 100 items right per task), reap (40) and frequency (60) at 50% beside their
+    LoRA-recovered twins (70, 61), a recovered ean without a twin and reap at 25% without recovery. ``rich``:
+    also soft_activation, router_kd after reap, a recovered random seed and every method at 25% recovered."""
+    cells = [cell("base", "none", 0.0, 0, items=correct(90)),
+             cell("reap50", "reap", 0.5, 0, items=correct(40)),
+             cell("reap50l", "reap", 0.5, 0, items=correct(70), recover=LORA),
+             cell("freq50", "frequency", 0.5, 0, items=correct(60)),
+             cell("freq50l", "frequency", 0.5, 0, items=correct(61), recover=LORA),
+             cell("ean50l", "ean", 0.5, 0, items=correct(50), recover=LORA),
+             cell("reap25", "reap", 0.25, 0, items=correct(80))]
+    if rich:
+        kd = {"kind": "router_kd", "data": "testbed:arithmetic", "steps": 200}
+        cells += [cell("reap25l", "reap", 0.25, 0, items=correct(85), recover=LORA),
+                  cell("freq25", "frequency", 0.25, 0, items=correct(75)),
+                  cell("freq25l", "frequency", 0.25, 0, items=correct(78), recover=LORA),
+                  cell("soft25", "soft_activation", 0.25, 0, items=correct(77)),
+                  cell("soft25l", "soft_activation", 0.25, 0, items=correct(80), recover=LORA),
+                  cell("soft50", "soft_activation", 0.5, 0, items=correct(55)),
+                  cell("soft50l", "soft_activation", 0.5, 0, items=correct(66), recover=LORA),
+                  cell("reap50k", "reap", 0.5, 0, items=correct(52), recover=kd),
+                  cell("rand50", "random", 0.5, 0, items=correct(20), params={"seed": 0}),
+                  cell("rand50l", "random", 0.5, 0, items=correct(35), params={"seed": 0}, recover=LORA)]
+    return write_study(root, cells, study=study)

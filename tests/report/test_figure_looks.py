@@ -11,6 +11,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.container import BarContainer, ErrorbarContainer
 from matplotlib.transforms import Bbox
 from PIL import Image
+from report_data import recovered_study
 from test_figures import rich_study
 from test_report import make_results
 
@@ -137,7 +138,8 @@ def _checked_artists(fig):
 
 
 STUDIES = {"two-row study": lambda root: make_results(root, small=True), "full study": make_results,
-           "every kind of method": rich_study}  # the last: seven panels, labels long enough to wrap
+           "every kind of method": rich_study,  # seven panels, labels long enough to wrap
+           "recovered cells": lambda root: recovered_study(root, rich=True)}  # before/after recovery, two ratios
 
 
 @pytest.mark.parametrize("kind", list(STUDIES))
@@ -145,6 +147,7 @@ def test_no_legend_or_colour_bar_label_is_cut_off(tmp_path, kind):
     drawn = _drawn(STUDIES[kind](str(tmp_path / "results")))
     figures = [f for f in drawn if isinstance(f, F.Figure)]
     assert {"memory_pareto", "recovery_heatmap", "accuracy_vs_ratio"} <= {f.name for f in figures}
+    assert ("recovery_after_finetune" in {f.name for f in figures}) == (kind == "recovered cells")
     bars = 0
     with style.figure_style():
         for item in figures:

@@ -53,7 +53,8 @@ def test_small_report_leaves_out_sections_without_data(tmp_path, pdf_blocks):
     assert "No cell of this study matches" not in text.split("## Not in this report")[0]
     left = text.split("## Not in this report")[1].split("## Files")[0]
     items = re.findall(r"^- ([^:]+): ", left, re.M)
-    assert items == ["Measured beside published", "Calibration-domain effect", "Kept-expert maps",
+    assert items == ["Measured beside published", "Accuracy before and after recovery training",
+                     "Calibration-domain effect", "Kept-expert maps",
                      "Published numbers"]  # each once: the calibration effect's figure and table are one entry
     assert "Appendix B" not in text  # no published numbers concern the testbed models
     ((titles, blocks, figures),) = pdf_blocks
@@ -72,7 +73,9 @@ def test_full_report_keeps_the_sections_it_has_data_for(tmp_path, pdf_blocks):
                    "Not in this report", "Files"]
     _no_empty_section(text)
     left = text.split("## Not in this report")[1].split("## Files")[0]
-    assert re.findall(r"^- ([^:]+): ", left, re.M) == ["Measured beside published", "Published numbers"]
+    assert re.findall(r"^- ([^:]+): ", left, re.M) == ["Measured beside published",
+                                                       "Accuracy before and after recovery training",
+                                                       "Published numbers"]  # no recovered cells
     ((titles, _, figures),) = pdf_blocks
     assert titles == ["Main table", "Calibration-domain effect", "Appendix A: per-task scores (%)",
                       "Not in this report"]
