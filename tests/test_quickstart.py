@@ -36,7 +36,8 @@ def quickstart() -> tuple[list[tuple[str, list[str]]], str]:
 
 def pattern(shown: str) -> re.Pattern:
     """A shown line as a pattern: numbers may differ, ``...`` stands for anything, runs of spaces or dashes for any
-    run of them (table columns widen with their values)."""
+    run of them (table columns widen with their values); a results row may end with its speed flag (``(under
+    load)`` on a busy machine)."""
     parts = []
     for token in re.split(r"(\.\.\.|\d+(?:\.\d+)?|\s+|-{2,})", shown.strip()):
         if token == "...":
@@ -49,7 +50,7 @@ def pattern(shown: str) -> re.Pattern:
             parts.append("-+")
         else:
             parts.append(re.escape(token))
-    return re.compile("".join(parts))
+    return re.compile("".join(parts) + r"(?:\s+\((?:under load|unpaired)[^)]*\))?")  # a row's speed flag, if any
 
 
 def accuracies(line: str) -> list[float]:
