@@ -3,7 +3,7 @@
 Runs the packaged study (`demo_study.yaml`) as a resumable grid into ``demo-run/results/demo``
 (a folder of its own, so a fresh clone really runs the pipeline rather than finding the committed
 ``results/demo``), writes the tidy tables, the report into ``demo-run/reports/demo`` and the
-leaderboard into ``demo-run/reports/``, states the findings F1-F6 with their numbers (also in
+leaderboard into ``demo-run/reports/``, states the findings F1-F7 with their numbers (also in
 ``findings.md``) and the elapsed time. The first line says how many cells are already finished
 there and will be reused. ``--results results --reports reports`` regenerates the committed ones.
 """
