@@ -77,6 +77,20 @@ def test_router_kd_trains_only_the_routers_towards_the_unpruned_model(corpus):
     assert record["trained_parameters"] == sum(layer.router.weight.numel() for layer in MoEView(model).layers)
 
 
+def test_lora_after_merging_trains_the_merged_experts(corpus):
+    from moebench.moe.merge import merge
+
+    model = tiny_model("mixtral")
+    groups = [{"into": 0, "experts": [0, 1, 2, 3], "weights": [0.25] * 4},
+              {"into": 4, "experts": [4, 5, 6, 7], "weights": [0.25] * 4}]
+    merge(model, {layer.index: groups for layer in MoEView(model).layers})
+    before = snapshot(model)
+    model, record = recover(model, build_tokenizer(), spec("lora", corpus), progress=False)
+    assert MoEView(model).experts_per_layer == {layer.index: 2 for layer in MoEView(model).layers}
+    assert "model.layers.0.mlp.experts.down_proj" in changed(model, before)
+    assert record["expert_rank"] == max(1, round(8 * 2 / 2))  # top-2 of the 2 merged experts
+
+
 def test_router_kd_without_the_teachers_targets_is_refused(corpus):
     with pytest.raises(ValueError, match="needs the unpruned model's targets"):
         recover(tiny_model("mixtral"), build_tokenizer(), spec("router_kd", corpus), None, progress=False)
