@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
             raise OSError(f"--kind router_kd: cannot load the unpruned model {teacher_name!r} ({err}); give it with "
                           "--teacher (a hub id or the folder the checkpoint was pruned from)") from err
         targets = cached_teacher_targets(teacher, teacher_tokenizer, spec, args.stats_dir, teacher_name)
-        del teacher
+        del teacher  # never beside the student
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     model, tokenizer = load_with_tokenizer(args.pruned, dtype=args.dtype, device=device)
     model, done = recover(model, tokenizer, spec, targets)
     plan.extra["recover"] = done

@@ -193,3 +193,33 @@ def test_a_device_map_model_is_viewed_and_pruned_in_place(tmp_path, saved_models
     prune(model, {i: [0, 1, 2, 3] for i in MoEView(model).indices})
     with torch.no_grad():
         assert torch.isfinite(model(sample_ids().to(CUDA)).logits).all()
+
+
+@pytest.mark.parametrize("kind", ["lora", "router_kd"])
+def test_recovery_trains_a_bf16_model_on_the_gpu_and_keeps_its_dtype(kind, tmp_path):
+    import random
+
+    from conftest import build_tokenizer
+    from tiny_models import VOCAB
+
+    from moebench.method.recover import RecoverSpec, recover, teacher_targets, windows
+    from moebench.moe.ops import prune
+    from moebench.moe.view import MoEView
+
+    rng = random.Random(0)
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n\n".join(" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(5)) * 12 for _ in range(80)))
+    model, tokenizer = tiny_model("qwen3_moe").to(CUDA, torch.bfloat16), build_tokenizer()
+    spec = RecoverSpec.parse({"kind": kind, "data": f"file:{corpus}", "steps": 10, "batch": 2, "seq_len": 32,
+                              "lr": 1e-2})
+    targets = teacher_targets(model, windows(model, tokenizer, spec)) if kind == "router_kd" else None
+    prune(model, {layer.index: [0, 1, 2, 3] for layer in MoEView(model).layers})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.cuda.reset_peak_memory_stats(CUDA)
+    model, record = recover(model, tokenizer, spec, targets, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device for p in model.parameters()} == {CUDA}
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert record["cuda_peak_bytes"] > 0 and record["loss_last"] == record["loss_last"]
+    print(f"recover {kind} on {torch.cuda.get_device_name(CUDA)}: {record['seconds']} s, "
+          f"peak {record['cuda_peak_bytes'] / 2**20:.1f} MiB")
