@@ -37,7 +37,7 @@ def test_grid_log_is_quiet_and_cells_are_indexed(tmp_path):
         line for line in text.splitlines() if line.startswith(("calibration: ", "calibration 1 of 1: "))]
     assert len([line for line in text.splitlines() if line.startswith("calibration: ")]) == 2
     assert [line for line in text.splitlines() if line.startswith("calibration 1 of ")] == [
-        "calibration 1 of 1: testbed-8e on testbed:mix (norms, routing)"]  # the grid's one pass, named
+        "calibration 1 of 1: testbed-8e on testbed:mix (norms)"]  # the grid's one pass, named
     assert "batch/s" not in text
     assert "2/2" in text and "cell" in text  # the grid bar: 2 cells (the unpruned one and reap)
 
