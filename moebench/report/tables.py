@@ -306,7 +306,7 @@ def baselines(runs: pd.DataFrame) -> dict[str, str]:
     """model -> cell id of its unpruned cell (method ``none``, ratio 0, no skipping, no recovery)."""
     base = runs[(runs["method"] == "none") & (runs["ratio"] == 0) & (runs["skip"] == "none")]
     if "recover" in base:
-        base = base[[not recover_kind(v) for v in base["recover"]]]
+        base = base[base["recover"].map(lambda v: not recover_kind(v)).astype(bool)]  # a mask, also when empty
     base = base.sort_values(["limited", "cell"])
     return {m: group["cell"].iloc[0] for m, group in base.groupby("model", sort=True)}
 
