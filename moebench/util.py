@@ -310,6 +310,22 @@ def atomic_write_json(path: str, data, root: str | None = None, **dump_kwargs) -
     atomic_write_text(path, json.dumps(data, **options), root)
 
 
+def arm_parent_death_signal() -> None:
+    """Linux: this process gets SIGTERM when its parent ends (``PR_SET_PDEATHSIG``); elsewhere a no-op. Also a
+    ``preexec_fn`` for a child that must not outlive the process starting it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
+def cache_root() -> str:
+    """``$MOEBENCH_CACHE``, default ``~/.cache/moebench``: statistics, pruned checkpoints, environments."""
+    return os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
+
+
 def read_yaml(path: str):
     """The YAML document at ``path`` (safe loader); a file that is not YAML moebench can read (a syntax error, a
     tag such as ``!!python/object``) raises ValueError naming the file, the line and what to do."""

@@ -10,6 +10,16 @@ def task_dir() -> str:
     return str(Path(__file__).resolve().parent)
 
 
+def task_paths(tasks, include_path=()) -> tuple[list[str], bool]:
+    """``(folders, include_defaults)`` of the ``TaskManager`` that `task_manager` builds: what a process without
+    moebench (the vLLM environment's) needs to find the same tasks."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [task_dir(), *include_path]
+    ours = TaskManager(include_path=[task_dir()], include_defaults=False)
+    return paths, not set(tasks) <= set(ours.all_tasks)
+
+
 def task_manager(tasks, include_path=()):
     """An lm-eval ``TaskManager`` that finds ``tasks`` in moebench's folder and ``include_path``.
 
@@ -19,8 +29,5 @@ def task_manager(tasks, include_path=()):
     """
     from lm_eval.tasks import TaskManager
 
-    paths = [task_dir(), *include_path]
-    ours = TaskManager(include_path=[task_dir()], include_defaults=False)
-    if set(tasks) <= set(ours.all_tasks):
-        return ours if not include_path else TaskManager(include_path=paths, include_defaults=False)
-    return TaskManager(include_path=paths)
+    paths, defaults = task_paths(tasks, include_path)
+    return TaskManager(include_path=paths, include_defaults=defaults)

@@ -43,8 +43,9 @@ CHEAP_GROUPS = ("routing", "norms", "logits")
 
 def default_stats_dir() -> str:
     """``$MOEBENCH_CACHE/stats``, default ``~/.cache/moebench/stats``."""
-    root = os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
-    return os.path.join(root, "stats")
+    from moebench.util import cache_root
+
+    return os.path.join(cache_root(), "stats")
 
 
 def model_fingerprint(model) -> str:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("moebench.cli.prune", "prune a model with a method and save a checkpoint plus plan.json"),
     "lm-eval": ("moebench.cli.lm_eval", "lm-eval's command line with --model pruned_moe registered"),
     "recover": ("moebench.cli.recover", "train a pruned checkpoint to recover accuracy: LoRA, router distillation"),
+    "env": ("moebench.cli.env", "create the Python environment of lm-eval's vLLM backend (moebench env vllm)"),
     "grid": ("moebench.cli.grid", "run a study (models x methods x ratios x calibration sets): run, status"),
     "collect": ("moebench.cli.collect", "derive the tidy runs/scores tables from a results folder"),
     "bench": ("moebench.cli.bench", "measure prefill/decode speed: unpruned, pruned, with dynamic skipping"),

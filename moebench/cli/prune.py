@@ -19,21 +19,19 @@ from moebench.cli.common import add_calibration_arguments, load, parse_params, r
 from moebench.method.pipeline import prepare
 from moebench.method.registry import get_method, sequential_refusal
 from moebench.moe.card import provenance, record_provenance, write_card
-from moebench.moe.checkpoint import local_folder, save_folder, save_pruned
+from moebench.moe.checkpoint import local_folder, save_folder
 from moebench.moe.formats import (
     disk_summary,
     format_name,
-    has_safetensors,
     mtp_kept,
     parse_save_dtype,
     raw_config,
-    save_sliced,
     writer_refusal,
 )
-from moebench.moe.layered import LAYERED_ATTR, LayeredCheckpoint
-from moebench.moe.streaming import save_streaming
+from moebench.moe.layered import LAYERED_ATTR
 from moebench.moe.view import MoEView
-from moebench.util import check_new_folder, on_terminal
+from moebench.moe.writers import checkpoint_writer
+from moebench.util import check_new_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,20 +114,3 @@ def run(args: argparse.Namespace) -> int:
           + (f"; MTP layer(s) {', '.join(map(str, mtp))} pruned with the last MoE layer's kept ids" if mtp else ""))
     print(f"saved to {args.out} (plan.json and a model card, README.md, beside the checkpoint)")
     return 0
-
-
-def checkpoint_writer(model, layered, source: str, source_config: dict, plan, experts_before: dict, record: dict,
-                      save_dtype, out: str):
-    """``writer(folder)`` for the pruned checkpoint: a plan that removes experts with one budget for every layer
-    is written from the source's own tensors, in its format (`moebench.moe.formats.save_sliced`); merged experts
-    (new weights) and per-layer counts (moebench's fused layout) from the model as planned: shard by shard from
-    the source (a layer-by-layer skeleton) or from memory, dequantized / cast to ``save_dtype`` if given."""
-    if not plan.merge and len(set(plan.experts_kept().values())) == 1 and has_safetensors(source):
-        return lambda d: save_sliced(source, model, plan.keep, experts_before, d, record=record,
-                                     save_dtype=save_dtype, progress=on_terminal())
-    if layered is not None:  # shard by shard from the source checkpoint: the model is never loaded whole
-        reader = LayeredCheckpoint(layered.path, dtype=save_dtype or layered.dtype, device="cpu")
-        return lambda d: save_streaming(reader, plan.keep, d, model.config, merge=plan.merge, progress=on_terminal())
-    if save_dtype is not None:
-        model.to(save_dtype)
-    return lambda d: save_pruned(model, d, shown_as=out)

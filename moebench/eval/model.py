@@ -145,66 +145,8 @@ class PrunedMoELM(SelectMixin, HFLM):
     # ----- construction helpers ----------------------------------------------------------------
 
     def _prune_sequentially(self, pretrained: str, hf: dict) -> str:
-        """Plan on a layer-by-layer skeleton (`moebench.moe.layered`) and write the pruned checkpoint shard by
-        shard into ``$MOEBENCH_CACHE/pruned/<key>`` (reused when present); returns that folder."""
-        from transformers import AutoTokenizer
-
-        from moebench.calib.cache import default_stats_dir, model_key
-        from moebench.method.apply import apply
-        from moebench.method.pipeline import make_plan
-        from moebench.moe.checkpoint import save_folder
-        from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, writer_refusal
-        from moebench.moe.layered import LayeredCheckpoint
-        from moebench.moe.streaming import save_streaming
-
-        s = self.settings
-        device = str(hf.get("device") or default_device())
-        if device.startswith("cuda") and not torch.cuda.is_available():  # as HFLM falls back
-            device = "cpu"
-        remote = bool(hf.get("trust_remote_code"))
-        layered = LayeredCheckpoint(pretrained, dtype=hf.get("dtype", "auto"), revision=hf.get("revision"),
-                                    device=device, trust_remote_code=remote)
-        tokenizer = AutoTokenizer.from_pretrained(layered.path, trust_remote_code=remote)
-        save_dtype = parse_save_dtype(s.save_dtype)
-        source_config = raw_config(layered.path)
-        refusal = writer_refusal(source_config, layered.path, merges=s.spec.kind == "merge", uniform=True,
-                                 save_dtype=save_dtype)
-        if refusal:
-            raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
-        config = MoEView(layered.model).config
-        seq_len = s.calib_seq_len or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
-        request = s.request(self._pretrained_id(pretrained), hf.get("revision"), seq_len)
-        before = model_sizes(layered.model)
-        identity = {"model": model_key(layered.model, request.model_id, request.revision), "method": s.method,
-                    "params": s.params, "ratio": s.ratio, "keep": s.keep, "calib": calib_key(request, s.spec.kind),
-                    "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype),
-                    "save_dtype": str(save_dtype)}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        root = os.path.dirname(s.stats_dir or default_stats_dir())
-        folder = os.path.join(root, "pruned", f"{s.method}-{digest}")
-        if os.path.exists(os.path.join(folder, "plan.json")):
-            log.info("pruned_moe: sequential=true: the pruned checkpoint %s exists; evaluating it", folder)
-        else:
-            plan = make_plan(layered.model, tokenizer, request)
-            counts = MoEView(layered.model).experts_per_layer
-            refusal = writer_refusal(source_config, layered.path, merges=bool(plan.merge),
-                                     uniform=len(set(plan.experts_kept().values())) == 1, save_dtype=save_dtype)
-            if refusal:
-                raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
-            apply(layered.model, plan, "physical")  # the meta skeleton: the pruned config
-            if not plan.merge and len(set(plan.experts_kept().values())) == 1:  # the source's format, MTP kept
-                def checkpoint(d):
-                    save_sliced(layered.path, layered.model, plan.keep, counts, d, save_dtype=save_dtype)
-            else:
-                source = LayeredCheckpoint(layered.path, dtype=save_dtype or layered.dtype, device="cpu",
-                                           trust_remote_code=remote)
-
-                def checkpoint(d):
-                    save_streaming(source, plan.keep, d, layered.model.config, merge=plan.merge)
-            save_folder(folder, {"checkpoint": checkpoint,
-                                 "tokenizer": tokenizer.save_pretrained,
-                                 "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})
-            log.info("pruned_moe: sequential=true: wrote the pruned checkpoint to %s", folder)
+        """`prune_sequentially` with this model's settings; remembers the folder and the unpruned sizes."""
+        folder, before = prune_sequentially(pretrained, self.settings, hf)
         self._presliced = (folder, before)
         return folder
 
@@ -437,6 +379,73 @@ class PrunedMoELM(SelectMixin, HFLM):
     def _sizes_record(before, after, if_pruned) -> dict:
         return {"parameters": {"before": before[0], "after": after[0], "if_pruned": if_pruned[0]},
                 "expert_bytes": {"before": before[1], "after": after[1], "if_pruned": if_pruned[1]}}
+
+
+def prune_sequentially(pretrained: str, settings: PrunedMoESettings, hf: dict) -> tuple[str, tuple[int, int]]:
+    """Plan on a layer-by-layer skeleton (`moebench.moe.layered`) and write the pruned checkpoint shard by
+    shard into ``$MOEBENCH_CACHE/pruned/<key>`` (reused when present); returns that folder and the unpruned
+    model's ``(parameters, expert bytes)``. The model is never loaded whole."""
+    from transformers import AutoTokenizer
+
+    from moebench.calib.cache import default_stats_dir, model_key
+    from moebench.method.apply import apply
+    from moebench.method.pipeline import make_plan
+    from moebench.moe.checkpoint import save_folder
+    from moebench.moe.formats import parse_save_dtype, raw_config, save_sliced, writer_refusal
+    from moebench.moe.layered import LayeredCheckpoint
+    from moebench.moe.streaming import save_streaming
+
+    s = settings
+    device = str(hf.get("device") or default_device())
+    if device.startswith("cuda") and not torch.cuda.is_available():  # as HFLM falls back
+        device = "cpu"
+    remote = bool(hf.get("trust_remote_code"))
+    layered = LayeredCheckpoint(pretrained, dtype=hf.get("dtype", "auto"), revision=hf.get("revision"),
+                                device=device, trust_remote_code=remote)
+    tokenizer = AutoTokenizer.from_pretrained(layered.path, trust_remote_code=remote)
+    save_dtype = parse_save_dtype(s.save_dtype)
+    source_config = raw_config(layered.path)
+    refusal = writer_refusal(source_config, layered.path, merges=s.spec.kind == "merge", uniform=True,
+                             save_dtype=save_dtype)
+    if refusal:
+        raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
+    config = MoEView(layered.model).config
+    seq_len = s.calib_seq_len or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+    request = s.request(PrunedMoELM._pretrained_id(pretrained), hf.get("revision"), seq_len)
+    before = model_sizes(layered.model)
+    identity = {"model": model_key(layered.model, request.model_id, request.revision), "method": s.method,
+                "params": s.params, "ratio": s.ratio, "keep": s.keep, "calib": calib_key(request, s.spec.kind),
+                "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype),
+                "save_dtype": str(save_dtype)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = os.path.dirname(s.stats_dir or default_stats_dir())
+    folder = os.path.join(root, "pruned", f"{s.method}-{digest}")
+    if os.path.exists(os.path.join(folder, "plan.json")):
+        log.info("pruned_moe: sequential=true: the pruned checkpoint %s exists; evaluating it", folder)
+    else:
+        plan = make_plan(layered.model, tokenizer, request)
+        counts = MoEView(layered.model).experts_per_layer
+        refusal = writer_refusal(source_config, layered.path, merges=bool(plan.merge),
+                                 uniform=len(set(plan.experts_kept().values())) == 1, save_dtype=save_dtype)
+        if refusal:
+            raise ValueError(f"pruned_moe: {pretrained}: {refusal}")
+        apply(layered.model, plan, "physical")  # the meta skeleton: the pruned config
+        if not plan.merge and len(set(plan.experts_kept().values())) == 1:  # the source's format, MTP kept
+            def checkpoint(d):
+                save_sliced(layered.path, layered.model, plan.keep, counts, d, save_dtype=save_dtype)
+        else:
+            source = LayeredCheckpoint(layered.path, dtype=save_dtype or layered.dtype, device="cpu",
+                                       trust_remote_code=remote)
+
+            def checkpoint(d):
+                # a merge that keeps every router row: the duplicated (plain) layout, which HF and vLLM both load
+                save_streaming(source, plan.keep, d, layered.model.config, merge=plan.merge,
+                               expert_map=plan.expert_map, layout="duplicated")
+        save_folder(folder, {"checkpoint": checkpoint,
+                             "tokenizer": tokenizer.save_pretrained,
+                             "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})
+        log.info("pruned_moe: sequential=true: wrote the pruned checkpoint to %s", folder)
+    return folder, before
 
 
 def _str_keys(mapping: dict) -> dict:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
 from typing import TYPE_CHECKING
 
+from moebench.grid.record import moebench_environment, portable
 from moebench.measure.load import Slot
 from moebench.util import atomic_write_json, atomic_write_text
 
@@ -34,46 +33,17 @@ def _write(folder: str, name: str, data) -> None:
     atomic_write_json(os.path.join(folder, name), data)
 
 
-def portable(data, prefixes: list[tuple[str, str]] | None = None):
-    """``data`` with the paths of this installation (moebench's tasks and package folders) written as
-    ``<moebench.tasks>`` and ``<moebench>``, so results do not depend on where moebench is installed."""
-    if prefixes is None:
-        import moebench
-        from moebench.tasks import task_dir
-
-        folders = [(task_dir(), "<moebench.tasks>"), (os.path.dirname(moebench.__file__), "<moebench>")]
-        prefixes = list(dict.fromkeys((norm(path), name) for path, name in folders
-                                      for norm in (os.path.realpath, os.path.abspath)))
-    if isinstance(data, dict):
-        return {k: portable(v, prefixes) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [portable(v, prefixes) for v in data]
-    if isinstance(data, str):
-        for prefix, name in prefixes:
-            if data == prefix or data.startswith(prefix + os.sep):
-                return name + data[len(prefix):]
-    return data
-
-
 def environment(model) -> dict:
     """Versions, git sha, device, dtype and expert kernel of this run."""
     import lm_eval
     import torch
     import transformers
 
-    import moebench
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(moebench.__file__),
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        sha = None
     param = next(model.parameters())
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "lm_eval_version": lm_eval.__version__, "moebench_version": moebench.__version__, "git_sha": sha,
+            "lm_eval_version": lm_eval.__version__, **moebench_environment(),
             "device": str(param.device), "dtype": str(param.dtype).replace("torch.", ""),
             "expert_kernel": getattr(model.config, "_experts_implementation", None),
-            "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else None}
 
 
@@ -93,6 +63,11 @@ def evaluate(folder: str, slot=None) -> None:
     with open(os.path.join(folder, "spec.json")) as f:
         meta = json.load(f)
     cell = Cell.from_dict(meta["spec"])
+    if cell.backend == "vllm":  # prune, save, and let lm-eval's vLLM backend score the checkpoint
+        from moebench.grid.vllm_cell import run_vllm_cell
+
+        run_vllm_cell(folder, meta, cell)
+        return
     own = slot is None
     if own:
         slot = Slot()
@@ -123,6 +98,10 @@ def _run(folder: str, meta: dict, cell: Cell, slot) -> None:
     meter = MemoryMeter(model_devices(lm.model))
     meter.end_load()
     results, record, metrics = _evaluate(lm, cell)
+    from moebench.grid.items import count_requests
+
+    metrics["eval_requests"] = count_requests(results.get("samples"))
+    metrics["eval_requests_per_s"] = metrics["eval_requests"] / metrics["eval_s"] if metrics["eval_s"] > 0 else None
     metrics.update(_measure(lm, meter, cell, slot, pairing, before))
     write_items(folder, results.pop("samples", None))  # per-item values, for paired comparisons
     _write(folder, "results.json", portable(results))

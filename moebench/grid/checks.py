@@ -16,7 +16,7 @@ from moebench.calib.sources import calibration_size_problem
 from moebench.util import check_name, did_you_mean
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-METHOD_KEYS = ("name", "params", "skip", "calibration", "ratios", "recover")
+METHOD_KEYS = ("name", "params", "skip", "calibration", "ratios", "recover", "backend", "sequential")
 DEFAULT_SEQ_LEN = 2048  # the upper bound of the default calibration length
 # simple_evaluate parameters a study sets through its own keys (or that make no sense for a cell).
 LM_EVAL_RESERVED = {

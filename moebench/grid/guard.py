@@ -14,22 +14,19 @@ Linux ``PR_SET_PDEATHSIG`` (SIGTERM), plus a watchdog thread that notices a new 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
-from moebench.util import open_nofollow
+from moebench.util import arm_parent_death_signal, open_nofollow
 
 LOCK_FILE = "LOCK"
 BUSY_EXIT = 75  # EX_TEMPFAIL: another process holds the cell; not a failure, nothing was touched
 PARENT_ENV = "MOEBENCH_PARENT_PID"
-_PR_SET_PDEATHSIG = 1
 
 
 def _lock_path(folder: str) -> str:
@@ -120,9 +117,7 @@ def die_with_parent() -> None:
     if not expected or not expected.isdigit():
         return
     parent = int(expected)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    arm_parent_death_signal()
     if os.getppid() != parent:  # it died before the signal was armed
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -36,6 +36,12 @@ def item_rows(samples: dict | None) -> list[dict]:
     return rows
 
 
+def count_requests(samples: dict | None) -> int:
+    """Requests the evaluation loop sent to the model: one per choice of a multiple-choice item, one per
+    generation (lm-eval's logged ``arguments`` of each sample)."""
+    return sum(len(sample.get("arguments") or ()) for logged in (samples or {}).values() for sample in logged)
+
+
 def items_frame(samples: dict | None) -> pd.DataFrame:
     """The per-item table of ``samples``, sorted."""
     frame = pd.DataFrame(item_rows(samples), columns=COLUMNS)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pandas is imported where tables are built: checking a cell 
 
 SPEEDUPS = [f"{prefix}{stage}_speedup{q}" for prefix in ("", "default_kernel_", "skip_")
             for stage in ("prefill", "decode") for q in ("", "_lo", "_hi")]
-RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "recover", "tasks",
+RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "calib", "apply", "recover", "backend",
+               "tasks",
                "limit", "limited", "experts_kept", "parameters",
                # memory (moebench.measure.memory)
                "expert_bytes", "other_bytes", "weight_bytes", "host_expert_bytes",
@@ -45,6 +46,9 @@ RUN_COLUMNS = ["cell", "study", "model", "method", "params", "skip", "ratio", "c
                # how busy the machine was while timing (moebench.measure.load)
                "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "under_load",
                "calibration_s", "planning_s", "eval_s", "skip_rate",
+               # the evaluation loop: requests sent to the model (one per choice / generation) and their rate;
+               # backend vllm: the engine's start-up, the checkpoint's bytes on disk, vLLM's version
+               "eval_requests", "eval_requests_per_s", "vllm_startup_s", "checkpoint_bytes", "vllm_version",
                # the recovery stage (moebench.method.recover): training seconds, mean loss of its first / last tenth
                "recover_s", "recover_loss_first", "recover_loss_last",
                "lm_eval_version", "moebench_version", "torch_version", "transformers_version", "git_sha",
@@ -57,6 +61,7 @@ NUMERIC_METRICS = frozenset({
     "offload_device_expert_bytes_peak", "load_peak_bytes", "run_peak_bytes",
     *[c for c in RUN_COLUMNS if "tokens_per_s" in c], *SPEEDUPS,
     "load_before", "load_after", "cpu_cores", "threads", "others_cpu", "planning_s", "eval_s", "skip_rate",
+    "eval_requests", "eval_requests_per_s", "vllm_startup_s", "checkpoint_bytes",
     "recover_s", "recover_loss_first", "recover_loss_last"})
 PLAUSIBLE = 1e18  # no recorded number is larger in magnitude (bytes of an exabyte; anything beyond is damage)
 
@@ -225,7 +230,7 @@ def run_row(folder: str) -> dict:
         "params": json.dumps(spec["params"], sort_keys=True), "skip": spec["skip"], "ratio": spec["ratio"],
         "calib": spec["calib"] or "", "apply": spec["apply"], "tasks": ",".join(spec["tasks"]),
         "recover": json.dumps(spec["recover"], sort_keys=True) if spec.get("recover") else "",
-        "limit": limit, "limited": limit is not None, "seed": spec["seed"],
+        "backend": spec.get("backend") or "hf", "limit": limit, "limited": limit is not None, "seed": spec["seed"],
         "task_versions": json.dumps(results.get("versions", {}), sort_keys=True),
     }
     row.update({k: metrics.get(k) for k in RUN_COLUMNS if k in metrics})

@@ -44,8 +44,10 @@ def prepare(study: Study, root: str) -> list[str]:
         os.makedirs(folder, exist_ok=True)
         spec_path = os.path.join(folder, "spec.json")
         if not os.path.exists(spec_path):
-            atomic_write_json(spec_path, {"id": cell.id, "study": study.name, "stats_dir": study.spec.get("stats_dir"),
-                                          "device": study.spec.get("device"), "spec": cell.to_dict()})
+            atomic_write_json(spec_path, {
+                "id": cell.id, "study": study.name, "stats_dir": study.spec.get("stats_dir"),
+                "device": study.spec.get("device"), "vllm_python": study.spec.get("vllm_python"),
+                "keep_checkpoint": bool(study.spec.get("keep_checkpoints", False)), "spec": cell.to_dict()})
         folders.append(folder)
     return folders
 
@@ -170,7 +172,8 @@ def choose(study: Study, root: str, only: list[str] | None = None, force: list[s
 
 def check_sources(study: Study, cells: list[Cell]) -> None:
     """Refuse, before anything is written or loaded, a calibration source the cells need that cannot be read now
-    (a hub dataset offline with no local copy and no cached statistics of it)."""
+    (a hub dataset offline with no local copy and no cached statistics of it), and vLLM cells without a vLLM
+    environment to run in."""
     from moebench.calib.cache import default_stats_dir
     from moebench.calib.sources import availability_problem
 
@@ -180,6 +183,10 @@ def check_sources(study: Study, cells: list[Cell]) -> None:
                                        first.calib_samples, first.seed)
         if problem:
             raise OSError(f"{problem} (needed by the cells on {model}; nothing was run)")
+    if any(c.backend == "vllm" for c in cells):  # the vLLM environment exists before any cell prunes
+        from moebench.eval.vllm_env import find_python
+
+        find_python(study.spec.get("vllm_python"))
 
 
 def dry_run(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,

@@ -16,8 +16,16 @@ Optional keys: ``lm_eval`` (num_fewshot, batch_size, limit, or any other argumen
 ``include_path`` (extra lm-eval task folders), ``dtype``, ``device``, and the statistics settings
 ``subsample_tokens`` / ``ratio_samples`` (0 = every calibration token; absent: the defaults).
 A method's parameter given as a list expands into one method entry per value; a method entry may
-name its own ``calibration`` and ``ratios`` lists instead of the study's, and a ``recover`` stage
-(``{kind: lora, data: testbed:mix, steps: 200}``, `moebench.method.recover`).
+name its own ``calibration`` and ``ratios`` lists instead of the study's, a ``recover`` stage
+(``{kind: lora, data: testbed:mix, steps: 200}``, `moebench.method.recover`) and a ``backend``.
+
+``backend``: ``hf`` (default; lm-eval's HF backend on the model in this process) or ``vllm`` (the
+cell saves its pruned checkpoint and lm-eval's vLLM backend evaluates it in vLLM's own environment,
+`moebench.eval.vllm_env`), per study or per method entry; with it ``vllm_args`` (further lm-eval
+``vllm`` model arguments, part of the cell's id), ``vllm_python`` (the environment's Python) and
+``keep_checkpoints`` (keep each vLLM cell's checkpoint in its folder; default: removed once scored).
+``sequential: true`` (per study or method entry): calibrate one decoder layer at a time and stream the
+pruned checkpoint to disk (`moebench.eval.model.prune_sequentially`), never loading the model whole.
 """
 
 from __future__ import annotations
@@ -72,6 +80,9 @@ class Cell:
     subsample_tokens: int | None = None
     ratio_samples: int | None = None
     recover: dict | None = None  # a recovery stage after the method (`moebench.method.recover.RecoverSpec`)
+    backend: str | None = None  # "vllm": evaluated by lm-eval's vLLM backend on the saved checkpoint; None: hf
+    vllm_args: dict | None = None  # further lm-eval vllm model arguments (backend vllm only)
+    sequential: bool | None = None  # True: calibrate layer by layer and stream the pruned checkpoint to disk
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -85,7 +96,8 @@ class Cell:
         """The normalised spec, as written to ``spec.json`` (JSON types only)."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
         data["tasks"], data["include_path"] = list(self.tasks), list(self.include_path)
-        for key in (*STATS_KEYS, "recover"):  # left out when unset: cells of older specs keep their ids
+        # left out when unset: cells of older specs keep their ids
+        for key in (*STATS_KEYS, "recover", "backend", "vllm_args", "sequential"):
             if data[key] is None:
                 del data[key]
         return data
@@ -110,6 +122,8 @@ class Cell:
             args.update(ratio=self.ratio, calib=self.calib, calib_samples=self.calib_samples,
                         calib_seq_len=self.calib_seq_len, stats_dir=stats_dir,
                         **{key: getattr(self, key) for key in STATS_KEYS})
+        if self.sequential and not self.is_baseline:
+            args["sequential"] = True
         if self.recover is not None:
             args["recover"] = self.recover["kind"]
             args.update({f"recover_{k}": v for k, v in self.recover.items() if k != "kind"})
@@ -167,6 +181,18 @@ def expand(spec: dict) -> list[Cell]:
     cells, seen = [], set()
     limit = spec.get("max_cells") or MAX_CELLS
 
+    def sequential_of(entry: dict) -> bool | None:
+        """True when the entry (or else the study) says so; None otherwise (ids of other cells unchanged)."""
+        chosen = entry["sequential"] if entry["sequential"] is not None else spec.get("sequential", False)
+        return True if chosen and not get_method(entry["name"]).is_identity else None
+
+    def backend_of(name: str | None) -> dict:
+        """The cell fields of a backend: none for hf (ids of hf cells stay as they were)."""
+        if (name or "hf") == "hf":
+            return {}
+        return {"backend": name, "vllm_args": copy.deepcopy(spec.get("vllm_args")) or None}
+
+
     def check_count() -> None:
         if len(cells) > limit:
             raise SpecError(f"the study expands to more than {limit} cells (models x methods x ratios x calibration "
@@ -176,7 +202,7 @@ def expand(spec: dict) -> list[Cell]:
     for model in as_list(spec["models"]):
         if spec.get("baseline", True):
             cells.append(Cell(**copy.deepcopy(common), model=model, method="none", params={}, skip="none",
-                              ratio=0.0, calib=None))
+                              ratio=0.0, calib=None, **backend_of(spec.get("backend"))))
         for entry, ratio in ((e, r) for e in method_entries(spec["methods"])
                              for r in e["ratios"] or as_list(spec["ratios"])):
             for calib in entry["calibration"] or as_list(spec.get("calibration") or [None]):
@@ -184,7 +210,8 @@ def expand(spec: dict) -> list[Cell]:
                 recover = RecoverSpec.parse(entry["recover"]).to_dict() if entry["recover"] is not None else None
                 cell = Cell(**copy.deepcopy(common), model=model, method=entry["name"], params=entry["params"],
                             skip=entry["skip"], ratio=float(ratio), calib=calib if needs_data else None,
-                            recover=recover)
+                            recover=recover, **backend_of(entry["backend"] or spec.get("backend")),
+                            sequential=sequential_of(entry))
                 if cell.id not in seen:
                     seen.add(cell.id)
                     cells.append(cell)

@@ -13,7 +13,9 @@ from moebench.util import did_you_mean
 
 SPEC_KEYS = {"name", "models", "methods", "ratios", "calibration", "tasks", "lm_eval", "calib_samples",
              "calib_seq_len", "seed", "apply", "baseline", "measure", "executor", "include_path", "dtype",
-             "device", "description", "stats_dir", "subsample_tokens", "ratio_samples", "max_cells"}
+             "device", "description", "stats_dir", "subsample_tokens", "ratio_samples", "max_cells",
+             "backend", "vllm_args", "vllm_python", "keep_checkpoints", "sequential"}
+BACKENDS = ("hf", "vllm")
 MAX_SPEC_VALUES = 20_000  # values a spec may hold, aliases expanded (a real study holds a few hundred)
 MAX_CELLS = 5_000  # cells a study may expand to unless its spec sets max_cells
 STATS_KEYS = ("subsample_tokens", "ratio_samples")  # statistics settings; 0 = every calibration token
@@ -37,7 +39,8 @@ def method_entries(raw) -> list[dict]:
         entry = {"name": item.get("name"), "params": dict(item.get("params") or {}), "skip": item.get("skip", "none"),
                  "calibration": as_list(item["calibration"]) if item.get("calibration") else None,
                  "ratios": as_list(item["ratios"]) if item.get("ratios") else None,
-                 "recover": item.get("recover")}
+                 "recover": item.get("recover"), "backend": item.get("backend"),
+                 "sequential": item.get("sequential")}
         keys = sorted(entry["params"])
         values = [as_list(entry["params"][k]) for k in keys]
         for combo in itertools.product(*values):
@@ -63,6 +66,8 @@ def validate(spec: dict) -> list[str]:
     problems += _check_tasks(spec)
     problems += _check_models(spec)
     problems += _check_measure(spec)
+    problems += _check_backends(spec)
+    problems += _check_sequential(spec)
     for key in STATS_KEYS:
         value = spec.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -126,6 +131,95 @@ def _check_methods(spec) -> list[str]:
         except (ValueError, OSError) as err:
             problems.append(f"calibration {source!r}: {err}")
     return problems
+
+
+def _check_sequential(spec) -> list[str]:
+    """``sequential`` (study or method entry): plan on a layer-by-layer skeleton and stream the pruned checkpoint
+    to disk (`moebench.eval.model.prune_sequentially`); prune and merge methods that can plan that way only."""
+    from moebench.method.registry import get_method, load_methods
+
+    problems = []
+    study = spec.get("sequential", False)
+    if not isinstance(study, bool):
+        return [f"sequential={str(study)[:60]!r} must be true or false"]
+    methods = load_methods()
+    for entry in method_entries(spec["methods"]):
+        own = entry["sequential"]
+        if own is not None and not isinstance(own, bool):
+            problems.append(f"method {entry['name']}: sequential={str(own)[:60]!r} must be true or false")
+            continue
+        if not (own if own is not None else study) or entry["name"] not in methods:
+            continue
+        method = get_method(entry["name"])
+        if method.is_identity:
+            continue  # the unpruned model has nothing to write
+        physical = spec.get("apply", "physical") == "physical"
+        if method.kind not in ("prune", "merge") or entry["skip"] != "none" or not physical:
+            problems.append(f"method {entry['name']}: sequential writes the pruned checkpoint one layer at a time; it "
+                            "needs a prune or merge method with apply: physical and no skip")
+            continue
+        if entry["recover"] is not None:
+            problems.append(f"method {entry['name']}: recover trains the model in memory; sequential never holds it "
+                            "whole (leave sequential out for this entry)")
+            continue
+        try:
+            method.check_sequential(entry["params"])
+        except ValueError as err:
+            problems.append(f"method {entry['name']}: {err}")
+    return problems
+
+
+def _check_backends(spec) -> list[str]:
+    """``backend`` (study and method entries), ``vllm_args``, ``vllm_python``, ``keep_checkpoints``; and what vLLM
+    cannot evaluate: a method that changes the forward, masks, offloads, or gives layers different expert counts."""
+    from moebench.method.registry import get_method, load_methods
+
+    problems = []
+    study = spec.get("backend", "hf")
+    if study not in BACKENDS:
+        problems.append(f"backend={str(study)[:60]!r} must be one of {', '.join(BACKENDS)}")
+    args = spec.get("vllm_args")
+    if args is not None and not isinstance(args, dict):
+        problems.append(f"vllm_args={str(args)[:60]!r} must be a mapping of lm-eval vllm model arguments "
+                        "(e.g. {max_model_len: 2048, gpu_memory_utilization: 0.9})")
+    elif isinstance(args, dict) and "pretrained" in args:
+        problems.append("vllm_args: pretrained is the cell's checkpoint; leave it out")
+    python = spec.get("vllm_python")
+    if python is not None and not isinstance(python, str):
+        problems.append(f"vllm_python={str(python)[:60]!r} must be the path of a Python executable")
+    if not isinstance(spec.get("keep_checkpoints", False), bool):
+        problems.append("keep_checkpoints must be true or false (keep each vLLM cell's pruned checkpoint)")
+    methods = load_methods()
+    entries = method_entries(spec["methods"])
+    uses = [] if study != "vllm" or not spec.get("baseline", True) else [("none", None)]
+    for entry in entries:
+        backend = entry["backend"] if entry["backend"] is not None else study
+        if backend not in BACKENDS:
+            problems.append(f"method {entry['name']}: backend={str(backend)[:60]!r} must be one of "
+                            f"{', '.join(BACKENDS)}")
+        elif backend == "vllm" and entry["name"] in methods:
+            uses.append((entry["name"], entry))
+    for name, entry in uses:
+        why = vllm_refusal(get_method(name), entry, spec.get("apply", "physical"))
+        if why:
+            problems.append(f"method {name}: backend vllm: {why}; use backend: hf for it")
+    return problems
+
+
+def vllm_refusal(method, entry: dict | None, apply: str) -> str | None:
+    """Why vLLM cannot evaluate this method entry, or None. vLLM evaluates a saved checkpoint, with its own
+    forward, and builds every MoE layer with one expert count."""
+    if method.kind not in ("prune", "merge"):
+        return (f"a {method.kind} method changes the forward per request; vLLM runs its own forward on a saved "
+                "checkpoint")
+    if entry and entry.get("skip", "none") != "none":
+        return f"skip={entry['skip']} skips experts per token inside the forward; vLLM runs its own"
+    if apply != "physical" and not method.is_identity:
+        return f"apply={apply} keeps every expert and masks the router inside the forward; vLLM needs apply: physical"
+    if method.global_budget:
+        return ("it sets each layer's expert count from one global budget, and vLLM builds every MoE layer with "
+                "one count (a checkpoint with per-layer counts does not load)")
+    return None
 
 
 def _recover_problems(spec, name: str, entry: dict, method) -> list[str]:

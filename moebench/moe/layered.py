@@ -292,7 +292,9 @@ class LayeredCheckpoint:
         return self._fingerprint
 
     def _memo_path(self) -> str:
-        root = os.environ.get("MOEBENCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "moebench"))
+        from moebench.util import cache_root
+
+        root = cache_root()
         h = hashlib.sha256(os.path.realpath(self.path).encode())
         for file in [*sorted(set(self.weight_map.values())), os.path.join(self.path, "config.json")]:
             st = os.stat(file)  # the change time and inode too: `cp -p` or `touch -r` can set the mtime back, not these

@@ -245,6 +245,11 @@ def method_label(method: str, params: str = "{}", skip: str = "none", recover: s
     return label + (f"+{kind}" if kind else "")
 
 
+def backend_of(value) -> str:
+    """A runs row's ``backend`` (``hf`` for tables from before it was recorded: empty or NaN)."""
+    return value if isinstance(value, str) and value else "hf"
+
+
 def leaf_tasks(scores: pd.DataFrame) -> list[str]:
     """Tasks with sample counts (lm-eval gives none to group aggregates); all tasks if none have any."""
     leaves = scores.loc[scores["n"].notna(), "task"].unique()
@@ -313,7 +318,7 @@ def baselines(runs: pd.DataFrame) -> dict[str, str]:
 
 SUMMARY_COLUMNS = ["model", "method", "calib", "ratio", "accuracy", "accuracy_stderr", "recovery", "weight_bytes",
                    "run_peak_bytes", "load_peak_bytes", "memory_measure", "decode_speedup", "limited", "cell",
-                   "method_id", "params", "skip", "recover", "baseline", "kind", "facet", "apply", "device",
+                   "method_id", "params", "skip", "recover", "backend", "baseline", "kind", "facet", "apply", "device",
                    "speed_pairing", "under_load", "speed_flag", *SPEED_COLUMNS, *SPEEDUP_COLUMNS[1:]]
 
 
@@ -341,6 +346,7 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
     runs = study.runs
     acc, err = average_accuracy(study.scores, spec), average_stderr(study.scores, spec)
     base = baselines(runs)
+    backends = {backend_of(v) for v in runs["backend"]} if "backend" in runs else {"hf"}
     rows = []
     for run in runs.itertuples(index=False):
         ref = base.get(run.model)
@@ -350,6 +356,9 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
         kind = plan_kind(study, run.cell, run.method)
         recover = getattr(run, "recover", "")
         label = method_label(run.method, run.params, run.skip, recover)
+        backend = backend_of(getattr(run, "backend", "hf"))
+        if len(backends) > 1 and backend != "hf":  # a study with both backends: its cells told apart
+            label += f"@{backend}"
         row = {"model": run.model, "method": label,
                "calib": run.calib, "ratio": float(run.ratio), "accuracy": accuracy,
                "accuracy_stderr": err.get(run.cell, float("nan")),
@@ -357,7 +366,8 @@ def summary(study: StudyData, spec: MetricSpec) -> pd.DataFrame:
                "weight_bytes": weights, "run_peak_bytes": run.run_peak_bytes, "load_peak_bytes": run.load_peak_bytes,
                "memory_measure": run.memory_measure, "decode_speedup": run.decode_speedup,
                "limited": bool(run.limited), "cell": run.cell, "method_id": run.method,
-               "params": run.params, "skip": run.skip, "recover": recover_kind(recover), "baseline": run.cell == ref,
+               "params": run.params, "skip": run.skip, "recover": recover_kind(recover), "backend": backend,
+               "baseline": run.cell == ref,
                "kind": kind,
                "facet": facet_of(run.method, run.skip, kind), "apply": str(getattr(run, "apply", "physical")),
                "device": str(getattr(run, "device", "") or ""), "speed_pairing": run.speed_pairing,

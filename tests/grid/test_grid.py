@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow  # every test runs a grid: one cell subprocess per
 # measured figures (memory, speed, load, durations) and the commit: everything else must reproduce exactly
 TIMING = ["load_peak_bytes", "run_peak_bytes", "prefill_tokens_per_s", "prefill_tokens_per_s_p90",
           "decode_tokens_per_s", "decode_tokens_per_s_p90", "calibration_s", "planning_s", "eval_s", "git_sha",
-          "ref_prefill_tokens_per_s", "ref_decode_tokens_per_s", *SPEEDUPS, "load_before", "load_after",
-          "others_cpu", "under_load",
+          "eval_requests_per_s", "ref_prefill_tokens_per_s", "ref_decode_tokens_per_s", *SPEEDUPS, "load_before",
+          "load_after", "others_cpu", "under_load",
           *[f"{s}_tokens_per_s_{q}" for s in ("prefill", "decode") for q in ("p10", "min", "max")]]
 
 
