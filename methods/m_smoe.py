@@ -41,13 +41,14 @@ def check_alignment_cost(layer, view) -> None:
 @planner("m_smoe", kind="merge", needs=("routing", "router_gram"), global_budget=True,
          paper="Li et al. 2024, 'Merge, Then Compress: Demystify Efficient SMoE with Hints from Its Routing "
                "Policy', ICLR 2024 (MC-SMoE's merging stage M-SMoE); code: UNITES-Lab/MC-SMoE",
-         source="the authors' Mixtral script: no weight matching by default (align=true: the paper's, on gate, up and "
-              "down together; refused beyond 4096 units per expert); ours: the router keeps one row per group, the "
-              "dominant's (router=dominant) or the frequency-weighted average (router=average); each layer keeps "
-              ">= top_k",
+         source="the authors' Mixtral script: no weight matching by default, all E router rows kept, each member's "
+              "slot dispatching to its group's merged expert (router=all); align=true: the paper's weight matching "
+              "on gate, up and down together, to the dominant (the authors' Switch code: to the lowest id; refused "
+              "beyond 4096 units per expert); ours: weights summing to one (no 1e-7), router=dominant|average (one "
+              "row per group), each layer keeps >= top_k",
          reads_weights=lambda params: params["align"])  # the weight matching reads the experts' weights
 def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = False,
-           router: Literal["dominant", "average"] = "dominant"):
+           router: Literal["all", "dominant", "average"] = "all"):
     """Dominant experts by routing frequency; the others join the most similar dominant by router logits.
 
     Frequencies f_e = top-k selection counts. ``scope=global`` (the paper's adaptive layer-wise
@@ -61,8 +62,9 @@ def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = F
     each member's intermediate units are permuted to match the dominant's (linear assignment
     maximising sum_j <[gate_j, up_j, down_j]_d, [gate, up, down]_{e, perm(j)}>); it costs O(I^3) per
     member (I the expert width) and is refused, with the estimate, beyond `ALIGN_MAX_UNITS`. Merge:
-    W_d <- sum_{e in group} f_e P_e(W_e) / sum f_e. The merged expert keeps the dominant's slot and router row
-    (``router=dominant``) or the f-weighted average row (``router=average``, ours).
+    W_d <- sum_{e in group} f_e P_e(W_e) / sum f_e. ``router=all`` (the authors' code): the router keeps all its
+    rows and every member's slot dispatches to the merged expert (`moebench.moe.expert_map`); ours: one row
+    per group, the dominant's (``router=dominant``) or the f-weighted average (``router=average``).
     """
     if align:
         check_alignment_cost(ctx.view.layers[0], ctx.view)
@@ -82,4 +84,4 @@ def m_smoe(ctx, *, scope: Literal["global", "layer"] = "global", align: bool = F
                 if e not in members:
                     members[cores[int(torch.argmax(sim[e, cores]))]].append(e)
         groups[layer.index] = [group(layer, m, freq, router, align) for _, m in sorted(members.items())]
-    return merge_plan(ctx, groups)
+    return merge_plan(ctx, groups, router)

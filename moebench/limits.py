@@ -33,4 +33,29 @@ def plan_problem(data) -> str | None:
             return f"keep[{layer}] holds {str(bad)[:20]!r}, not an expert id (a whole number in [0, {MAX_EXPERTS}))"
         if len(set(ids)) != len(ids):
             return f"keep[{layer}] names an expert twice"
+    maps = data.get("expert_map")
+    if maps is not None:
+        if not isinstance(maps, dict) or len(maps) > MAX_LAYERS:
+            return "expert_map is not a mapping of layer indices to lists"
+        for layer, ids in maps.items():
+            if (not str(layer).isdigit() or not isinstance(ids, list) or len(ids) > MAX_EXPERTS
+                    or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < MAX_EXPERTS for e in ids)):
+                return f"expert_map[{str(layer)[:20]}] is not a list of merged-expert positions"
+    return _novice_problem(data.get("novice"))
+
+
+def _novice_problem(novice) -> str | None:
+    """What is wrong with a plan.json's ``novice`` (MoNE: layer -> {"experts": ids, "vectors": file name}), or None."""
+    if novice is None:
+        return None
+    if not isinstance(novice, dict) or len(novice) > MAX_LAYERS:
+        return "novice is not a mapping of layer indices to replaced experts"
+    for layer, entry in novice.items():
+        ids = entry.get("experts") if isinstance(entry, dict) else None
+        good = isinstance(ids, list) and len(ids) <= MAX_EXPERTS and all(
+            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < MAX_EXPERTS for e in ids)
+        named = isinstance(entry, dict) and isinstance(entry.get("vectors"), str)
+        if not str(layer).isdigit() or not good or len(set(ids)) != len(ids) or not named:
+            return (f"novice[{str(layer)[:20]}] is not {{\"experts\": distinct expert ids, \"vectors\": the name of "
+                    "the file beside plan.json}")
     return None

@@ -135,8 +135,12 @@ class StatsCacheWarning(UserWarning):
 
 OPTIONAL_STATS = {"ratio_samples"}  # absent for top-1 routers
 EXPERT_AXES = {"counts": (0,), "gate_sum": (0,), "softmax_sum": (0,), "coact": (0, 1), "norm_sum": (0,),
-               "norm_sq_sum": (0,), "gate_norm_sum": (0,), "norm_count": (0,), "logits": (1,), "all_outputs": (1,)}
+               "norm_sq_sum": (0,), "gate_norm_sum": (0,), "norm_count": (0,), "logits": (1,), "all_outputs": (1,),
+               "routed_sum": (0,), "routed_sq_sum": (0,), "routed_count": (0,), "sequence_fluctuation": (0,)}
 MAY_HOLD_MINUS_INF = {"topk_logits", "logits"}  # router logits of masked experts
+# statistics indexed by the router's experts: where the router keeps more rows than the experts module holds
+# (novice experts, merged layers that keep every router row) their expert axis is the router's
+ROUTER_AXES = {"counts", "gate_sum", "softmax_sum", "coact", "logits", "topk_ids"}
 
 
 def group_problem(data, group: str, view: MoEView, only: int | None = None, check: bool = True) -> str | None:
@@ -158,24 +162,25 @@ def group_problem(data, group: str, view: MoEView, only: int | None = None, chec
     if not check:
         return None
     for index, stats in sorted(layers.items()):
-        problem = _layer_problem(stats, group, expected[index].num_experts)
+        problem = _layer_problem(stats, group, expected[index].num_experts, expected[index].router.weight.shape[0])
         if problem:
             return f"MoE layer {index}: {problem}"
     return None
 
 
-def _layer_problem(stats, group: str, n_experts: int) -> str | None:
+def _layer_problem(stats, group: str, n_experts: int, n_router: int | None = None) -> str | None:
     names = set(GROUP_STATS[group])
     if not isinstance(stats, dict) or not all(isinstance(t, torch.Tensor) for t in stats.values()):
         return "not a mapping of tensors"
     if not names - OPTIONAL_STATS <= set(stats) <= names:
         return f"statistics {sorted(stats)}, expected {sorted(names)}"
     for name, t in sorted(stats.items()):
+        width = n_router if name in ROUTER_AXES and n_router is not None else n_experts
         for axis in EXPERT_AXES.get(name, ()):
-            if t.dim() <= axis or t.shape[axis] != n_experts:
-                return f"{name} has shape {list(t.shape)}: not {n_experts} experts (the model's count)"
-        if name == "topk_ids" and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < n_experts:
-            return f"topk_ids name experts outside 0..{n_experts - 1}"
+            if t.dim() <= axis or t.shape[axis] != width:
+                return f"{name} has shape {list(t.shape)}: not {width} experts (the model's count)"
+        if name == "topk_ids" and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < width:
+            return f"topk_ids name experts outside 0..{width - 1}"
         problem = nonfinite_problem(name, t)
         if problem:
             return problem

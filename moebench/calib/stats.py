@@ -1,6 +1,6 @@
 """Calibration statistics of every MoE layer, collected in one forward pass per calibration set.
 
-Statistics come in six groups, collected together or separately (a method names the groups it
+Statistics come in seven groups, collected together or separately (a method names the groups it
 needs; the cache collects only the groups it lacks). Notation: on a token x routed to expert e
 with gate g_e(x) (the value the model really computes), y_e(x) is the expert's output as the
 model computes it: f_e(x) where the gate scales the output, f_e(g_e x) where it scales the input
@@ -34,6 +34,15 @@ or y_e itself where the gate scales the input.
 ``expert_means`` (every token, float64; for merging by expert outputs)
     ``output_sum [E, H]`` sum over all tokens of every expert's output y_e (as in ``outputs``), routed or not;
     ``output_tokens [1]`` tokens summed (the mean output is their ratio). One ``[E, H]`` per layer.
+``routed_moments`` (routed tokens only, float64; for MoNE's novices: one pass, running sums, no per-token data)
+    ``routed_sum [E, H]`` sum of y_e(x) over the tokens routed to e; ``routed_sq_sum [E, H]`` sum of
+    y_e(x)^2 per hidden unit; ``routed_count [E]`` tokens counted (mean: their ratio; unbiased variance
+    per unit: (sq_sum - sum^2 / count) / (count - 1)); ``sequence_fluctuation [E, H]`` the MoNE authors'
+    running variance estimate, updated one calibration sequence at a time as their code updates it once
+    per (one-sequence) batch: with n tokens seen before and T in the sequence, mean m' over all n + T,
+    fluc <- fluc (n - 1) / (n + T - 1) + sum over the T of (y - m')^2 / (n + T), skipped while n = 0
+    (the expert's first sequence only sets the mean). It depends on how tokens form sequences (the
+    calibration key), not on the batch size.
 
 Expert outputs are observed through moebench's kernel in transformers' experts-implementation
 slot (`moebench.moe.kernels`); families without that slot (Llama4) are observed by a block hook that
@@ -66,6 +75,7 @@ GROUP_STATS = {
     "outputs": ("inputs", "logits", "all_outputs", "outputs_sample_ids"),
     "router_gram": ("logit_gram",),
     "expert_means": ("output_sum", "output_tokens"),
+    "routed_moments": ("routed_sum", "routed_sq_sum", "routed_count", "sequence_fluctuation"),
 }
 GROUPS = tuple(GROUP_STATS)
 FORMAT_VERSION = 2  # 2: files carry their format, group and layers (validated); settings in the key
@@ -155,6 +165,8 @@ class _LayerAccumulator:
             self._add("logit_gram", finite.T @ finite)
         if "expert_means" in self.groups:
             self._expert_means(experts, inputs, logits)
+        if "routed_moments" in self.groups:
+            self._routed_moments(outputs, t, hidden.shape[-1], logits.device)
         self.offset += t
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -247,6 +259,38 @@ class _LayerAccumulator:
                 total[e] = run_expert(experts, e, x).sum(0, dtype=torch.float64)
         self._add("output_sum", total)
         self._add("output_tokens", torch.tensor([inputs.shape[0]]))
+
+    def _routed_moments(self, outputs, t: int, hidden_size: int, device) -> None:
+        """Per-expert sums of y_e and y_e^2 over routed tokens, and the MoNE authors' per-sequence running
+        fluctuation (see the module docstring), all float64 on the device."""
+        n_experts, first = self.layer.num_experts, self.offset // self.seq_len
+        n_seq = (self.offset + t - 1) // self.seq_len - first + 1
+        f64 = {"dtype": torch.float64, "device": device}
+        sums = torch.zeros(n_seq, n_experts, hidden_size, **f64)
+        squares = torch.zeros_like(sums)
+        counts = torch.zeros(n_seq, n_experts, **f64)
+        for e, (token, _gate, y) in outputs.items():
+            y = y.double()
+            seq = torch.div(self.offset + token.to(device), self.seq_len, rounding_mode="floor") - first
+            sums[:, e].index_add_(0, seq, y)
+            squares[:, e].index_add_(0, seq, y * y)
+            counts[:, e].index_add_(0, seq, torch.ones(len(seq), **f64))
+        seen = self.data.get("routed_count", torch.zeros(n_experts, **f64)).clone()
+        total = self.data.get("routed_sum", torch.zeros(n_experts, hidden_size, **f64)).clone()
+        fluc = self.data.get("sequence_fluctuation", torch.zeros(n_experts, hidden_size, **f64))
+        for b in range(n_seq):  # the authors' update, one sequence after the other
+            grown = seen + counts[b]
+            total = total + sums[b]
+            mean = total / grown.clamp_min(1).unsqueeze(-1)
+            spread = squares[b] - 2 * mean * sums[b] + counts[b].unsqueeze(-1) * mean ** 2  # sum of (y - m')^2
+            shrink = ((seen - 1) / (grown - 1).clamp_min(1)).unsqueeze(-1)
+            step = fluc * shrink + spread / grown.clamp_min(1).unsqueeze(-1)
+            fluc = torch.where(((counts[b] > 0) & (seen > 0)).unsqueeze(-1), step, fluc)
+            seen = grown
+        self.data["sequence_fluctuation"] = fluc
+        self._add("routed_sum", sums.sum(0))
+        self._add("routed_sq_sum", squares.sum(0))
+        self._add("routed_count", counts.sum(0))
 
     def result(self) -> dict[str, torch.Tensor]:
         """The finished statistics of this layer (lists concatenated, names as documented)."""

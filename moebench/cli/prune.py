@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter of the method (repeatable)")
     parser.add_argument("--out", required=True, help="output folder: checkpoint + plan.json")
+    parser.add_argument("--layout", choices=("compact", "duplicated"), default="compact",
+                        help="how a merge that keeps every router row (hc_smoe / m_smoe router=all) is written: "
+                             "compact (the merged experts once and the expert map; moebench loads it) or duplicated "
+                             "(every router slot its own copy of its merged expert: a plain checkpoint that "
+                             "transformers and vLLM load, no memory saved); other plans are written alike")
     parser.add_argument("--save-dtype", default=None, metavar="DTYPE",
                         help="write the checkpoint dequantized / cast to bf16, fp16 or fp32 (default: the source's "
                              "own format: FP8 stays FP8, MXFP4 stays MXFP4, bf16 stays bf16)")
@@ -96,12 +101,16 @@ def run(args: argparse.Namespace) -> int:
                         expert_bytes=(before, after), revision=args.revision)
     record["format"] = {"source": format_name(source_config, source),
                         "dequantized_to": str(save_dtype).removeprefix("torch.") if save_dtype else None}
+    if plan.expert_map:  # the card says who can load it
+        record["layout"] = args.layout
+    if plan.novice:  # MoNE: replaced experts answer with constants (the card says who can load it)
+        record["novice_experts"] = {str(i): entry["experts"] for i, entry in sorted(plan.novice.items())}
     mtp = mtp_kept(source_config, plan.keep, source)
     if mtp:
         record["mtp_kept_experts"] = {str(i): ids for i, ids in mtp.items()}
     record_provenance(model, record)  # config.json's "moebench" key
     checkpoint = checkpoint_writer(model, layered, source, source_config, plan, experts_before, record, save_dtype,
-                                   args.out)
+                                   args.out, layout=args.layout)
     save_folder(args.out, {"checkpoint": checkpoint,
                            "tokenizer": tokenizer.save_pretrained,
                            "plan.json": lambda d: plan.save(os.path.join(d, "plan.json")),

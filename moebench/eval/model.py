@@ -358,6 +358,20 @@ class PrunedMoELM(SelectMixin, HFLM):
                   file=sys.stderr, flush=True)
         return record
 
+    def _create_model(self, pretrained, *args, **kwargs) -> None:
+        """HFLM's loading, except for a folder holding one of moebench's own forms that plain transformers cannot
+        build (a compact merge that keeps every router row, per-layer expert counts): that one loads with
+        `moebench.moe.checkpoint.load_model`."""
+        from moebench.moe.checkpoint import load_model, moebench_form
+
+        if isinstance(pretrained, str) and os.path.isdir(pretrained) and moebench_form(pretrained):
+            from lm_eval.models.utils_hf import get_dtype
+
+            self._model = load_model(pretrained, dtype=get_dtype(kwargs.get("dtype", "auto")),
+                                     trust_remote_code=bool(kwargs.get("trust_remote_code")))
+            return
+        super()._create_model(pretrained, *args, **kwargs)
+
     def _check_inputs(self, pretrained, revision: str | None) -> None:
         """Refuse, before any loading, a hub id neither cached nor reachable and a calibration source that cannot be
         read now (unless the statistics cache may hold what the run needs), each with what to do."""

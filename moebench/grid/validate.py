@@ -216,7 +216,10 @@ def vllm_refusal(method, entry: dict | None, apply: str) -> str | None:
         return f"skip={entry['skip']} skips experts per token inside the forward; vLLM runs its own"
     if apply != "physical" and not method.is_identity:
         return f"apply={apply} keeps every expert and masks the router inside the forward; vLLM needs apply: physical"
-    if method.global_budget:
+    if method.moebench_only:
+        return method.moebench_only
+    params = method.parse_params((entry or {}).get("params"))
+    if method.global_budget and params.get("router") != "all":  # router=all merges are written with all E slots
         return ("it sets each layer's expert count from one global budget, and vLLM builds every MoE layer with "
                 "one count (a checkpoint with per-layer counts does not load)")
     return None

@@ -6,7 +6,12 @@
   context (`Applied.select`) and runs a batch under per-row routing masks (`Applied.batch`);
   ``offload=True`` keeps the routed experts in CPU memory and streams each layer's working set.
 - ``merge`` plans: each group's experts are merged into one (weights, router rows), the others
-  removed (`moebench.moe.merge`); ``mode="physical"`` only, since a merge changes weights.
+  removed (`moebench.moe.merge`); with ``plan.expert_map`` the router keeps all its rows and each routes
+  to its group's merged expert (`moebench.moe.expert_map`); ``mode="physical"`` only, since a merge
+  changes weights.
+- prune plans with ``plan.novice`` (MoNE): the replaced experts are removed (``mode="physical"``) or kept
+  in memory (``mode="mask"``) and answer with their constant vectors, the router unchanged
+  (`moebench.moe.novice`).
 - ``plan.skip`` (any kind): dynamic skipping with the plan's per-layer thresholds.
 
 `Applied` runs prompts the way every front end does (`forward`, `generate`: the per-request selection
@@ -140,14 +145,18 @@ def apply(model: nn.Module, plan: Plan, mode: str = "physical", offload=False) -
         offloader = offload if isinstance(offload, ExpertOffloader) else (ExpertOffloader(model) if offload else None)
         applied = Applied(model, plan, mode, selector_from_plan(plan), offloader)
     elif plan.kind == "prune":
-        if plan.keep:
+        if plan.novice:  # MoNE: replaced experts answer with constants; the router is unchanged
+            from moebench.moe.novice import attach_novices
+
+            attach_novices(model, plan.keep, plan.novice, physical=mode == "physical")
+        elif plan.keep:
             (prune if mode == "physical" else mask)(model, plan.keep)
         applied = Applied(model, plan, mode)
     elif plan.kind == "merge":
         if mode != "physical":
             raise MoEError(f"{plan.method} merges experts: it writes new expert weights, which routing around "
                            "experts (apply=mask) cannot express; use apply=physical")
-        merge(model, plan.merge or {})
+        merge(model, plan.merge or {}, plan.expert_map)  # with an expert map: all router rows kept (router=all)
         applied = Applied(model, plan, mode)
     else:
         raise MoEError(f"plans of kind {plan.kind!r} ({plan.method}) cannot be applied; kinds applied: prune, "

@@ -152,6 +152,8 @@ def make_plan(model, tokenizer, request: PlanRequest, progress: bool = True) -> 
         stats, extra["domain_stats"] = next(iter(domains.values())), domains
     else:
         stats = statistics(model, tokenizer, request, needs, progress) if needs else {}
+    if request.calib is not None and spec.kind != "select":  # token ids [S, L], read only by methods that run
+        extra["calibration_tokens"] = lambda: calibration_for(request).tokens(tokenizer)  # the model (EvoESAP)
     layered = getattr(model, LAYERED_ATTR, None)  # a skeleton: routers a method runs are read for the planning
     with layered.routers() if layered is not None and spec.runs_routers else nullcontext():
         plan = plan_from_stats(view, spec.name, params, budget, stats, seed=request.seed, ratio=request.ratio,
@@ -198,7 +200,9 @@ def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, 
                     seed: int = 0, ratio: float | None = None, extra: dict | None = None) -> Plan:
     """Run a method on ready statistics; the kept sets are validated against the model.
 
-    ``extra`` reaches the method as ``ctx.extra`` (select methods: ``domain_stats``, source -> stats).
+    ``extra`` reaches the method as ``ctx.extra`` (select methods: ``domain_stats``, source -> stats;
+    ``calibration_tokens``: the calibration token ids ``[S, L]``, or a callable returning them, for
+    methods that run the model on calibration text).
     """
     spec = get_method(method)
     params = spec.parse_params(params)
@@ -210,6 +214,11 @@ def plan_from_stats(view: MoEView, method: str, params: dict, budget: dict[int, 
     plan = result if isinstance(result, Plan) else Plan(spec.name, spec.kind, keep=result)
     plan.method, plan.kind, plan.params, plan.ratio = spec.name, spec.kind, params, ratio
     if plan.kind == "merge":  # the kept experts are the groups' `into` experts
-        plan.merge, plan.keep = validate_merge(view, plan.merge or {})
-    plan.keep = validate_keep(view, plan.keep)
+        plan.merge, plan.keep = validate_merge(view, plan.merge or {}, plan.expert_map)
+    if plan.novice is not None:  # MoNE: the router is unchanged, so no equal drops per routing group are needed
+        from moebench.moe.novice import validate_novices
+
+        plan.keep, plan.novice = validate_novices(view, plan.keep, plan.novice)
+    else:
+        plan.keep = validate_keep(view, plan.keep)
     return plan

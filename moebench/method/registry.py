@@ -25,7 +25,7 @@ from moebench.moe.view import MoEError, MoELayer, MoEView
 from moebench.util import did_you_mean
 
 KINDS = ("prune", "skip", "select", "merge")
-STAT_GROUPS = ("routing", "norms", "logits", "outputs", "router_gram", "expert_means")
+STAT_GROUPS = ("routing", "norms", "logits", "outputs", "router_gram", "expert_means", "routed_moments")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,12 @@ class MethodSpec:
     # whether planning runs the routers (NAEE re-routes cached inputs): on a layer-by-layer skeleton the
     # routers are then read from the checkpoint for the planning (`moebench.moe.layered.LayeredCheckpoint.routers`)
     runs_routers: bool = False
+    # why the method cannot run layer by layer (--sequential) although it reads no weights (MoNE: its checkpoint
+    # is written from the model in memory); None: it can
+    sequential: str | None = None
+    # why only moebench can run the method's checkpoint (MoNE: constant experts beside the kept ones); None: a plain
+    # checkpoint of the family that other engines (vLLM) read
+    moebench_only: str | None = None
 
     def needs_for(self, params: dict | None = None) -> tuple[str, ...]:
         """The statistic groups this method needs with ``params`` (parsed or raw; defaults filled in)."""
@@ -112,6 +118,9 @@ class MethodSpec:
         """Refuse, naming the way out, a method that cannot plan on a layer-by-layer skeleton."""
         if self.reads_weights_for(params):
             raise ValueError(sequential_refusal(self.name))
+        if self.sequential:
+            raise ValueError(f"method {self.name}: {self.sequential}; use --no-sequential (lm-eval: sequential=false) "
+                             "where the model fits")
 
     @property
     def is_identity(self) -> bool:
@@ -163,7 +172,7 @@ def sequential_refusal(name: str) -> str:
 
 
 def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, takes_budget=True, extra_needs=None,
-              source="", reads_weights=False, runs_routers=False):
+              source="", reads_weights=False, runs_routers=False, sequential=None, moebench_only=None):
     if kind not in KINDS:
         raise ValueError(f"method {name}: kind {kind!r} is not one of {KINDS}")
     needs = tuple(needs)
@@ -176,7 +185,7 @@ def _register(name, kind, needs, paper, bounds, scoring, global_budget=False, ta
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].module}")
         _REGISTRY[name] = MethodSpec(name, kind, needs, paper, fn, _params_of(fn, bounds or {}), scoring,
                                      fn.__module__, inspect.getdoc(fn) or "", global_budget, takes_budget,
-                                     extra_needs, source, reads_weights, runs_routers)
+                                     extra_needs, source, reads_weights, runs_routers, sequential, moebench_only)
         return fn
 
     return decorate
@@ -197,17 +206,20 @@ def score_method(name: str, *, needs=(), paper: str, bounds: dict | None = None,
 
 def planner(name: str, *, kind: str = "prune", needs=(), paper: str, bounds: dict | None = None,
             global_budget: bool = False, takes_budget: bool = True, extra_needs=None, source: str = "",
-            reads_weights=False, runs_routers: bool = False):
+            reads_weights=False, runs_routers: bool = False, sequential: str | None = None,
+            moebench_only: str | None = None):
     """Register ``fn(ctx, *, params) -> {layer: kept ids}`` or a `Plan`, for methods with machinery.
 
     ``global_budget``: the method redistributes the total budget across layers. ``takes_budget``:
     False only for the identity method (`none`), which takes no ratio or keep. ``runs_routers``:
     planning runs the routers (on a layer-by-layer skeleton they are read from the checkpoint
-    first). ``needs``, ``extra_needs``, ``source`` and ``reads_weights`` as for `score_method`.
+    first). ``sequential``: why the method cannot run layer by layer although it reads no weights (refused
+    up front). ``moebench_only``: why only moebench can run the method's checkpoint (another engine, such as
+    vLLM, is refused up front). ``needs``, ``extra_needs``, ``source`` and ``reads_weights`` as for `score_method`.
     """
     return _register(name, kind, needs, paper, bounds, scoring=False, global_budget=global_budget,
                      takes_budget=takes_budget, extra_needs=extra_needs, source=source, reads_weights=reads_weights,
-                     runs_routers=runs_routers)
+                     runs_routers=runs_routers, sequential=sequential, moebench_only=moebench_only)
 
 
 def load_methods() -> dict[str, MethodSpec]:

@@ -2,7 +2,8 @@
 
 Lives here: the families table (`families`: one row of architecture facts per family), the view
 (`view`: MoE layers, routers, fused expert tensors), operations on it (`ops`: validate, prune, mask),
-the experts kernel (`kernels`), dynamic skipping (`skipping`), expert offloading (`offload`) and
+the experts kernel (`kernels`), dynamic skipping (`skipping`), expert offloading (`offload`), MoNE's
+constant novice experts (`novice`) and
 loading / saving checkpoints (`checkpoint`). The bottom of moebench: imports only `moebench.util`.
 
     from moebench.moe import MoEView, mask, prune, unmask

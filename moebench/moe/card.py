@@ -118,6 +118,20 @@ def card_text(record: dict, disk: dict | None = None) -> str:
     loading = ("Plain transformers loads it: `AutoModelForCausalLM.from_pretrained(folder)`." if len(counts) == 1 else
                "Layers keep different numbers of experts, which plain transformers cannot build from one config: "
                "load it with `moebench.moe.checkpoint.load_model(folder)` or any moebench command.")
+    layout = record.get("layout")  # merged experts behind every router row (router=all)
+    if layout == "compact":
+        loading = ("Every router row is kept and routes to its group's merged expert, held once (the member -> "
+                   "merged-expert maps are `moebench_expert_map` in config.json): plain transformers and vLLM cannot "
+                   "load it; load it with `moebench.moe.checkpoint.load_model(folder)` or any moebench command.")
+    elif layout == "duplicated":
+        loading = ("Every router row is kept and every expert slot holds a copy of its group's merged expert (the "
+                   "routed-expert bytes above count each merged expert once; the files hold the copies): plain "
+                   "transformers loads it, `AutoModelForCausalLM.from_pretrained(folder)`, and so does vLLM.")
+    if record.get("novice_experts"):  # MoNE: constant experts behind every router row
+        loading = ("Every router row is kept; the replaced experts answer with constant vectors times their gate "
+                   "(`novices.safetensors`, listed under `moebench_novices` in config.json): plain transformers and "
+                   "vLLM cannot apply them; load it with `moebench.moe.checkpoint.load_model(folder)` or any "
+                   "moebench command.")
     paper = f" ({record['paper']})" if record.get("paper") else ""
     params = ", ".join(f"{k}={v}" for k, v in sorted(record["params"].items()))
     params = f"parameters {params}" if params else "default parameters"

@@ -6,7 +6,15 @@ checkpoint: `save_pruned` writes it in the family's original format and plain
 cannot build the model from its config (one count per model), so `save_pruned` writes the fused
 tensors as they are plus ``moebench_experts_per_layer`` in config.json, warns, and only
 `load_model` can load it back: it builds the model with the largest count, cuts each layer to
-its own count, then loads the tensors.
+its own count, then loads the tensors. Checkpoints with novice experts (MoNE, `moebench.moe.novice`) load
+the same way, their constants attached from ``novices.safetensors``.
+
+A merged model that keeps every router row (``router=all`` of `hc_smoe` / `m_smoe`,
+`moebench.moe.expert_map`) is saved in one of two layouts: ``compact`` (default) writes the merged
+experts only, the config's expert count E (the router's rows) and the member -> merged-expert maps
+under ``moebench_expert_map``, with a warning: only `load_model` reads it (plain transformers refuses it,
+the experts' shapes not matching the config); ``duplicated`` writes E experts, each slot a copy of its
+merged expert, a plain checkpoint that transformers and vLLM load (no memory saved).
 
 `sequential_needed` says whether a checkpoint's weights exceed a device's free memory, the
 default for working one decoder layer at a time (`moebench.moe.layered`).
@@ -38,6 +46,11 @@ PER_LAYER_KEY = "moebench_experts_per_layer"
 
 class NonUniformCheckpointWarning(UserWarning):
     """Saved a checkpoint with per-layer expert counts, which plain transformers cannot load."""
+
+
+class ExpertMapCheckpointWarning(UserWarning):
+    """Saved a merged checkpoint in the compact layout (all router rows, merged experts once, an expert map),
+    which only moebench loads."""
 
 
 # Model-name resolvers registered by plugins (the testbed: ``testbed-8e`` -> its package folder).
@@ -128,11 +141,20 @@ def per_layer_counts(config) -> dict[int, int] | None:
     return {int(k): int(v) for k, v in counts.items()} if counts else None
 
 
-def save_pruned(model, out_dir: str, shown_as: str | None = None, **save_kwargs) -> None:
+def save_pruned(model, out_dir: str, shown_as: str | None = None, layout: str = "compact", **save_kwargs) -> None:
     """Save a (pruned) model; non-uniform counts are saved in moebench's loadable form, with a warning.
 
-    ``shown_as``: the folder to name in that warning when ``out_dir`` is a temporary one.
+    ``shown_as``: the folder to name in that warning when ``out_dir`` is a temporary one. A model with novice
+    experts (MoNE) is saved with its constants (`moebench.moe.novice.save_novices`), also with a warning.
     """
+    from moebench.moe.novice import attached_novices, save_novices
+
+    if attached_novices(model):
+        with loading_bars():
+            save_novices(model, out_dir, shown_as, **save_kwargs)
+        return
+    if _save_merged(model, out_dir, shown_as, layout, **save_kwargs):
+        return
     counts = per_layer_counts(model.config)
     if counts is None:
         with loading_bars():
@@ -144,6 +166,44 @@ def save_pruned(model, out_dir: str, shown_as: str | None = None, **save_kwargs)
         f"'{shown_as or out_dir}') or any moebench command", NonUniformCheckpointWarning, stacklevel=2)
     with loading_bars():
         model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
+
+
+def _save_merged(model, out_dir: str, shown_as: str | None, layout: str, **save_kwargs) -> bool:
+    """`save_pruned` of a merged model that keeps every router row (``layout``: compact or duplicated, see the
+    module docstring); False for any other model (nothing written)."""
+    from moebench.moe.expert_map import LAYOUTS, duplicated, model_maps
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose compact (moebench loads it) or duplicated (a plain checkpoint)")
+    if not model_maps(model):
+        return False
+    if layout == "duplicated":
+        with duplicated(model), loading_bars():
+            model.save_pretrained(out_dir, **save_kwargs)
+        return True
+    warnings.warn(
+        "merged experts behind all their router rows (router=all), saved compact: the config keeps the router's "
+        "expert count and moebench_expert_map; plain transformers and vLLM cannot load it (transformers refuses "
+        f"the experts' shapes); load it with moebench.moe.checkpoint.load_model('{shown_as or out_dir}') or any "
+        "moebench command, or save the duplicated layout (moebench prune --layout duplicated), a plain checkpoint",
+        ExpertMapCheckpointWarning, stacklevel=3)
+    with loading_bars():
+        model.save_pretrained(out_dir, save_original_format=False, **save_kwargs)
+    return True
+
+
+def moebench_form(folder: str) -> bool:
+    """Whether the checkpoint in ``folder`` is one of moebench's own forms that plain transformers cannot build
+    (per-layer expert counts, a compact merge that keeps every router row): `load_model` loads those."""
+    from moebench.moe.expert_map import MAP_KEY
+
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(part, dict) and (part.get(PER_LAYER_KEY) or part.get(MAP_KEY))
+               for part in (raw, raw.get("text_config")))
 
 
 def save_folder(out_dir: str, files: dict[str, Callable[[str], None]]) -> list[str]:
@@ -184,7 +244,8 @@ def config_size_problem(config) -> str | None:
 
 
 def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):
-    """A model from ``config`` whose layers are cut to ``counts`` experts (random weights)."""
+    """A model from ``config`` whose layers are cut to ``counts`` experts (random weights); a compact merged
+    checkpoint's layers (``moebench_expert_map``) get their merged experts and maps (`moebench.moe.expert_map`)."""
     problem = config_size_problem(config)
     if problem:
         raise ValueError(problem)
@@ -192,14 +253,21 @@ def _build_skeleton(config, counts: dict[int, int], **from_config_kwargs):
     view = MoEView(model)
     for index, n in counts.items():
         _prune_layer(view.layer(index), list(range(n)))
+    from moebench.moe.expert_map import build, expert_maps
+
+    maps = expert_maps(config)
+    if maps:
+        build(model, maps)
     return model
 
 
 def _load_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors files in a checkpoint folder."""
+    """All tensors of the safetensors files in a checkpoint folder (MoNE's constants, beside them, excepted)."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    from moebench.moe.novice import NOVICE_FILE
+
+    files = sorted(f for f in glob.glob(os.path.join(folder, "*.safetensors")) if os.path.basename(f) != NOVICE_FILE)
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
     state = {}
@@ -268,10 +336,15 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
         raise ValueError(f"{name_or_path}: {problem}")
     counts = per_layer_counts(config)
     from moebench.moe.formats import fp8_ragged_blocks, quantization  # formats builds on this module's readers
+    from moebench.moe.novice import attach_saved_novices, saved_novice_layers
+
+    novices = saved_novice_layers(config)  # MoNE: the router keeps its rows, the experts are cut, constants beside
 
     if quantization(config) is not None:
         fp8_ragged_blocks()  # transformers' FP8 dequantization of partial blocks (DeepSeek-V3's 576-row weights)
-    if counts is None:
+    from moebench.moe.expert_map import expert_maps
+
+    if counts is None and novices is None and not expert_maps(config):
         from safetensors import SafetensorError
 
         try:
@@ -285,7 +358,9 @@ def load_model(name_or_path: str, dtype="auto", **kwargs):
                              "or write it again") from None
     if not os.path.isdir(path):
         raise ValueError(f"{name_or_path}: non-uniform moebench checkpoints load from a local folder only")
-    model = _build_skeleton(config, counts, dtype=_config_dtype(config) if dtype == "auto" else dtype)
+    model = _build_skeleton(config, counts or {}, dtype=_config_dtype(config) if dtype == "auto" else dtype)
+    if novices is not None:
+        attach_saved_novices(model, path, novices)
     missing, unexpected = model.load_state_dict(_load_state_dict(path), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]

@@ -37,6 +37,9 @@ KERNEL_NAME = "moebench"
 _OBSERVER_ATTR = "_moebench_observer"
 SKIP_ATTR = "_moebench_skip"
 PROVIDER_ATTR = "_moebench_provider"  # offloading: object with forward(experts, e, x [n, H]) -> [n, H]
+# novice experts (MoNE): object with split(hidden, index, weights, active) -> (index, active, extra [T, H]):
+# router ids -> physical experts, novice pairs inactive, their gate x constant vector summed (`moebench.moe.novice`)
+NOVICE_ATTR = "_moebench_novices"
 # Inputs of at most this many tokens take the grouped path on CPU (ours: at decode, batch 1-8, it
 # matched or beat transformers' grouped_mm kernel on Mixtral and Qwen3-30B layers; from a few hundred
 # tokens on the loop was faster). 0 = always loop.
@@ -211,7 +214,9 @@ def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index:
 
     The grouped path or the loop (see the module docstring). With a skip rule attached
     (`moebench.moe.skipping`), the (token, expert) pairs it drops are never computed: they are sorted
-    past the computed ones and their weight is redistributed.
+    past the computed ones and their weight is redistributed. With novice experts attached
+    (`moebench.moe.novice`, MoNE) the router's ids are mapped to the physical experts and a pair routed
+    to a replaced expert adds its gate times the expert's constant vector instead of running it.
     """
     observer = getattr(self, _OBSERVER_ATTR, None)
     skip = getattr(self, SKIP_ATTR, None)
@@ -219,9 +224,16 @@ def moebench_experts_forward(self: nn.Module, hidden: torch.Tensor, top_k_index:
     active = None
     if skip is not None:
         top_k_weights, active = skip(top_k_weights)
+    novices = getattr(self, NOVICE_ATTR, None)
+    if novices is not None:  # router ids -> physical experts; novice pairs add gate x constant, no expert runs
+        if observer is not None:  # it sees the router's ids (routing statistics), outputs by physical expert
+            observer = novices.observed(observer, top_k_index)
+        top_k_index, active, constant = novices.split(hidden, top_k_index, top_k_weights, active)
     if uses_grouped_path(hidden, provider):
-        return _grouped(self, hidden, top_k_index, top_k_weights, active, observer)
-    return _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider)
+        out = _grouped(self, hidden, top_k_index, top_k_weights, active, observer)
+    else:
+        out = _loop(self, hidden, top_k_index, top_k_weights, active, observer, provider)
+    return out if novices is None else out + constant
 
 
 def register() -> None:
@@ -244,9 +256,9 @@ def switch_to_kernel(model: nn.Module) -> None:
 
 
 def restore_kernel(model: nn.Module) -> None:
-    """Give ``model`` back the kernel it had before `switch_to_kernel`, unless a skip rule or an offloading
-    provider still needs moebench's (then the last one removed restores it)."""
-    if any(hasattr(m, SKIP_ATTR) or hasattr(m, PROVIDER_ATTR) for m in model.modules()):
+    """Give ``model`` back the kernel it had before `switch_to_kernel`, unless a skip rule, an offloading
+    provider or novice experts still need moebench's (then the last one removed restores it)."""
+    if any(hasattr(m, SKIP_ATTR) or hasattr(m, PROVIDER_ATTR) or hasattr(m, NOVICE_ATTR) for m in model.modules()):
         return
     if hasattr(model, _BEFORE_ATTR):
         before = getattr(model, _BEFORE_ATTR)

@@ -17,6 +17,12 @@ the layer keeps exactly the ``into`` experts (`moebench.moe.ops.prune`): experts
 dropped, so a group of one is pruning, and a merged model is an ordinary pruned-size checkpoint.
 Permuting an expert's intermediate units never changes what it computes; the layout (transposed,
 gate/up interleaved as on GPT-OSS, biases) is read from the experts module and the family row.
+
+With an *expert map* (``expert_map[layer]``: ``[E]``, each expert's group's position among the sorted
+``into`` ids; the form of the authors' code, ``router=all`` of `hc_smoe` / `m_smoe`) the router keeps all
+its E rows unchanged and only the experts are cut to the ``into`` experts; every router slot then dispatches
+to its group's merged expert (`moebench.moe.expert_map`). Every expert must then be in a group, and groups
+carry no ``router`` coefficients.
 """
 
 from __future__ import annotations
@@ -116,13 +122,15 @@ def match_units(layer: MoELayer, reference: int, other: int) -> list[int]:
     return [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
 
 
-def validate_merge(view: MoEView, merge: Merge) -> tuple[dict[int, list[dict]], dict[int, list[int]]]:
+def validate_merge(view: MoEView, merge: Merge, expert_map: Mapping | None = None,
+                   ) -> tuple[dict[int, list[dict]], dict[int, list[int]]]:
     """Check a merge against the model; returns it normalised and the kept experts (the ``into`` ids).
 
     Raises `MoEError` naming every problem: unknown layers, ids out of range or in two groups,
     ``into`` outside its group, coefficient lists of the wrong length or not summing to one,
     permutations of the wrong size, groups spanning routing groups, and kept sets that the router
-    cannot use (fewer than ``top_k``, unequal per routing group).
+    cannot use (fewer than ``top_k``, unequal per routing group); with ``expert_map``, maps that are
+    not the groups' (see the module docstring) and layers merged before.
     """
     problems, normal, keep = [], {}, {}
     by_index = {layer.index: layer for layer in view.layers}
@@ -137,9 +145,38 @@ def validate_merge(view: MoEView, merge: Merge) -> tuple[dict[int, list[dict]], 
         keep[layer.index] = sorted(g["into"] for g in groups)
         if not problems:
             problems += _check_layer(layer, keep[layer.index])
+        if layer.expert_map is not None:
+            problems.append(f"layer {layer.index}: its experts were merged already (all router rows kept); merge the "
+                            "unmerged model")
+    if expert_map is not None and not problems:
+        problems += _check_maps(view, normal, expert_map)
     if problems:
         raise MoEError("invalid expert merge:\n  " + "\n  ".join(problems))
     return normal, keep
+
+
+def _check_maps(view: MoEView, groups: dict[int, list[dict]], maps: Mapping) -> list[str]:
+    """Problems with the expert maps of a merge that keeps every router row (empty when fine)."""
+    from moebench.moe.expert_map import map_from_groups
+
+    problems = []
+    for key in sorted(set(map(int, maps)) ^ set(groups)):
+        problems.append(f"layer {key}: an expert map needs the layer's merge groups and the groups their map")
+    for index in sorted(set(map(int, maps)) & set(groups)):
+        layer, given = view.layer(index), [int(e) for e in maps.get(index, maps.get(str(index)))]
+        expected = map_from_groups(groups[index], layer.num_experts)
+        where = f"layer {index}"
+        if -1 in expected:
+            alone = [e for e, m in enumerate(expected) if m < 0]
+            problems.append(f"{where}: experts {alone} are in no group; with all router rows kept the router could "
+                            "still choose them")
+        elif given != expected:
+            problems.append(f"{where}: expert map {given[:16]} is not its groups' {expected[:16]} (each expert: "
+                            "the position of its group's `into` among the sorted `into` ids)")
+        if any(g.get("router") is not None for g in groups[index]):
+            problems.append(f"{where}: groups carry router coefficients, but a merge that keeps every router row "
+                            "leaves the router unchanged")
+    return problems
 
 
 def _check_groups(layer: MoELayer, groups: list[dict]) -> list[str]:
@@ -174,17 +211,26 @@ def _check_groups(layer: MoELayer, groups: list[dict]) -> list[str]:
     return problems
 
 
-def merge(model: nn.Module, groups: Merge) -> dict[int, list[int]]:
+def merge(model: nn.Module, groups: Merge, expert_map: Mapping | None = None) -> dict[int, list[int]]:
     """Merge experts in place: each group's merged tensors and router rows go into its ``into`` expert,
-    then the layer keeps only those experts. Returns the kept experts per layer."""
+    then the layer keeps only those experts. Returns the kept experts per layer.
+
+    ``expert_map`` (per layer ``[E]``): the router keeps all its rows, unchanged, and each slot dispatches to
+    its group's merged expert (`moebench.moe.expert_map`); the experts module holds the merged experts only.
+    """
     view = MoEView(model)
-    groups, keep = validate_merge(view, groups)
+    groups, keep = validate_merge(view, groups, expert_map)
     with torch.no_grad():
         for index, layer_groups in groups.items():
             layer = view.layer(index)
             for g in layer_groups:
                 _merge_group(layer, g)
-    prune(model, keep)
+    if expert_map is None:
+        prune(model, keep)
+    else:
+        from moebench.moe.expert_map import share
+
+        share(model, keep, {int(k): [int(e) for e in v] for k, v in expert_map.items()})
     return keep
 
 

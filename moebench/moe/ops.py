@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moebench.moe.kernels import NOVICE_ATTR
 from moebench.moe.view import MoEError, MoELayer, MoEView, _get
 
 Keep = Mapping[int, Iterable[int]]
@@ -85,6 +86,8 @@ def prune(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
     view = MoEView(model)
     if is_masked(model):
         raise MoEError("this model has a routing mask; call moebench.moe.ops.unmask(model) before prune")
+    _refuse_merged(view, "pruned")
+    _refuse_novices(view, "pruned")
     keep = validate_keep(view, keep)
     offloaded = _accelerate_offloaded(model, view, keep)
     if offloaded:  # their real tensors live in accelerate's hooks; slicing the meta placeholders would corrupt them
@@ -96,6 +99,24 @@ def prune(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
     counts = view.experts_per_layer
     _set_config_counts(view, counts)
     return keep
+
+
+def _refuse_merged(view: MoEView, what: str) -> None:
+    """Raise where a layer's experts were merged keeping every router row (`moebench.moe.expert_map`): its
+    router ids are not its experts' ids, so selections by id do not apply."""
+    merged = [layer.index for layer in view.layers if layer.expert_map is not None]
+    if merged:
+        raise MoEError(f"MoE layers {merged[:5]} hold merged experts behind all their router rows (router=all); such a "
+                       f"model cannot be {what} by expert ids: apply the plan to the unmerged model")
+
+
+def _refuse_novices(view: MoEView, what: str) -> None:
+    """Raise where a layer has novice experts (MoNE, `moebench.moe.novice`): its router keeps every row while its
+    experts module holds the real experts only, so selections by id do not apply."""
+    found = [layer.index for layer in view.layers if hasattr(layer.experts, NOVICE_ATTR)]
+    if found:
+        raise MoEError(f"MoE layers {found[:5]} have novice experts (MoNE: constants behind router rows); such a model "
+                       f"cannot be {what} by expert ids: apply the plan to the model without novices")
 
 
 def _accelerate_offloaded(model: nn.Module, view: MoEView, keep: dict) -> list[int]:
@@ -274,6 +295,8 @@ def mask(model: nn.Module, keep: Keep) -> dict[int, list[int]]:
     Replaces any earlier mask. Undo with `unmask`. Returns the normalised selection.
     """
     view = MoEView(model)
+    _refuse_merged(view, "masked")
+    _refuse_novices(view, "masked")
     keep = validate_keep(view, keep)
     unmask(model)
     masks = {}
@@ -368,3 +391,14 @@ def mask_signature(model: nn.Module) -> str | None:
 def is_masked(model: nn.Module) -> bool:
     """Whether a routing mask is active on ``model``."""
     return bool(getattr(model, "_moebench_masks", None))
+
+
+def slot_experts(layer: MoELayer, ids: list[int]) -> None:
+    """Make ``layer``'s experts module hold the experts ``ids`` (in that order, repeats allowed), router unchanged."""
+    old = int(next(iter(layer.expert_tensors().values())).shape[0])
+    index = torch.tensor(ids, dtype=torch.long)
+    for name, t in layer.expert_tensors().items():
+        _replace_tensor(layer.experts, name, t.index_select(0, index.to(t.device)))
+    for attr in _COUNT_ATTRS:
+        if getattr(layer.experts, attr, None) == old:
+            setattr(layer.experts, attr, len(ids))

@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 from moebench.moe.families import Family, dense_score_function, family_for, supported_model_types
+from moebench.moe.kernels import NOVICE_ATTR
+
+MAP_ATTR = "_moebench_expert_map"  # [E] slot -> merged expert, on a merged layer that keeps every router row
+MERGED_ATTR = "_moebench_merged_experts"  # G, beside it (read without a device synchronisation)
 
 
 class MoEError(ValueError):
@@ -64,8 +68,29 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        """Routed experts in this layer now (after any physical pruning)."""
+        """Routed experts in this layer now (after any physical pruning).
+
+        With novice experts (MoNE, `moebench.moe.novice`) the router keeps every row while the experts
+        module holds only the real experts: this is the count the experts module holds.
+        """
+        novices = getattr(self.experts, NOVICE_ATTR, None)
+        if novices is not None:
+            return int(novices.physical)
+        for module in (self.router, self.experts):  # a merged layer that keeps every router row: its G experts
+            merged = getattr(module, MERGED_ATTR, None)
+            if merged is not None:
+                return int(merged)
         return int(self.router.weight.shape[0])
+
+    @property
+    def expert_map(self) -> torch.Tensor | None:
+        """``[E]`` (long): on a merged layer that keeps all E router rows (`moebench.moe.expert_map`), the merged
+        expert each router slot dispatches to; None on any other layer."""
+        for module in (self.router, self.experts):
+            mapping = module._buffers.get(MAP_ATTR)
+            if mapping is not None:
+                return mapping
+        return None
 
     @property
     def top_k(self) -> int:
@@ -81,7 +106,8 @@ class MoELayer:
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-expert tensor of the fused experts, by name; dim 0 is the expert ``[E, ...]``."""
         named = list(self.experts.named_parameters(recurse=False)) + list(self.experts.named_buffers(recurse=False))
-        return {name: t for name, t in named if t.dim() >= 1 and t.shape[0] == self.num_experts}
+        return {name: t for name, t in named
+                if t.dim() >= 1 and t.shape[0] == self.num_experts and not name.startswith("_moebench")}
 
     def router_tensors(self) -> dict[str, tuple[torch.Tensor, int]]:
         """Per-expert router tensors present on this router: name -> (tensor, expert dim)."""
@@ -149,7 +175,8 @@ class MoELayer:
     def route(self, hidden: torch.Tensor) -> Routing:
         """Run the model's own router on ``hidden [T, H]`` and return its decisions.
 
-        Any active routing mask (`moebench.moe.ops.mask`) applies, since the real router runs. Raises
+        Any active routing mask (`moebench.moe.ops.mask`) applies, since the real router runs. On a merged layer
+        that keeps every router row the indices are the merged experts dispatched to (`expert_map`). Raises
         `MoEError` when the router's weights are on the meta device (a layer-by-layer skeleton): torch
         would answer with uninitialised memory instead of failing.
         """
@@ -161,6 +188,9 @@ class MoELayer:
         if self.family.router_output == "dense_scores":
             scores, logits = out
             weights, indices = torch.topk(scores, self.top_k, dim=-1)
+            mapping = self.expert_map
+            if mapping is not None:  # the triple routers' hook maps them (moebench.moe.expert_map)
+                indices = mapping.to(indices.device)[indices]
             return Routing(logits, weights, indices)
         logits, weights, indices = out[:3]
         return Routing(logits, weights, indices)
@@ -178,6 +208,8 @@ class MoELayer:
             parts.append(f"scaled x{self.scaling:g}")
         if "bias" in self.router_tensors():
             parts.append("router bias")
+        if self.expert_map is not None:
+            parts.append(f"{self.expert_map.numel()} router rows onto {self.num_experts} merged experts")
         return ", ".join(parts)
 
 

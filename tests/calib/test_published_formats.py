@@ -180,7 +180,7 @@ def test_merging_a_quantized_checkpoint_is_refused_before_calibrating(published,
     out = str(tmp_path / "merged-bf16")
     assert main(["prune", source, "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
                  "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu",
-                 "--save-dtype", "bf16", "--out", out]) == 0
+                 "--save-dtype", "bf16", "--out", out, "--param", "router=dominant"]) == 0
     config = _json(out, "config.json")
     assert "quantization_config" not in config and config["num_local_experts"] == 4
     AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[3, 4, 5]]))

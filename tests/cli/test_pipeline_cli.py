@@ -127,14 +127,15 @@ def test_prune_cli_writes_a_plain_checkpoint_and_plan(family, saved_models, corp
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_prune_cli_merges_into_a_plain_checkpoint(family, saved_models, corpus, tmp_path):
-    """`moebench prune --method hc_smoe`: plain transformers loads the merged checkpoint, and its logits are
-    those of plan.json applied to the base model."""
+    """`moebench prune --method hc_smoe --param router=dominant`: plain transformers loads the merged checkpoint
+    (one router row per group), and its logits are those of plan.json applied to the base model."""
     from moebench.method.apply import apply
     from moebench.method.plan import Plan
 
     out = tmp_path / "merged"
     assert main(["prune", saved_models(family), "--method", "hc_smoe", "--ratio", "0.5", "--calib", f"file:{corpus}",
-                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--out", str(out)]) == 0
+                 "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"), "--out", str(out),
+                 "--param", "router=dominant"]) == 0
     plan = Plan.load(str(out / "plan.json"))
     assert plan.kind == "merge" and any(len(g["experts"]) > 1 for groups in plan.merge.values() for g in groups)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -144,6 +145,31 @@ def test_prune_cli_merges_into_a_plain_checkpoint(family, saved_models, corpus, 
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base(ids).logits)
     assert set(MoEView(model).experts_per_layer.values()) == {4}
+
+
+@pytest.mark.parametrize("layout", ["compact", "duplicated"])
+def test_prune_cli_writes_the_authors_merge_in_either_layout(layout, saved_models, corpus, tmp_path):
+    """hc_smoe's default (router=all): `--layout compact` loads with moebench (G experts, every router row),
+    `--layout duplicated` with plain transformers (E experts); both compute plan.json applied to the base model."""
+    from moebench.method.apply import apply
+    from moebench.method.plan import Plan
+    from moebench.moe.checkpoint import load_model
+
+    out = tmp_path / layout
+    assert main(["prune", saved_models("mixtral"), "--method", "hc_smoe", "--ratio", "0.5", "--calib",
+                 f"file:{corpus}", "--samples", "4", "--seq-len", "16", "--stats-dir", str(tmp_path / "stats"),
+                 "--out", str(out), "--layout", layout]) == 0
+    plan = Plan.load(str(out / "plan.json"))
+    assert plan.expert_map is not None
+    model = load_model(str(out)) if layout == "compact" else AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(saved_models("mixtral")).eval()
+    apply(base, plan)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+    assert set(MoEView(model).experts_per_layer.values()) == ({4} if layout == "compact" else {8})
+    assert ("moebench_expert_map" in (out / "config.json").read_text()) == (layout == "compact")
+    assert ("plain transformers and vLLM cannot" in (out / "README.md").read_text()) == (layout == "compact")
 
 
 def test_prune_cli_bad_input_is_a_clear_error(saved_models, corpus, tmp_path, capsys):

@@ -228,14 +228,15 @@ def test_bad_model_args_are_clear_errors(env, extra, message):
 
 
 def test_merge_methods_run_and_equal_their_saved_checkpoints(env, tmp_path):
-    """pruned_moe with hc_smoe computes what plain hf computes on `moebench prune`'s merged checkpoint."""
+    """pruned_moe with hc_smoe computes what plain hf computes on `moebench prune`'s merged checkpoint (its plain,
+    duplicated layout: every router row kept, each slot a copy of its merged expert)."""
     from moebench.cli import main
 
     merged = evaluate(env, "pruned_moe", f"pretrained={env.model},method=hc_smoe,ratio=0.5,{env.calib}")
     out = tmp_path / "hc_smoe"
     assert main(["prune", env.model, "--method", "hc_smoe", "--ratio", "0.5", "--calib",
                  f"file:{env.root / 'calib.txt'}", "--samples", "4", "--seq-len", "16",
-                 "--stats-dir", str(env.root / "stats"), "--out", str(out)]) == 0
+                 "--stats-dir", str(env.root / "stats"), "--out", str(out), "--layout", "duplicated"]) == 0
     plain = evaluate(env, "hf", {"pretrained": str(out)})
     assert loglikelihoods(merged) == pytest.approx(loglikelihoods(plain), abs=1e-5)
     assert merged["config"]["moebench"]["experts_per_layer"] == {"0": 4, "1": 4}

@@ -9,6 +9,12 @@ each input; the identity leaves the logits unchanged; the same plan applied from
 copy gives the same logits. Merge methods apply to all 12 families: with group-limited routing
 (DeepSeek, GLM) groups stay inside one routing group; GPT-OSS's interleaved gate/up units and
 Llama4's transposed experts are permuted along their own axes (tests/moe/test_merge.py).
+Plans travel through `Plan.save` / `Plan.load` (MoNE's constants in ``novices.safetensors`` beside
+plan.json). Methods that run the model on calibration text (EvoESAP's search) get the statistics'
+token ids as ``calibration_tokens``; `PARAMS` shrinks their searches. A method that cannot serve a
+family refuses it with a clear error: `REFUSED` names
+each such pair and the reason its error must give (MoNE on Llama4: the gate scales the expert's
+input, so there is no output gate to scale a constant with).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from moebench.method.pipeline import plan_from_stats
 from moebench.method.plan import Plan
 from moebench.method.registry import get_method, load_methods, resolve_budget
 from moebench.moe.merge import permuted
-from moebench.moe.view import MoEView
+from moebench.moe.view import MoEError, MoEView
 
 METHODS = sorted(load_methods())
 RATIO = 0.25
+REFUSED = {("mone", "llama4_text"): "no output gate to scale a constant"}  # (method, family) -> the error's reason
+PARAMS = {"evoesap": {"population": 4, "generations": 2, "init": "uniform,random,up"}}  # small searches, for speed
 _STATS: dict[str, dict] = {}
 
 
@@ -51,7 +59,8 @@ def make(family: str, name: str) -> Plan:
     view = MoEView(model)
     spec = get_method(name)
     budget = {} if spec.is_identity else resolve_budget(view, ratio=RATIO)
-    return plan_from_stats(view, name, {}, budget, stats_of(family), ratio=None if spec.is_identity else RATIO)
+    return plan_from_stats(view, name, PARAMS.get(name, {}), budget, stats_of(family),
+                           ratio=None if spec.is_identity else RATIO, extra={"calibration_tokens": sample_ids(4, 16)})
 
 
 def check_merged(base, merged, plan: Plan) -> None:
@@ -70,14 +79,26 @@ def check_merged(base, merged, plan: Plan) -> None:
                 torch.testing.assert_close(tensor[slot].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def saved_and_loaded(plan: Plan, folder) -> Plan:
+    """``plan`` written to ``folder/plan.json`` (and any file beside it) and read back."""
+    folder.mkdir(exist_ok=True)
+    plan.save(str(folder / "plan.json"))
+    return Plan.load(str(folder / "plan.json"))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", METHODS)
-def test_method_on_family(name, family):
+def test_method_on_family(name, family, tmp_path):
     spec = get_method(name)
+    if (name, family) in REFUSED:
+        with pytest.raises(MoEError, match=REFUSED[name, family]):
+            make(family, name)
+        return
     plan = make(family, name)
     assert plan.method == name and plan.kind == spec.kind
-    loaded = Plan(**json.loads(plan.to_json()))
-    assert loaded.to_json() == plan.to_json()  # complete, JSON-serialisable data
+    json.loads(plan.to_json())  # JSON data (tensors, if any, live beside it)
+    loaded = saved_and_loaded(plan, tmp_path / "plan")
+    assert loaded.to_json() == plan.to_json()  # complete
 
     ids = sample_ids(1, 12)
     model = tiny_model(family)
@@ -110,6 +131,6 @@ def test_method_on_family(name, family):
         check_merged(tiny_model(family), model, plan)
 
     again = tiny_model(family)
-    replay = apply(again, Plan(**json.loads(plan.to_json())))
+    replay = apply(again, saved_and_loaded(plan, tmp_path / "again"))
     replayed = logits(again, ids) if spec.kind in ("prune", "merge") else replay.forward(ids).logits
     assert torch.equal(replayed, out)  # applying the saved plan gives the same model

@@ -31,7 +31,12 @@ def test_every_method_gives_valid_plans(family, ratio):
         spec = get_method(name)
         if spec.kind not in ("prune", "merge") or spec.is_identity:
             continue
-        plan = plan_from_stats(view, name, {}, budget, stats, ratio=ratio)
+        if name == "mone" and view.family.gate_scales_input:  # refused: no output gate to scale a constant
+            with pytest.raises(MoEError, match="no output gate"):
+                plan_from_stats(view, name, {}, budget, stats, ratio=ratio)
+            continue
+        tokens = {"calibration_tokens": sample_ids(4, 16)}  # the search set of methods that run the model (evoesap)
+        plan = plan_from_stats(view, name, {}, budget, stats, ratio=ratio, extra=tokens)
         kept = plan.experts_kept()
         assert sum(kept.values()) == sum(budget.values()), name
         if not spec.global_budget:

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tiny_models import sample_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
+from moebench.moe.checkpoint import load_model
 from moebench.moe.formats import save_sliced
 from moebench.moe.layered import LayeredCheckpoint
 from moebench.moe.ops import prune
@@ -92,7 +93,7 @@ def test_prune_sequential_cli_equals_prune(tmp_path):
         assert "calibration" not in logs["--no-sequential"]  # one cache entry: the statistics were found
         plans = [json.loads((Path(o) / "plan.json").read_text())["keep"] for o in outs.values()]
         assert plans[0] == plans[1]
-        models = [AutoModelForCausalLM.from_pretrained(o).eval() for o in outs.values()]
+        models = [load_model(o) for o in outs.values()]  # hc_smoe's default: the compact layout, moebench's
         ids = sample_ids(batch=2, length=16)
         with torch.no_grad():
             assert torch.equal(models[0](ids).logits, models[1](ids).logits), method
