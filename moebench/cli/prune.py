@@ -45,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a parameter of the method (repeatable)")
     parser.add_argument("--out", required=True, help="output folder: checkpoint + plan.json")
     parser.add_argument("--layout", choices=("compact", "duplicated"), default="compact",
-                        help="how a merge that keeps every router row (hc_smoe / m_smoe router=all) is written: "
-                             "compact (the merged experts once and the expert map; moebench loads it) or duplicated "
-                             "(every router slot its own copy of its merged expert: a plain checkpoint that "
+                        help="how a merge that keeps every router row (hc_smoe / m_smoe router=all, sub_moe) is "
+                             "written: compact (the merged experts once and the expert map; moebench loads it) or "
+                             "duplicated (every router slot its own copy of its merged expert: a plain checkpoint that "
                              "transformers and vLLM load, no memory saved); other plans are written alike")
     parser.add_argument("--save-dtype", default=None, metavar="DTYPE",
                         help="write the checkpoint dequantized / cast to bf16, fp16 or fp32 (default: the source's "

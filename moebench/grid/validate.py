@@ -219,7 +219,8 @@ def vllm_refusal(method, entry: dict | None, apply: str) -> str | None:
     if method.moebench_only:
         return method.moebench_only
     params = method.parse_params((entry or {}).get("params"))
-    if method.global_budget and params.get("router") != "all":  # router=all merges are written with all E slots
+    every_row = method.kind == "merge" and params.get("router", "all") == "all"  # written with all E slots
+    if method.global_budget and not every_row:
         return ("it sets each layer's expert count from one global budget, and vLLM builds every MoE layer with "
                 "one count (a checkpoint with per-layer counts does not load)")
     return None

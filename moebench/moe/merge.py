@@ -4,7 +4,8 @@ A *merge* maps an MoE decoder-layer index to its groups. A group is plain data::
 
     {"into": 3, "experts": [3, 5, 6], "weights": [0.5, 0.3, 0.2],
      "router": [1.0, 0.0, 0.0],          # optional; default: one-hot on `into`
-     "perms": [None, [...], None]}       # optional; per member, a permutation of its intermediate units
+     "perms": [None, [...], None],       # optional; per member, a permutation of its intermediate units
+     "svd": {"split": "reshape", "rank": 0}}  # optional; a subspace merge instead (`moebench.moe.subspace`)
 
 For every per-expert tensor T (``gate_up_proj``, ``down_proj``, biases) the expert ``into`` becomes
 
@@ -15,7 +16,9 @@ where P_i reorders member i's intermediate units (rows of gate and up, columns o
 score-correction bias) of ``into`` becomes ``sum_i router[i] * row_i`` (unchanged by default). Then
 the layer keeps exactly the ``into`` experts (`moebench.moe.ops.prune`): experts in no group are
 dropped, so a group of one is pruning, and a merged model is an ordinary pruned-size checkpoint.
-Permuting an expert's intermediate units never changes what it computes; the layout (transposed,
+A group with ``svd`` is merged by a joint SVD of its members' weights instead of the average
+(Sub-MoE, `moebench.moe.subspace.merge_group`); it takes no ``perms``. Permuting an expert's intermediate
+units never changes what it computes; the layout (transposed,
 gate/up interleaved as on GPT-OSS, biases) is read from the experts module and the family row.
 
 With an *expert map* (``expert_map[layer]``: ``[E]``, each expert's group's position among the sorted
@@ -35,6 +38,7 @@ from torch import nn
 
 from moebench.moe.kernels import is_transposed
 from moebench.moe.ops import _check_layer, _replace_tensor, prune
+from moebench.moe.subspace import SPLITS, merge_group
 from moebench.moe.view import MoEError, MoELayer, MoEView
 
 Merge = Mapping[int, list[dict]]
@@ -49,6 +53,8 @@ def normalise_group(group: Mapping) -> dict:
         out["router"] = [float(r) for r in group["router"]]
     if group.get("perms") is not None:
         out["perms"] = [None if p is None else [int(i) for i in p] for p in group["perms"]]
+    if group.get("svd") is not None:
+        out["svd"] = {"split": str(group["svd"]["split"]), "rank": int(group["svd"]["rank"])}
     return out
 
 
@@ -205,6 +211,9 @@ def _check_groups(layer: MoELayer, groups: list[dict]) -> list[str]:
             if perm is not None and sorted(perm) != list(range(units)):
                 problems.append(f"{name}: a permutation must reorder all {units} intermediate units")
                 break
+        svd = g.get("svd")
+        if svd is not None and (svd["split"] not in SPLITS or svd["rank"] < 0 or g.get("perms") is not None):
+            problems.append(f"{name}: svd {svd} needs split in {SPLITS}, rank >= 0 (0: all) and no perms")
         if len({i // size for i in ids}) > 1:
             problems.append(f"{name}: experts {ids} span routing groups of {size}; group-limited routing "
                             "needs each merge group inside one routing group")
@@ -237,6 +246,9 @@ def merge(model: nn.Module, groups: Merge, expert_map: Mapping | None = None) ->
 def _merge_group(layer: MoELayer, g: dict) -> None:
     """Write one group's weighted (aligned) average into its ``into`` expert and router row."""
     if g["experts"] == [g["into"]]:
+        return
+    if g.get("svd") is not None:
+        merge_group(layer, g)
         return
     perms = g.get("perms") or [None] * len(g["experts"])
     tensors = layer.expert_tensors()

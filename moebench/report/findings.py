@@ -157,9 +157,17 @@ def f3(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
 
 
 def f4(table: pd.DataFrame) -> str:
-    """Does global allocation (GRAPE) beat uniform budgets (its within-layer score, REAP) at the same total?"""
-    parts = [f"{r:.0%}: GRAPE {_fmt(_acc(table, 'grape', r))} vs uniform REAP {_fmt(_acc(table, 'reap', r))} -> "
-             f"{_verdict(_acc(table, 'grape', r), _acc(table, 'reap', r))}" for r in (0.25, 0.5, 0.75)]
+    """Does global allocation (GRAPE, EvoESAP) beat uniform budgets (their within-layer score, REAP) at the same
+    total? EvoESAP is left out of the sentence where the study has no cell of it."""
+    has_evo = bool((table["method_id"] == "evoesap").any())
+    parts = []
+    for r in (0.25, 0.5, 0.75):
+        uniform = _acc(table, "reap", r)
+        text = f"{r:.0%}: GRAPE {_fmt(_acc(table, 'grape', r))} vs uniform REAP {_fmt(uniform)} -> " \
+               f"{_verdict(_acc(table, 'grape', r), uniform)}"
+        if has_evo:
+            text += f", EvoESAP {_fmt(_acc(table, 'evoesap', r))} -> {_verdict(_acc(table, 'evoesap', r), uniform)}"
+        parts.append(text)
     return "F4 (global vs uniform budget, same total): " + "; ".join(parts)
 
 
@@ -191,15 +199,37 @@ def _ahead(pruning, merging) -> str:
     return f"{said} {rest}" if rest else f"{said} ({100 * (pruning - merging):+.1f} points)"
 
 
+def _merge_variants(table: pd.DataFrame, merging: list[str]) -> list[str]:
+    """The labels of the merge methods' variants in ``table`` (``hc_smoe``, ``hc_smoe(router=dominant)``), each
+    scored apart: a router option changes the merged model. A method without cells keeps its plain name."""
+    plain = _plain(table)
+    labels = set(plain.loc[plain["method_id"].isin(merging), "method"])
+    return sorted(labels | {m for m in merging if m not in set(plain["method_id"])})
+
+
+def _acc_variant(table: pd.DataFrame, label: str, ratio: float) -> Score | None:
+    """`_acc` of the cells whose method label is ``label`` (one variant of a method)."""
+    plain = _plain(table)
+    ids = plain.loc[plain["method"] == label, "method_id"]
+    if ids.empty:
+        return None
+    return _acc(plain[plain["method"] == label], ids.iloc[0], ratio)
+
+
 def f6(table: pd.DataFrame) -> str:
-    """Pruning vs merging at equal budget (REAP's claim: pruning prevails for one-shot compression)."""
+    """Pruning vs merging at equal budget (REAP's claim: pruning prevails for one-shot compression); each merge
+    variant (its router option) apart."""
     kinds = {name: spec.kind for name, spec in load_methods().items() if not spec.is_identity}
     pruning = sorted(m for m, k in kinds.items() if k == "prune")
-    merging = sorted(m for m, k in kinds.items() if k == "merge")
+    merging = _merge_variants(table, sorted(m for m, k in kinds.items() if k == "merge"))
     parts = []
     for ratio in (0.25, 0.5):
-        named = ", ".join(f"{m} {_fmt(_acc(table, m, ratio))}" for m in (*merging, "reap", "frequency"))
-        prune_best, merge_best = _best(table, pruning, ratio), _best(table, merging, ratio)
+        merged = {m: _acc_variant(table, m, ratio) for m in merging}
+        named = ", ".join([f"{m} {_fmt(v)}" for m, v in merged.items()]
+                          + [f"{m} {_fmt(_acc(table, m, ratio))}" for m in ("reap", "frequency")])
+        prune_best = _best(table, pruning, ratio)
+        found = [(v, m) for m, v in merged.items() if v is not None]
+        merge_best = (max(found)[1], max(found)[0]) if found else None
         if prune_best is None or merge_best is None:
             parts.append(f"at {ratio:.0%}: {named} -> not measured")
             continue

@@ -101,13 +101,14 @@ def test_a_vllm_study_scores_equal_the_hf_backend(tmp_path, vllm_python, monkeyp
 def test_forward_changing_and_per_layer_count_cells_are_refused_at_validation():
     spec = {**BASE, "backend": "vllm", "methods": [
         "frequency", "premoe_taer", {"name": "naee", "skip": "naee"}, "grape", {"name": "reap", "backend": "hf"},
-        "mone", "m_smoe", {"name": "m_smoe", "params": {"router": "dominant"}}]}
+        "mone", "m_smoe", {"name": "m_smoe", "params": {"router": "dominant"}}, "sub_moe", "evoesap"]}
     with pytest.raises(SpecError) as err:
         parse_study(spec)
     text = str(err.value)
-    assert "5 problem(s)" in text, text  # m_smoe with every router row kept is written with all slots: it loads
+    assert "6 problem(s)" in text, text  # merges keeping every router row are written with all slots: they load
     assert "method mone: backend vllm: its replaced experts are constant vectors" in text
     assert text.count("method m_smoe: backend vllm: it sets each layer's expert count") == 1
+    assert "method evoesap: backend vllm: it sets each layer's expert count" in text and "sub_moe" not in text
     assert re.search(r"method premoe_taer: backend vllm: a select method changes the forward.*use backend: hf", text)
     assert "method naee: backend vllm: skip=naee skips experts per token" in text
     assert "method grape: backend vllm: it sets each layer's expert count from one global budget" in text

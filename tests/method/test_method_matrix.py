@@ -4,7 +4,8 @@ For each (method, family) the plan is made from real statistics of a tiny model,
 budget, saved and loaded as JSON, applied with `moebench.method.apply.apply`, and the applied model
 is run: finite logits of the right shape; a pruned model holds exactly the kept experts and computes
 what the masked model computes; a merged model holds one expert per group whose tensors are the
-group's weighted (aligned) average of the base model's experts; a select plan keeps the budget for
+group's weighted (aligned) average of the base model's experts (a subspace merge, Sub-MoE: the joint
+SVD of the members' weights with merged V blocks, recomputed here in numpy); a select plan keeps the budget for
 each input; the identity leaves the logits unchanged; the same plan applied from its JSON to a fresh
 copy gives the same logits. Merge methods apply to all 12 families: with group-limited routing
 (DeepSeek, GLM) groups stay inside one routing group; GPT-OSS's interleaved gate/up units and
@@ -73,10 +74,37 @@ def check_merged(base, merged, plan: Plan) -> None:
         for g in groups:
             perms = g.get("perms") or [None] * len(g["experts"])
             slot = plan.keep[index].index(g["into"])
+            if g.get("svd") is not None:
+                check_subspace(layer, merged_view.layer(index), slot, g)
+                continue
             for name, tensor in out.items():
                 expected = sum(w * permuted(layer, e, p)[name].double()
                                for e, w, p in zip(g["experts"], g["weights"], perms, strict=True))
                 torch.testing.assert_close(tensor[slot].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def check_subspace(base_layer, merged_layer, slot: int, g: dict) -> None:
+    """The merged expert in ``slot`` is U diag(S) sum_i w_i V_i of the joint SVD (`torch.linalg.svd`, as the
+    authors: with ``split=reshape`` the result depends on its sign convention) of the members' [out, in]
+    weights, ``into`` first, V_i cut from Vh as ``g["svd"]["split"]`` says."""
+    from moebench.moe.subspace import linear_weights
+
+    order = [g["into"]] + [e for e in g["experts"] if e != g["into"]]
+    w = dict(zip(g["experts"], g["weights"], strict=True))
+    got = linear_weights(merged_layer, slot)
+    for name in ("gate", "up", "down"):
+        mats = [linear_weights(base_layer, e)[name].double() for e in order]
+        u, s, vh = torch.linalg.svd(torch.cat(mats, dim=1), full_matrices=False)
+        r = g["svd"]["rank"] or len(s)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+        cols = mats[0].shape[1]
+        if g["svd"]["split"] == "reshape":  # Vh's memory read as [n, r, in]
+            flat = vh.reshape(-1)
+            blocks = [flat[i * r * cols:(i + 1) * r * cols].view(r, cols) for i in range(len(mats))]
+        else:
+            blocks = [vh[:, i * cols:(i + 1) * cols] for i in range(len(mats))]
+        expected = u @ torch.diag(s) @ sum(w[e] * b for e, b in zip(order, blocks, strict=True))
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def saved_and_loaded(plan: Plan, folder) -> Plan:

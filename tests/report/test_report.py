@@ -348,7 +348,8 @@ def test_f6_states_pruning_vs_merging_whichever_way_it_falls():
                            ("m_smoe", 0.25): 0.60, ("reap", 0.5): 0.50, ("hc_smoe", 0.5): 0.62})
     text = f6(table)
     assert text.startswith("F6 (pruning vs merging, same experts kept): ")
-    assert ("at 25%: hc_smoe 70.0%, m_smoe 60.0%, reap 80.0%, frequency 78.0%; best pruning reap 80.0% vs best "
+    assert ("at 25%: hc_smoe 70.0%, m_smoe 60.0%, sub_moe n/a, reap 80.0%, frequency 78.0%; best pruning reap 80.0% "
+            "vs best "
             "merging hc_smoe 70.0% -> pruning ahead (+10.0 points") in text
     assert "best pruning reap 50.0% vs best merging hc_smoe 62.0% -> merging ahead (-12.0 points" in text
     absent = f6(_summary_rows({("reap", 0.25): 0.8}))
@@ -362,6 +363,8 @@ def test_published_merging_numbers_match_merge_cells():
     assert {(e.method, e.ratio, e.calibration) for e in entries} == {
         (m, r, c) for m in ("hc_smoe", "m_smoe") for r in (0.25, 0.5) for c in ("code", "c4")}
     row = {"model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "method_id": "hc_smoe", "skip": "none", "ratio": 0.5,
-           "calib": "c4", "params": json.dumps({"linkage": "average", "router": "dominant"})}
+           "calib": "c4", "params": json.dumps({"linkage": "average"})}
     hc = [e for e in entries if matches(e, row)]
     assert [(e.method, e.value) for e in hc] == [("hc_smoe", 0.667)]
+    one_row = {**row, "params": json.dumps({"router": "dominant"})}  # not the structure the paper measured
+    assert not [e for e in entries if matches(e, one_row)]
