@@ -88,7 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{study.name}: {summary['cells']} cells: {summary['done']} done now, {summary['skipped']} already done, "
           f"{len(summary['failed'])} failed, {len(summary['elsewhere'])} running elsewhere{left}")
     for folder in summary["forced"]:
-        print(f"  forced: {label(folder)} ran again")
+        if folder in summary.get("stale", {}):
+            print(f"  stale: {label(folder)} ran again ({summary['stale'][folder]})")
+        else:
+            print(f"  forced: {label(folder)} ran again")
     for folder, problem in sorted(summary["reopened"].items()):
         print(f"  redone: {label(folder)} held broken results ({problem})")
     for folder in summary["elsewhere"]:

@@ -135,6 +135,27 @@ def cell_command(folder: str) -> list[str]:
     return [sys.executable, "-m", "moebench.grid.cell", folder]
 
 
+def stale_parameters(cell: Cell, folder: str) -> str | None:
+    """Why a finished cell no longer answers its spec, or None: its plan was made with method parameters other than
+    those the spec resolves to now (a method's default changed since it ran; the cell's id, a hash of the spec as
+    written, did not)."""
+    from moebench.method.registry import get_method
+
+    if cell.is_baseline:
+        return None
+    try:
+        with open(os.path.join(folder, "plan.json")) as f:
+            recorded = json.load(f).get("params")
+    except (OSError, ValueError, AttributeError):
+        return None  # no plan (an older cell) or a broken one (`reopen_broken` handles that)
+    now = json.loads(json.dumps(get_method(cell.method).parse_params(cell.params), sort_keys=True, default=str))
+    if not isinstance(recorded, dict) or recorded == now:
+        return None
+    changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    return "method parameters changed since it ran: " + ", ".join(
+        f"{k} {recorded.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in changed)
+
+
 def choose(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,
            retry_failed: bool = False) -> dict:
     """Which cells a run would start, from their state now; reads, writes nothing.
@@ -142,7 +163,9 @@ def choose(study: Study, root: str, only: list[str] | None = None, force: list[s
     ``only``: filters (`moebench.grid.select`) a cell must match to run; ``force``: filters of finished cells
     to run again; ``retry_failed``: run only failed and broken cells (plus forced ones). Returns lists of
     ``(cell, folder, state)``: ``run`` (with ``forced`` among them), ``running`` (held by another process),
-    ``done`` (finished, left as they are) and ``left`` (unfinished, not selected).
+    ``done`` (finished, left as they are) and ``left`` (unfinished, not selected); ``stale``: ``(cell, folder,
+    why)`` of finished cells whose method parameters resolve differently now (`stale_parameters`), which run again
+    as forced ones do.
     """
     from moebench.grid.index import index_row
     from moebench.grid.select import select
@@ -151,9 +174,15 @@ def choose(study: Study, root: str, only: list[str] | None = None, force: list[s
     fields = lambda entry: index_row(entry[0], entry[2])  # noqa: E731
     chosen = {id(e) for e in select(entries, only, fields, "--only")}
     forced = {id(e) for e in select(entries, force, fields, "--force")} if force else set()
-    out: dict[str, list] = {"run": [], "forced": [], "running": [], "done": [], "left": []}
+    out: dict[str, list] = {"run": [], "forced": [], "running": [], "done": [], "left": [], "stale": []}
     for entry in entries:
         state = entry[2]
+        why = stale_parameters(entry[0], entry[1]) if state == "done" and id(entry) in chosen else None
+        if why:
+            out["run"].append(entry)
+            out["forced"].append(entry)
+            out["stale"].append((entry[0], entry[1], why))
+            continue
         if state == "running":
             out["running" if id(entry) in chosen else "left"].append(entry)
         elif id(entry) not in chosen:
@@ -197,6 +226,7 @@ def dry_run(study: Study, root: str, only: list[str] | None = None, force: list[
 
     plan = choose(study, root, only, force, retry_failed)
     forced = {id(e) for e in plan["forced"]}
+    stale = {cell.id for cell, _, _ in plan["stale"]}
     lines = [f"{study.name}: would run {len(plan['run'])} of {len(study.cells)} cells "
              f"({len(plan['done'])} done and kept, {len(plan['running'])} running elsewhere, "
              f"{len(plan['left'])} not selected); nothing is written"]
@@ -205,7 +235,7 @@ def dry_run(study: Study, root: str, only: list[str] | None = None, force: list[
         lines.append(f"  calibration {i} of {len(needs)}: {model} on {calib}: {', '.join(sorted(groups))} "
                      "(read from the statistics cache where it holds them)")
     for entry in plan["run"]:
-        why = "forced" if id(entry) in forced else entry[2]
+        why = "stale" if entry[0].id in stale else "forced" if id(entry) in forced else entry[2]
         lines.append(f"  run  {describe(index_row(entry[0], why))}  [{why}; cells/{entry[0].id}]")
     for entry in plan["running"]:
         lines.append(f"  skip {describe(index_row(entry[0], 'running'))}  [running elsewhere; cells/{entry[0].id}]")
@@ -261,6 +291,7 @@ def run_grid(study: Study, root: str, executor=None, progress: bool = True, only
             "skipped": len(plan["done"]), "failed": failed, "elsewhere": elsewhere,
             "holders": {f: holder(f) for f in elsewhere}, "reopened": reopened, "tables": tables,
             "forced": forced, "left": [folder for _, folder, _ in plan["left"]],
+            "stale": {folder: why for _, folder, why in plan["stale"]},
             "errors": dict(result.errors) if result else {}}
 
 

@@ -122,3 +122,27 @@ def test_grid_verbs_and_status_in_spec_terms(tmp_path, saved_models, capsys):
         f.write(text.replace("0.25", "0.3"))
     out = status_in_fresh_process(spec, results)
     assert "expanded from the spec" in out and "tiny: 4 cells: 1 done" in out
+
+
+def test_a_finished_cell_whose_method_defaults_changed_runs_again(tmp_path, saved_models, capsys):
+    """A cell's id hashes the spec as written; when a method's default changes, its finished cells would answer
+    another question. `grid run` finds them by their plan's recorded parameters and runs them again."""
+    from moebench.grid.runner import dry_run
+
+    cli = main
+    spec = make_study(tmp_path, saved_models("mixtral"), methods=["frequency", "random"], ratios=[0.5])
+    assert cli(["grid", "run", spec, "--results", str(tmp_path / "results")]) == 0
+    root = tmp_path / "results" / "tiny"
+    study = load_study(spec)
+    random_cell = next(c for c in study.cells if c.method == "random")
+    plan = root / "cells" / random_cell.id / "plan.json"
+    data = json.loads(plan.read_text())
+    data["params"]["seed"] = 7  # as if the default seed had been 7 when it ran
+    plan.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert "would run 1 of 2 cells" in dry_run(study, str(root)) and "[stale;" in dry_run(study, str(root))
+    assert cli(["grid", "run", spec, "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "1 done now, 1 already done" in out
+    assert "stale: random" in out and "method parameters changed since it ran: seed 7 -> 0" in out
+    assert json.loads(plan.read_text())["params"]["seed"] == 0
