@@ -4,8 +4,9 @@ Facets, in figure order (`FACETS`):
 
 * **static scores**: ``prune`` methods that score experts and keep the best of each layer
   (frequency, soft_activation, ean, reap, weight_norm, premoe);
-* **search / enumeration**: ``prune`` planners that search kept sets (naee);
-* **global budgets**: methods that move the budget between layers (grape);
+* **search / enumeration / novices**: other ``prune`` planners: those that search kept sets (naee)
+  and MoNE, which replaces the experts it drops by constants;
+* **global budgets**: methods that move the budget between layers (grape, evoesap);
 * **input-aware**: ``select`` methods that choose experts per input (premoe_taer, prep);
 * **merging**: ``merge`` methods (they change weights);
 * **skipping composites**: any method run with a skip rule (naee + skip:naee); the panel also draws
@@ -27,7 +28,7 @@ from functools import cache
 
 import pandas as pd
 
-FACETS = {"static": "static scores", "search": "search / enumeration", "global": "global budgets",
+FACETS = {"static": "static scores", "search": "search / enumeration / novices", "global": "global budgets",
           "input": "input-aware", "merge": "merging", "skip": "skipping composites", "other": "other methods"}
 BASELINE, BAND = "baseline", "random"
 BAND_METHOD = "random"

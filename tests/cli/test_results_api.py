@@ -30,7 +30,7 @@ def test_results_load_gives_the_reports_tables_as_dataframes():
     res = moebench.results.load(DEMO)
     assert res.name == "demo" and isinstance(res.runs, pd.DataFrame) and isinstance(res.scores, pd.DataFrame)
     table = res.summary()
-    assert len(table) == len(res.runs) == 59
+    assert len(table) == len(res.runs) == 69
     unpruned = table[table["baseline"]]
     assert len(unpruned) == 1 and unpruned["recovery"].iloc[0] == pytest.approx(100.0)
     # the average accuracy is the mean of the tasks' accuracies, as the report defines it
@@ -38,14 +38,14 @@ def test_results_load_gives_the_reports_tables_as_dataframes():
     acc = res.scores[(res.scores.cell == cell) & (res.scores.metric == "acc") & (res.scores["filter"] == "none")]
     assert table.iloc[5]["accuracy"] == pytest.approx(acc["value"].mean())
     text = moebench.results.results_table(table, limit=5)
-    assert "accuracy" in text and "decode speedup" in text and "... and 54 more rows" in text
+    assert "accuracy" in text and "decode speedup" in text and "... and 64 more rows" in text
 
 
 def test_collect_ends_with_the_results_table(tmp_path, capsys):
     shutil.copytree(DEMO, tmp_path / "demo", ignore=shutil.ignore_patterns("LOCK"))
     assert main(["collect", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "demo: 59 cells" in out and "testbed-8e  unpruned" in out and "± " in out
+    assert "demo: 69 cells" in out and "testbed-8e  unpruned" in out and "± " in out
     with pytest.raises(ValueError, match="no study 'other'"):
         moebench.results.load(str(tmp_path / "demo"), study="other")
 

@@ -82,7 +82,7 @@ def test_accuracy_figure_is_faceted_by_kind_with_band_and_reference(table):
         figure = F.accuracy_vs_ratio(table, "metric acc")
         panels = _check_panel_figure(figure.fig, 7)  # static x2 (12 series), search, global, input-aware, skip, other
         titles = [ax.get_title() for ax in panels]
-        assert titles == ["static scores (1/2)", "static scores (2/2)", "search / enumeration\ntestbed:mix",
+        assert titles == ["static scores (1/2)", "static scores (2/2)", "search / enumeration / novices\ntestbed:mix",
                           "global budgets\ntestbed:mix", "input-aware\ntestbed:arithmetic",
                           "skipping composites\ntestbed:mix", "other methods\ntestbed:mix"]
         for ax in panels:
