@@ -55,13 +55,14 @@ def test_calibrate_collects_the_cheap_groups_by_default_and_says_which_methods_t
     stats = str(tmp_path / "stats")
     assert calibrate(saved_models("mixtral"), f"file:{corpus}", stats) == 0
     out = capsys.readouterr().out
-    assert "calibrate: collecting routing, norms, logits: what ean, frequency, premoe, premoe_taer, reap, " \
-           "soft_activation need" in out
+    assert "calibrate: collecting routing, norms, logits: what ean, evoesap, frequency, man, msan, premoe, " \
+           "premoe_taer, reap, soft_activation, unified need" in out
     assert "naee: outputs" in out and "hc_smoe: expert_means" in out and "add --methods NAME, or --groups all" in out
     assert cached_groups(stats) == {"routing", "norms", "logits"}  # no dense expert pass on a first run
 
     assert calibrate(saved_models("mixtral"), f"file:{corpus}", stats, "--methods", "hc_smoe") == 0
-    assert "collecting routing, expert_means: what frequency, hc_smoe, soft_activation need" in capsys.readouterr().out
+    assert "collecting routing, expert_means: what frequency, hc_smoe, soft_activation, sub_moe need" in \
+        capsys.readouterr().out
     assert cached_groups(stats) == {"routing", "norms", "logits", "expert_means"}
 
 
