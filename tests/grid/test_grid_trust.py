@@ -67,9 +67,11 @@ def test_kill_9_of_the_runner_ends_its_cells_and_the_resumed_run_finishes(tmp_pa
                               start_new_session=True)
     folders = prepare(load_study(spec), root)
     deadline = time.time() + 300
-    while not any(is_locked(f) for f in folders) and time.time() < deadline:
+    # wait until a cell process has begun work: its lock alone is not enough, since a cell takes its lock
+    # before it cleans the folder and logs its start (killed in that window, it rightly never counts a start)
+    while not any(is_locked(f) and starts(f) for f in folders) and time.time() < deadline:
         time.sleep(0.1)
-    (busy,) = [f for f in folders if is_locked(f)]
+    (busy,) = [f for f in folders if is_locked(f) and starts(f)]
     cell_pid = int(holder(busy).split()[1])
     os.kill(runner.pid, signal.SIGKILL)  # the runner only: its cell runs in a session of its own
     runner.wait()
