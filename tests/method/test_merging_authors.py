@@ -330,22 +330,28 @@ def test_duplicated_checkpoint_is_plain_transformers(merged, tmp_path):
     torch.testing.assert_close(logits_of(plain), before, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["compact", "duplicated"])
-def test_layer_by_layer_writer_gives_the_same_model(merged, layout, tmp_path):
-    """The --sequential path: the plan applied to a meta skeleton, the checkpoint streamed from the source shards."""
+def streamed_copy(base, plan: Plan, folder, layout: str):
+    """The --sequential path: ``plan`` applied to a meta skeleton of ``base`` (saved under ``folder``/base), the
+    checkpoint streamed from its shards into ``folder``/``layout`` and loaded back (compact through moebench,
+    duplicated through plain transformers)."""
     from moebench.moe.layered import LayeredCheckpoint
     from moebench.moe.streaming import save_streaming
 
-    _, base, plan, _, _, model = merged
-    base.save_pretrained(tmp_path / "base")
-    skeleton = LayeredCheckpoint(str(tmp_path / "base"))
+    base.save_pretrained(folder / "base")
+    skeleton = LayeredCheckpoint(str(folder / "base"))
     apply(skeleton.model, plan)
-    save_streaming(LayeredCheckpoint(str(tmp_path / "base")), plan.keep, str(tmp_path / layout),
+    save_streaming(LayeredCheckpoint(str(folder / "base")), plan.keep, str(folder / layout),
                    skeleton.model.config, merge=plan.merge, expert_map=plan.expert_map, layout=layout)
     if layout == "compact":
-        written = load_model(str(tmp_path / layout))
-    else:
-        written = AutoModelForCausalLM.from_pretrained(tmp_path / layout).eval()
+        return load_model(str(folder / layout))
+    return AutoModelForCausalLM.from_pretrained(folder / layout).eval()
+
+
+@pytest.mark.parametrize("layout", ["compact", "duplicated"])
+def test_layer_by_layer_writer_gives_the_same_model(merged, layout, tmp_path):
+    """The --sequential path writes the model the in-memory merge computes, in either layout."""
+    _, base, plan, _, _, model = merged
+    written = streamed_copy(base, plan, tmp_path, layout)
     torch.testing.assert_close(logits_of(written), logits_of(model), rtol=0, atol=1e-5)
 
 

@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 import torch
 from scipy.cluster.vq import kmeans2
-from test_merging_authors import CALIB, AuthorsBlock, AuthorsExpert, counts_and_means, logits_of, routing_pass
+from test_merging_authors import (
+    CALIB,
+    AuthorsBlock,
+    AuthorsExpert,
+    counts_and_means,
+    logits_of,
+    routing_pass,
+    streamed_copy,
+)
 from tiny_models import tiny_model
 
 from moebench.calib.stats import CollectSettings, collect
@@ -211,21 +219,7 @@ def test_bad_svd_groups_are_refused():
 
 @pytest.mark.parametrize("layout", ["compact", "duplicated"])
 def test_layer_by_layer_writer_gives_the_same_model(case, layout, tmp_path):
-    """The --sequential path: the plan applied to a meta skeleton, the SVD merges done on the streamed shards."""
-    from transformers import AutoModelForCausalLM
-
-    from moebench.moe.checkpoint import load_model
-    from moebench.moe.layered import LayeredCheckpoint
-    from moebench.moe.streaming import save_streaming
-
+    """The --sequential path does the SVD merges on the streamed shards and writes the in-memory merge's model."""
     base, plan, _, _, model = case
-    base.save_pretrained(tmp_path / "base")
-    skeleton = LayeredCheckpoint(str(tmp_path / "base"))
-    apply(skeleton.model, plan)
-    save_streaming(LayeredCheckpoint(str(tmp_path / "base")), plan.keep, str(tmp_path / layout),
-                   skeleton.model.config, merge=plan.merge, expert_map=plan.expert_map, layout=layout)
-    if layout == "compact":
-        written = load_model(str(tmp_path / layout))
-    else:
-        written = AutoModelForCausalLM.from_pretrained(tmp_path / layout).eval()
+    written = streamed_copy(base, plan, tmp_path, layout)
     torch.testing.assert_close(logits_of(written), logits_of(model), rtol=0, atol=1e-5)
