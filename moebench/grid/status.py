@@ -4,8 +4,10 @@
 (and which moebench) last prepared it, ``cells/index.csv`` which cell folder is which cell. When
 both match the spec file, nothing heavy is imported (no torch, lm-eval or model config is read);
 otherwise the spec is validated and expanded as `grid run` would (a few seconds), and the output
-says so. Each cell is named by its method, parameters, ratio, calibration and model, never only by
-its hash; a running cell says whether this machine runs it (its pid) or which host does.
+says so; then a finished cell whose method parameters resolve differently now (a default changed in
+another moebench version) counts as pending, with why, as `grid run` would run it again. Each cell
+is named by its method, parameters, ratio, calibration and model, never only by its hash; a running
+cell says whether this machine runs it (its pid) or which host does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class CellRow:
     id: str
     folder: str
     fields: dict
+    stale: str | None = None  # why a finished cell runs again (`moebench.grid.runner.stale_parameters`)
 
     def label(self) -> str:
         """``reap ratio 0.5 calib testbed:mix`` (+ parameters, skip rule and model), for messages."""
@@ -137,13 +140,20 @@ def indexed_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]] | N
 
 
 def expanded_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]]:
-    """``(study root, cells)`` from validating and expanding the spec (imports the method registry)."""
+    """``(study root, cells)`` from validating and expanding the spec (imports the method registry). A finished
+    cell whose method parameters resolve differently now carries why in ``stale``."""
     from moebench.grid.index import index_row
+    from moebench.grid.runner import stale_parameters
     from moebench.grid.spec import load_study
 
     study = load_study(spec_path)
     root = study_root(results, study)
-    return root, [CellRow(cell.id, cell_dir(root, cell), index_row(cell, "")) for cell in study.cells]
+    rows = []
+    for cell in study.cells:
+        folder = cell_dir(root, cell)
+        stale = stale_parameters(cell, folder) if is_done(folder) else None
+        rows.append(CellRow(cell.id, folder, index_row(cell, ""), stale))
+    return root, rows
 
 
 def study_status(spec_path: str, results: str) -> tuple[str, dict[str, list[CellRow]], bool]:
@@ -153,7 +163,8 @@ def study_status(spec_path: str, results: str) -> tuple[str, dict[str, list[Cell
     root, cells = found if fast else expanded_cells(spec_path, results)
     states: dict[str, list[CellRow]] = {state: [] for state in STATES}
     for cell in cells:
-        states[cell_state(cell.folder)].append(cell)
+        state = cell_state(cell.folder)
+        states["pending" if state == "done" and cell.stale else state].append(cell)
     return root, states, fast
 
 
@@ -183,7 +194,8 @@ def format_status(name: str, root: str, states: dict[str, list[CellRow]], fast: 
         if state == "done" and not every:
             continue
         for cell in states[state]:
-            note = notes[state](cell.folder)
+            note = (f"finished, but stale: {cell.stale} (the next grid run redoes it)" if cell.stale
+                    else notes[state](cell.folder))
             lines.append(f"  {state:<8} {cell.label()}" + (f": {note}" if note else "")
                          + f"  [cells/{cell.id}]")
     lines.append(f"  folder: {root} (cells/index.csv names every cell folder)")

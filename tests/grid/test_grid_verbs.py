@@ -141,6 +141,16 @@ def test_a_finished_cell_whose_method_defaults_changed_runs_again(tmp_path, save
     plan.write_text(json.dumps(data))
     capsys.readouterr()
     assert "would run 1 of 2 cells" in dry_run(study, str(root)) and "[stale;" in dry_run(study, str(root))
+    # as the folder reads after an upgrade (prepared by another moebench): status expands the spec and counts the
+    # stale cell as pending, with why
+    prepared = json.loads((root / "study.json").read_text())
+    (root / "study.json").write_text(json.dumps({**prepared, "moebench_version": "0.0.1"}))
+    assert cli(["grid", "status", spec, "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: 2 cells: 1 done, 0 running, 0 failed, 0 broken, 1 pending" in out, out
+    assert "by method: frequency 1/1 · random 0/1" in out, out
+    assert ("pending  random ratio 0.5" in out
+            and "finished, but stale: method parameters changed since it ran: seed 7 -> 0" in out), out
     assert cli(["grid", "run", spec, "--results", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     assert "1 done now, 1 already done" in out
