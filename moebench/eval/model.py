@@ -395,10 +395,16 @@ class PrunedMoELM(SelectMixin, HFLM):
                 "expert_bytes": {"before": before[1], "after": after[1], "if_pruned": if_pruned[1]}}
 
 
-def prune_sequentially(pretrained: str, settings: PrunedMoESettings, hf: dict) -> tuple[str, tuple[int, int]]:
+def prune_sequentially(pretrained: str, settings: PrunedMoESettings, hf: dict,
+                       layout: str = "compact") -> tuple[str, tuple[int, int]]:
     """Plan on a layer-by-layer skeleton (`moebench.moe.layered`) and write the pruned checkpoint shard by
     shard into ``$MOEBENCH_CACHE/pruned/<key>`` (reused when present); returns that folder and the unpruned
-    model's ``(parameters, expert bytes)``. The model is never loaded whole."""
+    model's ``(parameters, expert bytes)``. The model is never loaded whole.
+
+    ``layout``: how a merge that keeps every router row is written (`moebench.moe.checkpoint.save_pruned`):
+    ``compact`` (only the merged experts, a member->expert map in the config; moebench loads it, so the memory
+    figures are the merged model's, as in memory) or ``duplicated`` (all E slots, copies: the plain form vLLM
+    reads)."""
     from transformers import AutoTokenizer
 
     from moebench.calib.cache import default_stats_dir, model_key
@@ -430,7 +436,7 @@ def prune_sequentially(pretrained: str, settings: PrunedMoESettings, hf: dict) -
     identity = {"model": model_key(layered.model, request.model_id, request.revision), "method": s.method,
                 "params": s.params, "ratio": s.ratio, "keep": s.keep, "calib": calib_key(request, s.spec.kind),
                 "seed": s.seed, "settings": vars(request.collect_settings()), "dtype": str(layered.dtype),
-                "save_dtype": str(save_dtype)}
+                "save_dtype": str(save_dtype), **({"layout": layout} if layout != "compact" else {})}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     root = os.path.dirname(s.stats_dir or default_stats_dir())
     folder = os.path.join(root, "pruned", f"{s.method}-{digest}")
@@ -452,9 +458,8 @@ def prune_sequentially(pretrained: str, settings: PrunedMoESettings, hf: dict) -
                                        trust_remote_code=remote)
 
             def checkpoint(d):
-                # a merge that keeps every router row: the duplicated (plain) layout, which HF and vLLM both load
                 save_streaming(source, plan.keep, d, layered.model.config, merge=plan.merge,
-                               expert_map=plan.expert_map, layout="duplicated")
+                               expert_map=plan.expert_map, layout=layout)
         save_folder(folder, {"checkpoint": checkpoint,
                              "tokenizer": tokenizer.save_pretrained,
                              "plan.json": lambda d: plan.save(os.path.join(d, "plan.json"))})

@@ -161,7 +161,7 @@ def _prune_streaming(hf: dict, own: dict, params: dict):
     settings = PrunedMoESettings.from_args(own, params)
     pretrained = hf.pop("pretrained")
     start = time.perf_counter()
-    folder, before = prune_sequentially(pretrained, settings, hf)
+    folder, before = prune_sequentially(pretrained, settings, hf, layout="duplicated")  # the form vLLM reads
     plan = Plan.load(os.path.join(folder, "plan.json"))
     after = model_sizes(load_structure(folder))
     record = {"method": settings.method, "params": settings.params, "ratio": settings.ratio, "calib": plan.calib,

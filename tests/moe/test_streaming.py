@@ -148,3 +148,29 @@ def test_lm_eval_sequential_true_refuses_a_weight_reading_method_when_its_argume
     with pytest.raises(ValueError, match=r"method weight_norm reads the expert weights .* sequential=false"):
         PrunedMoESettings.from_args({"method": "weight_norm", "ratio": "0.5", "sequential": "true"}, {})
     PrunedMoESettings.from_args({"method": "weight_norm", "ratio": "0.5"}, {})  # in memory: fine
+
+
+def test_lm_eval_sequential_merge_holds_only_the_merged_experts(tmp_path):
+    """`pruned_moe` with `sequential=true` and a merge that keeps every router row (hc_smoe's default) writes the
+    compact layout and loads it with moebench: the model in memory holds the merged experts only, its memory
+    figures and log-likelihoods equal the in-memory merge's."""
+    from lm_eval.api.instance import Instance
+
+    from moebench.eval.model import PrunedMoELM
+
+    args = {"method": "hc_smoe", "ratio": 0.5, "calib": "testbed:mix", "calib_samples": 8, "calib_seq_len": 64,
+            "stats_dir": str(tmp_path / "cache" / "stats"), "device": "cpu"}
+    request = [Instance("loglikelihood", {}, ("w5 w6 w7", " w8"), 0), Instance("loglikelihood", {}, ("w1", " w2"), 1)]
+    runs = {}
+    for sequential in ("false", "true"):
+        lm = PrunedMoELM(pretrained="testbed-8e", sequential=sequential, **args)
+        scores = lm.loglikelihood(request)
+        runs[sequential] = (scores, lm.record, MoEView(lm.model).experts_per_layer)
+    (folder,) = (tmp_path / "cache" / "pruned").iterdir()
+    assert "moebench_expert_map" in (folder / "config.json").read_text()  # compact, the map in its config
+    assert runs["true"][1]["sequential"] == str(folder)
+    assert set(runs["true"][2].values()) == set(runs["false"][2].values()) == {4}
+    assert runs["true"][1]["expert_bytes"]["after"] == runs["false"][1]["expert_bytes"]["after"]
+    assert runs["true"][1]["expert_bytes"]["after"] == runs["true"][1]["expert_bytes"]["before"] // 2
+    for (seq_ll, seq_greedy), (mem_ll, mem_greedy) in zip(runs["true"][0], runs["false"][0], strict=True):
+        assert abs(seq_ll - mem_ll) < 1e-5 and seq_greedy == mem_greedy
