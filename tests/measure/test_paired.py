@@ -77,3 +77,29 @@ def test_paired_speed_times_both_kernels_of_one_model_and_restores_its_kernel(sa
     assert seen[:2] == [default, KERNEL_NAME]  # warm-up of each side, each in its own kernel
     assert set(got["ratios"]) == {"moebench"} and got["ratios"]["moebench"]["decode"]["pairs"] == 3
     assert len(got["times"]["default"]["prefill"]) == 3 and got["default"]["decode"]["tokens_per_s"] > 0
+
+
+def test_long_lived_objects_are_frozen_only_inside_the_timing_block():
+    """`long_lived_frozen`: garbage made before it is collected on entry, objects alive then are left out of the
+    collector's scans inside, garbage made inside is still collected, and afterwards nothing stays frozen."""
+    import gc
+    import weakref
+
+    from moebench.measure.paired import long_lived_frozen
+
+    class Cycle:
+        pass
+
+    before = Cycle()
+    before.me = before
+    gone_before = weakref.ref(before)
+    del before
+    with long_lived_frozen():
+        assert gone_before() is None and gc.get_freeze_count() > 0
+        inside = Cycle()
+        inside.me = inside
+        gone_inside = weakref.ref(inside)
+        del inside
+        gc.collect()
+        assert gone_inside() is None
+    assert gc.get_freeze_count() == 0
