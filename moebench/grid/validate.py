@@ -20,7 +20,7 @@ MAX_SPEC_VALUES = 20_000  # values a spec may hold, aliases expanded (a real stu
 MAX_CELLS = 5_000  # cells a study may expand to unless its spec sets max_cells
 STATS_KEYS = ("subsample_tokens", "ratio_samples")  # statistics settings; 0 = every calibration token
 REQUIRED = ("name", "models", "methods", "ratios", "tasks")
-DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 5, "warmup": 2,
+DEFAULT_MEASURE = {"batch": 1, "prompt_len": 128, "new_tokens": 32, "reps": 6, "warmup": 2,
                    "latency_lengths": [16, 64, 256, 1024, 4096]}
 # measure keys a spec may add; absent, they are left out of the cell (so cell ids stay as they were)
 OPTIONAL_MEASURE = {"latency_reps": "reps"}  # key -> the key whose value it defaults to
