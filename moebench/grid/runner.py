@@ -27,7 +27,14 @@ from moebench.grid.guard import LOCK_FILE, holder, release, study_lock, try_lock
 from moebench.grid.index import write_index
 from moebench.grid.results import BrokenCellsError, finished_cells, verify_cell, write_tables
 from moebench.grid.spec import Cell, Study
-from moebench.grid.status import STATES, cell_dir, cell_state, plain, study_root  # noqa: F401 (re-exported)
+from moebench.grid.status import (  # noqa: F401 (re-exported)
+    STATES,
+    cell_dir,
+    cell_state,
+    plain,
+    stale_parameters,
+    study_root,
+)
 from moebench.util import atomic_write_json
 
 
@@ -133,27 +140,6 @@ def _seq_len(model, cell: Cell) -> int:
 def cell_command(folder: str) -> list[str]:
     """The command that runs one cell in its own process."""
     return [sys.executable, "-m", "moebench.grid.cell", folder]
-
-
-def stale_parameters(cell: Cell, folder: str) -> str | None:
-    """Why a finished cell no longer answers its spec, or None: its plan was made with method parameters other than
-    those the spec resolves to now (a method's default changed since it ran; the cell's id, a hash of the spec as
-    written, did not)."""
-    from moebench.method.registry import get_method
-
-    if cell.is_baseline:
-        return None
-    try:
-        with open(os.path.join(folder, "plan.json")) as f:
-            recorded = json.load(f).get("params")
-    except (OSError, ValueError, AttributeError):
-        return None  # no plan (an older cell) or a broken one (`reopen_broken` handles that)
-    now = json.loads(json.dumps(get_method(cell.method).parse_params(cell.params), sort_keys=True, default=str))
-    if not isinstance(recorded, dict) or recorded == now:
-        return None
-    changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-    return "method parameters changed since it ran: " + ", ".join(
-        f"{k} {recorded.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in changed)
 
 
 def choose(study: Study, root: str, only: list[str] | None = None, force: list[str] | None = None,

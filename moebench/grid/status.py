@@ -47,7 +47,7 @@ class CellRow:
     id: str
     folder: str
     fields: dict
-    stale: str | None = None  # why a finished cell runs again (`moebench.grid.runner.stale_parameters`)
+    stale: str | None = None  # why a finished cell runs again (`stale_parameters`)
 
     def label(self) -> str:
         """``reap ratio 0.5 calib testbed:mix`` (+ parameters, skip rule and model), for messages."""
@@ -139,11 +139,31 @@ def indexed_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]] | N
     return root, cells
 
 
+def stale_parameters(cell, folder: str) -> str | None:
+    """Why a finished cell no longer answers its spec, or None: its plan was made with method parameters other than
+    those the spec resolves to now (a method's default changed since it ran; the cell's id, a hash of the spec as
+    written, did not)."""
+    from moebench.method.registry import get_method
+
+    if cell.is_baseline:
+        return None
+    try:
+        with open(os.path.join(folder, "plan.json")) as f:
+            recorded = json.load(f).get("params")
+    except (OSError, ValueError, AttributeError):
+        return None  # no plan (an older cell) or a broken one (`reopen_broken` handles that)
+    now = json.loads(json.dumps(get_method(cell.method).parse_params(cell.params), sort_keys=True, default=str))
+    if not isinstance(recorded, dict) or recorded == now:
+        return None
+    changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    return "method parameters changed since it ran: " + ", ".join(
+        f"{k} {recorded.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in changed)
+
+
 def expanded_cells(spec_path: str, results: str) -> tuple[str, list[CellRow]]:
     """``(study root, cells)`` from validating and expanding the spec (imports the method registry). A finished
     cell whose method parameters resolve differently now carries why in ``stale``."""
     from moebench.grid.index import index_row
-    from moebench.grid.runner import stale_parameters
     from moebench.grid.spec import load_study
 
     study = load_study(spec_path)
